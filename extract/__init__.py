@@ -1,0 +1,1 @@
+"""Stage 1: slides → tiles → features (imported as `mil.extract`)."""

@@ -1,0 +1,57 @@
+"""Write-then-rename, so a file that exists under its final name is always whole.
+
+A killed process leaves at most a hidden ``.<name>.tmp-<pid>`` file beside the target; the
+stages delete such leftovers (`remove_stale_temporaries`) when they next run in that folder.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+TMP_MARKER = ".tmp-"
+
+
+@contextmanager
+def atomic_path(final: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `final`; rename it to `final` if the block succeeds.
+
+    On any exception (including KeyboardInterrupt) the temporary file is removed and the
+    exception propagates; `final` is untouched.
+    """
+    final = Path(final)
+    tmp = final.with_name(f".{final.name}{TMP_MARKER}{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete temporary files left in `folder` by killed runs; return what was removed.
+
+    Only files whose writer process is gone are removed, so two runs sharing a folder do not
+    delete each other's work in progress.
+    """
+    removed = []
+    for p in Path(folder).glob(f".*{TMP_MARKER}*"):
+        pid = p.name.rsplit(TMP_MARKER, 1)[-1]
+        if pid.isdigit() and _alive(int(pid)) and int(pid) != os.getpid():
+            continue
+        p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,157 @@
+"""Slide manifests: the CSV that names a cohort's slides, labels and splits.
+
+Columns (see ARCHITECTURE.md):
+
+=============  ========  =====================================================================
+column         required  meaning
+=============  ========  =====================================================================
+slide_id       yes       unique, filename-safe id (``[A-Za-z0-9][A-Za-z0-9._-]*``)
+path           yes       the slide file; relative paths resolve against the manifest's folder
+label          no        0, 1 or empty (unlabelled)
+split          no        train, val, test or empty
+patient_id     no        one patient's slides must never sit in two splits
+mpp            no        level-0 microns per pixel, overriding what the slide file says
+=============  ========  =====================================================================
+
+`read_manifest` validates everything before any work starts and returns a cleaned table;
+every error names the file and the line.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mil.errors import ManifestError
+
+REQUIRED_COLUMNS = ("slide_id", "path")
+OPTIONAL_COLUMNS = ("label", "split", "patient_id", "mpp")
+SPLITS = ("train", "val", "test")
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+
+
+def check_slide_id(slide_id: str, *, where: str = "") -> str:
+    """Return `slide_id` if it is safe to use as a file name, else raise `ManifestError`.
+
+    Ids such as ``../x``, ``a/b`` or ``.hidden`` would write outside the output folder or
+    collide with temporary files, so only letters, digits, ``.``, ``_`` and ``-`` are allowed,
+    starting with a letter or digit.
+    """
+    if not isinstance(slide_id, str) or not _SAFE_ID.match(slide_id) or ".." in slide_id:
+        raise ManifestError(
+            f"{where}expected a filename-safe slide_id (letters, digits, '.', '_', '-', starting with a "
+            f"letter or digit, no '..'), got {slide_id!r} instead; rename the slide id."
+        )
+    return slide_id
+
+
+def _line(i: int) -> int:
+    """CSV line number of data row `i` (the header is line 1)."""
+    return i + 2
+
+
+def read_manifest(path: str | Path, *, require_labels: bool = False, check_files: bool = True) -> pd.DataFrame:
+    """Read and validate a manifest CSV.
+
+    Args:
+        path: the CSV file.
+        require_labels: refuse rows whose label is empty (training needs labels).
+        check_files: refuse rows whose slide file does not exist.
+
+    Returns:
+        A DataFrame with columns ``slide_id, path, label, split, patient_id, mpp``: ``path`` is an
+        absolute path string, ``label`` a nullable integer, ``split``/``patient_id`` strings
+        (empty string when not given) and ``mpp`` a float (NaN when not given).
+
+    Raises:
+        ManifestError: on the first problem, naming the manifest and its line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"expected a manifest CSV file, got {str(path)!r} which does not exist.")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{path}: expected a CSV manifest, could not parse it: {str(e).strip()}") from None
+    df.columns = [str(c).strip() for c in df.columns]
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise ManifestError(
+            f"{path}: expected columns {', '.join(REQUIRED_COLUMNS)} (optional: {', '.join(OPTIONAL_COLUMNS)}), "
+            f"missing {', '.join(missing)}; found columns {list(df.columns)}."
+        )
+    if require_labels and "label" not in df.columns:
+        raise ManifestError(f"{path}: expected a 'label' column (0/1) for training, found none.")
+    if len(df) == 0:
+        raise ManifestError(f"{path}: expected at least one slide row, found none.")
+    for col in OPTIONAL_COLUMNS:
+        if col not in df.columns:
+            df[col] = ""
+    df = df[list(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)].apply(lambda s: s.str.strip())
+
+    base = path.parent
+    seen: dict[str, int] = {}
+    labels: list[float] = []
+    paths: list[str] = []
+    mpps: list[float] = []
+    for i, row in enumerate(df.itertuples(index=False)):
+        where = f"{path} line {_line(i)}: "
+        sid = check_slide_id(row.slide_id, where=where)
+        if sid in seen:
+            raise ManifestError(f"{where}duplicate slide_id {sid!r} (first on line {_line(seen[sid])}); ids must be unique.")
+        seen[sid] = i
+        if not row.path:
+            raise ManifestError(f"{where}expected a slide path for {sid!r}, got an empty 'path'.")
+        p = Path(row.path).expanduser()
+        p = p if p.is_absolute() else base / p
+        if check_files and not p.exists():
+            raise ManifestError(f"{where}slide file {str(p)!r} for {sid!r} does not exist; fix its 'path'.")
+        paths.append(str(p.resolve()) if p.exists() else str(p))
+        labels.append(_parse_label(row.label, where, sid, require_labels))
+        if row.split and row.split not in SPLITS:
+            raise ManifestError(f"{where}expected split to be one of {', '.join(SPLITS)} or empty, got {row.split!r} instead.")
+        mpps.append(_parse_mpp(row.mpp, where))
+
+    df["path"] = paths
+    df["label"] = pd.array([None if np.isnan(v) else int(v) for v in labels], dtype="Int64")
+    df["mpp"] = np.asarray(mpps, dtype=float)
+    _check_patients(df, path)
+    return df.reset_index(drop=True)
+
+
+def _parse_label(value: str, where: str, sid: str, required: bool) -> float:
+    if value == "":
+        if required:
+            raise ManifestError(f"{where}expected a label 0 or 1 for {sid!r}, got an empty label; training needs labels.")
+        return float("nan")
+    if value in {"0", "1", "0.0", "1.0"}:
+        return float(value)
+    raise ManifestError(f"{where}expected label 0, 1 or empty, got {value!r} instead.")
+
+
+def _parse_mpp(value: str, where: str) -> float:
+    if value == "":
+        return float("nan")
+    try:
+        mpp = float(value)
+    except ValueError:
+        mpp = float("nan")
+    if not (np.isfinite(mpp) and 0 < mpp < 1000):
+        raise ManifestError(f"{where}expected mpp to be a positive number of microns per pixel (e.g. 0.25), got {value!r} instead.")
+    return mpp
+
+
+def _check_patients(df: pd.DataFrame, path: Path) -> None:
+    """Refuse a patient whose slides sit in two different splits (leakage)."""
+    sub = df[(df["patient_id"] != "") & (df["split"] != "")]
+    for patient, group in sub.groupby("patient_id", sort=False):
+        splits = list(dict.fromkeys(group["split"]))
+        if len(splits) > 1:
+            second = group.index[group["split"] == splits[1]][0]
+            raise ManifestError(
+                f"{path} line {_line(int(second))}: patient {patient!r} appears in splits {' and '.join(splits)}; "
+                "a patient's slides must all be in one split."
+            )

@@ -1,0 +1,51 @@
+"""Shared fixtures: small synthetic slides made on the fly, and a runner for the `mil` command."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+MIL = [sys.executable, "-m", "mil.cli"]
+
+
+def run_mil(*args: str, cwd: str | Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the real `mil` command in a subprocess (exit codes and stderr as a user sees them)."""
+    env = dict(os.environ, COLUMNS="200", NO_COLOR="1")
+    return subprocess.run([*MIL, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def ellipse_mask(h: int, w: int, cy: float, cx: float, ry: float, rx: float) -> np.ndarray:
+    """A bool (h, w) mask holding one filled ellipse; centre and radii in mask pixels."""
+    yy, xx = np.mgrid[:h, :w]
+    return ((yy + 0.5 - cy) / ry) ** 2 + ((xx + 0.5 - cx) / rx) ** 2 <= 1.0
+
+
+@pytest.fixture(scope="session")
+def slide_factory(tmp_path_factory):
+    """make(name, size=4096, mpp=0.25, fmt='tiff', tissue=None) -> path of a synthetic slide.
+
+    `tissue` is a bool mask at 16 level-0 px per pixel; by default one centred ellipse.
+    Slides are cached per argument set for the whole session.
+    """
+    from mil.extract.synthetic import write_slide
+
+    root = tmp_path_factory.mktemp("slides")
+    cache: dict = {}
+
+    def make(name: str, size: int = 4096, mpp: float | None = 0.25, fmt: str = "tiff", tissue: np.ndarray | None = None):
+        key = (name, size, mpp, fmt)
+        if key in cache:
+            return cache[key]
+        n = size // 16
+        if tissue is None:
+            tissue = ellipse_mask(n, n, n * 0.5, n * 0.5, n * 0.3, n * 0.4)
+        path = write_slide(root / f"{name}.{fmt}", tissue, None, width=size, height=size, mpp=mpp, fmt=fmt, seed=1)
+        cache[key] = Path(path)
+        return cache[key]
+
+    return make
