@@ -86,7 +86,7 @@ def read_low_res(slide: openslide.OpenSlide, geom: SlideGeometry, mask_mpp: floa
 
 
 def _rgba_to_rgb(img: Image.Image) -> np.ndarray:
-    """OpenSlide returns premultiplied RGBA, transparent outside scanned areas: paint that white."""
+    """OpenSlide returns RGBA, transparent outside the scanned areas: paint those white."""
     a = np.asarray(img)  # (h, w, 4)
     rgb = a[..., :3].copy()  # (h, w, 3)
     rgb[a[..., 3] == 0] = 255
