@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from mil.errors import OptionError
+from mil.extract.import_csv import import_csv_command
 
 app = typer.Typer(help="Stage 1: slides → tiles → features.", no_args_is_help=True, rich_markup_mode="rich")
 
@@ -50,41 +51,117 @@ def synthetic(
     typer.echo(f"wrote {n_slides} slides and {manifest}")
 
 
-@app.command()
-def tiles(
-    input_path: Annotated[Path, typer.Argument(metavar="INPUT", help="Manifest CSV, or a folder of slides.")],
-    out: Annotated[Path, typer.Option("--out", help="Output folder for <slide_id>.h5, thumbnails/ and the report.")],
-    target_mpp: Annotated[float, typer.Option(help="Microns per pixel of the tiles.")] = 0.5,
-    tile_size: Annotated[int, typer.Option(help="Tile side in px at --target-mpp.")] = 224,
-    overlap: Annotated[int, typer.Option(help="Overlap of neighbouring tiles in px at --target-mpp.")] = 0,
-    tissue_threshold: Annotated[float, typer.Option(help="Keep tiles whose tissue fraction is at least this (0–1).")] = 0.5,
-    saturation_threshold: Annotated[Optional[float], typer.Option(help="Fixed saturation threshold for tissue (0–1); default: Otsu.")] = None,
-    mask_mpp: Annotated[float, typer.Option(help="Resolution (µm/px) of tissue detection.")] = 8.0,
-    mpp: Annotated[Optional[float], typer.Option(help="Level-0 mpp for slides whose file (and manifest) gives none.")] = None,
-    skip_errors: Annotated[bool, typer.Option("--skip-errors", help="Exit 0 even if some slides failed (they are still reported).")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Re-tile slides whose output exists, even with other settings.")] = False,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
-) -> None:
-    """Detect tissue and write each slide's tile grid (coords in level-0 px) at a target mpp."""
+# Options shared by `tiles` and `features` (features tiles the slides that have no coords yet).
+Input = Annotated[Path, typer.Argument(metavar="INPUT", help="Manifest CSV, or a folder of slides.")]
+TargetMpp = Annotated[float, typer.Option(help="Microns per pixel of the tiles.")]
+TileSize = Annotated[int, typer.Option(help="Tile side in px at --target-mpp.")]
+Overlap = Annotated[int, typer.Option(help="Overlap of neighbouring tiles in px at --target-mpp.")]
+TissueThreshold = Annotated[float, typer.Option(help="Keep tiles whose tissue fraction is at least this (0–1).")]
+SaturationThreshold = Annotated[Optional[float], typer.Option(help="Fixed saturation threshold for tissue (0–1); default: Otsu.")]
+MaskMpp = Annotated[float, typer.Option(help="Resolution (µm/px) of tissue detection.")]
+Mpp = Annotated[Optional[float], typer.Option(help="Level-0 mpp for slides whose file (and manifest) gives none.")]
+SkipErrors = Annotated[bool, typer.Option("--skip-errors", help="Exit 0 even if some slides failed (they are still reported).")]
+Progress_ = Annotated[bool, typer.Option(help="Show a progress bar.")]
+
+
+def tiling_config(target_mpp, tile_size, overlap, tissue_threshold, saturation_threshold, mask_mpp, mpp):
+    """Validate the tiling options and build the tiles stage's config."""
     from mil.extract.grid import GridSpec
-    from mil.extract.tiles import TilingConfig, run_tiles
+    from mil.extract.tiles import TilingConfig
     from mil.extract.tissue import TissueParams
 
     if not (0.0 <= tissue_threshold <= 1.0):
         raise OptionError(f"expected --tissue-threshold in [0, 1], got {tissue_threshold!r} instead.")
     if mpp is not None and not mpp > 0:
         raise OptionError(f"expected --mpp > 0 (microns per pixel, e.g. 0.25), got {mpp!r} instead.")
-    config = TilingConfig(
+    return TilingConfig(
         grid=GridSpec(target_mpp=target_mpp, tile_size=tile_size, overlap=overlap),
         tissue=TissueParams(mask_mpp=mask_mpp, threshold=saturation_threshold),
         tissue_threshold=tissue_threshold,
         mpp=mpp,
     )
+
+
+@app.command()
+def tiles(
+    input_path: Input,
+    out: Annotated[Path, typer.Option("--out", help="Output folder for <slide_id>.h5, thumbnails/ and the report.")],
+    target_mpp: TargetMpp = 0.5,
+    tile_size: TileSize = 224,
+    overlap: Overlap = 0,
+    tissue_threshold: TissueThreshold = 0.5,
+    saturation_threshold: SaturationThreshold = None,
+    mask_mpp: MaskMpp = 8.0,
+    mpp: Mpp = None,
+    skip_errors: SkipErrors = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Re-tile slides whose output exists, even with other settings.")] = False,
+    progress: Progress_ = True,
+) -> None:
+    """Detect tissue and write each slide's tile grid (coords in level-0 px) at a target mpp."""
+    from mil.extract.tiles import run_tiles
+
+    config = tiling_config(target_mpp, tile_size, overlap, tissue_threshold, saturation_threshold, mask_mpp, mpp)
     slides = load_slides(input_path)
     report = run_tiles(slides, out, config, overwrite=overwrite, progress=progress)
     print_report(report, out / "extract_report.csv")
     if (report["status"] == "error").any() and not skip_errors:
         raise typer.Exit(1)
+
+
+@app.command()
+def features(
+    input_path: Input,
+    out: Annotated[Path, typer.Option("--out", help="Output folder for <slide_id>.h5 feature files and the report.")],
+    encoder: Annotated[str, typer.Option(help="Encoder name: resnet50_trunc, resnet50, resnet18, vit_small_patch16_224 or any timm model.")] = "resnet50_trunc",
+    weights: Annotated[str, typer.Option(help="'imagenet' (timm's weights, from the network or its cache), a local file (state dict, timm or MoCo v2 checkpoint), or 'none' (random, for testing).")] = "imagenet",
+    precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16 (auto: bf16 where the hardware supports it).")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Tiles per encoder batch.")] = 64,
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes reading tiles.")] = 2,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="Stored feature dtype: float32 or float16.")] = "float32",
+    input_size: Annotated[Optional[int], typer.Option(help="Override the encoder's input size (px); tiles are resized to it.")] = None,
+    coords_dir: Annotated[Optional[Path], typer.Option(help="Folder of existing `mil extract tiles` output (default: --out).")] = None,
+    target_mpp: TargetMpp = 0.5,
+    tile_size: TileSize = 224,
+    overlap: Overlap = 0,
+    tissue_threshold: TissueThreshold = 0.5,
+    saturation_threshold: SaturationThreshold = None,
+    mask_mpp: MaskMpp = 8.0,
+    mpp: Mpp = None,
+    skip_errors: SkipErrors = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Re-extract slides whose features exist, even with other settings.")] = False,
+    progress: Progress_ = True,
+) -> None:
+    """Embed every tile of every slide (tiling first where needed) into one HDF5 file per slide."""
+    from mil.extract.encoders import create_encoder
+    from mil.extract.features import FeatureConfig, run_features
+
+    tiling = tiling_config(target_mpp, tile_size, overlap, tissue_threshold, saturation_threshold, mask_mpp, mpp)
+    config = FeatureConfig(tiling=tiling, batch_size=batch_size, workers=workers, dtype=dtype)
+    slides = load_slides(input_path)
+    enc = create_encoder(encoder, weights=weights, precision=precision, device=resolve_device(device), input_size=input_size)
+    report = run_features(slides, out, enc, config, coords_dir=coords_dir, overwrite=overwrite, progress=progress)
+    print_report(report, out / "extract_report.csv")
+    if (report["status"] == "error").any() and not skip_errors:
+        raise typer.Exit(1)
+
+
+def resolve_device(device: str) -> str:
+    """'auto' → 'cuda' when a GPU is visible, else 'cpu'; refuse a GPU that is not there."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise OptionError(f"expected --device to name an available device, got {device!r} but no CUDA GPU is visible; use --device cpu.")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise OptionError(f"expected --device to be auto, cpu, cuda or cuda:N, got {device!r} instead.")
+    return device
+
+
+app.command("import-csv", help="Convert a classical MIL table (label, bag id, features; no header) into feature files + manifest.")(
+    import_csv_command
+)
 
 
 def print_report(report, path: Path) -> None:

@@ -57,6 +57,11 @@ class TilingConfig:
             "tissue": asdict(self.tissue),
         }
 
+    def as_dict(self) -> dict:
+        """Every option, for the config file written beside the outputs."""
+        return {"grid": asdict(self.grid), "tissue": asdict(self.tissue),
+                "tissue_threshold": self.tissue_threshold, "mpp": self.mpp}  # fmt: skip
+
     def slide_mpp_override(self, manifest_mpp: float) -> float | None:
         """Manifest column first, then --mpp, else None (read from the slide)."""
         if manifest_mpp is not None and not math.isnan(manifest_mpp):
@@ -230,8 +235,7 @@ def run_tiles(
                         warnings.simplefilter("ignore")
                         res = tile_slide(sid, path, out_dir, config, override)
                 except Exception as e:  # noqa: BLE001 — one bad slide must not stop the batch
-                    msg = str(e) if isinstance(e, mil.MilError) else f"{path}: {type(e).__name__}: {e}"
-                    res = SlideResult(sid, "error", error=msg.replace("\n", " "))
+                    res = failed(sid, path, e)
                     console.print(f"[red]error[/red] {sid}: {res.error}", highlight=False, soft_wrap=True)
                 if res.status == "empty":
                     console.print(f"[yellow]warning[/yellow] {sid}: no tissue found; wrote a valid file with 0 tiles.", soft_wrap=True)
@@ -239,11 +243,7 @@ def run_tiles(
             total_tiles += results[-1].n_tiles
             bar.update(task, advance=1, tiles=total_tiles)
 
-    report = pd.DataFrame([asdict(r) for r in results], columns=REPORT_COLUMNS)
-    report["seconds"] = report["seconds"].round(3)
-    with atomic_path(out_dir / "extract_report.csv") as tmp:
-        report.to_csv(tmp, index=False)
-    return report
+    return write_report(results, out_dir)
 
 
 def _n_tiles(path: Path) -> int:
@@ -253,14 +253,21 @@ def _n_tiles(path: Path) -> int:
 
 def write_config(path: Path, config: TilingConfig, slides: pd.DataFrame) -> None:
     """Write the run's resolved options beside its outputs."""
-    doc = {
-        "stage": "tiles",
-        "mil_version": mil.__version__,
-        "grid": asdict(config.grid),
-        "tissue": asdict(config.tissue),
-        "tissue_threshold": config.tissue_threshold,
-        "mpp": config.mpp,
-        "n_slides": int(len(slides)),
-    }
+    doc = {"stage": "tiles", "mil_version": mil.__version__, **config.as_dict(), "n_slides": int(len(slides))}
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def failed(slide_id: str, path: str | Path, error: Exception) -> SlideResult:
+    """The report row of a slide that raised: our own errors carry their message, others their type."""
+    msg = str(error) if isinstance(error, mil.MilError) else f"{path}: {type(error).__name__}: {error}"
+    return SlideResult(slide_id, "error", error=msg.replace("\n", " "))
+
+
+def write_report(results: list[SlideResult], out_dir: Path) -> pd.DataFrame:
+    """Write ``out_dir/extract_report.csv`` (one row per slide of this run) and return it."""
+    report = pd.DataFrame([asdict(r) for r in results], columns=REPORT_COLUMNS)
+    report["seconds"] = report["seconds"].round(3)
+    with atomic_path(out_dir / "extract_report.csv") as tmp:
+        report.to_csv(tmp, index=False)
+    return report

@@ -9,6 +9,7 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from mil.errors import ManifestError, MilError, OptionError, SettingsMismatchError, SlideError
+from mil.features import Bag, FeatureFileError, check_finite, read_bag, read_bag_attrs
 
 try:
     __version__ = version("needle-mil")
@@ -16,6 +17,11 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "Bag",
+    "FeatureFileError",
+    "check_finite",
+    "read_bag",
+    "read_bag_attrs",
     "ManifestError",
     "MilError",
     "OptionError",

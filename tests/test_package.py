@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_core_import_does_not_pull_in_heavy_or_cli_modules():
     code = (
-        "import sys, mil, mil.manifest, mil.atomic, mil.errors; "
+        "import sys, mil, mil.manifest, mil.atomic, mil.errors, mil.features; "
         "bad = [m for m in ('openslide', 'typer', 'matplotlib', 'mil.extract', 'mil.cli') if m in sys.modules]; "
         "print(','.join(bad))"
     )
