@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -139,7 +140,11 @@ def features(
     tiling = tiling_config(target_mpp, tile_size, overlap, tissue_threshold, saturation_threshold, mask_mpp, mpp)
     config = FeatureConfig(tiling=tiling, batch_size=batch_size, workers=workers, dtype=dtype)
     slides = load_slides(input_path)
-    enc = create_encoder(encoder, weights=weights, precision=precision, device=resolve_device(device), input_size=input_size)
+    with warnings.catch_warnings(record=True) as caught:  # e.g. random weights: shown as one plain line
+        warnings.simplefilter("always")
+        enc = create_encoder(encoder, weights=weights, precision=precision, device=resolve_device(device), input_size=input_size)
+    for w in caught:
+        typer.echo(f"warning: {w.message}", err=True)
     report = run_features(slides, out, enc, config, coords_dir=coords_dir, overwrite=overwrite, progress=progress)
     print_report(report, out / "extract_report.csv")
     if (report["status"] == "error").any() and not skip_errors:

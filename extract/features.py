@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -212,7 +213,9 @@ def run_features(
                         res = SlideResult(sid, "skipped", int(f["features"].shape[0]))
                 else:
                     if plan[sid] == "tile+embed":
-                        tile_slide(sid, path, coords_dir, tiling, override)
+                        with warnings.catch_warnings():  # an empty slide is reported below
+                            warnings.simplefilter("ignore")
+                            tile_slide(sid, path, coords_dir, tiling, override)
                     with h5py.File(coords_file, "r") as f:
                         bar.update(tile_task, total=bar.tasks[tile_task].total + f["coords"].shape[0])
                     t_start, done_tiles = time.perf_counter(), 0

@@ -7,7 +7,6 @@ User mistakes (`MilError`) are printed as one line and exit with status 2, witho
 from __future__ import annotations
 
 import sys
-import warnings
 
 import typer
 
@@ -40,8 +39,6 @@ def _root(
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point. Exits 0 on success, 1 when some slides failed, 2 on a user mistake."""
-    # Warnings (random weights, empty slides) as one plain line each, not file:line + source.
-    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
     try:
         app(args=argv)  # standalone mode: usage errors print click's message and exit 2
     except MilError as e:

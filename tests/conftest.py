@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import warnings
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +20,22 @@ def run_mil(*args: str, cwd: str | Path | None = None, timeout: float = 300) -> 
     """Run the real `mil` command in a subprocess (exit codes and stderr as a user sees them)."""
     env = dict(os.environ, COLUMNS="200", NO_COLOR="1")
     return subprocess.run([*MIL, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def invoke_mil(*args: str) -> subprocess.CompletedProcess:
+    """Run `mil` in this process (no interpreter start-up, torch already imported): same exit codes
+    and streams as `run_mil`, for tests that do not need a separate process."""
+    from mil.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+        warnings.simplefilter("always")  # every run shows its warnings, as a fresh process would
+        try:
+            main([str(a) for a in args])
+            rc = 0
+        except SystemExit as e:
+            rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return subprocess.CompletedProcess(args, rc, out.getvalue(), err.getvalue())
 
 
 def ellipse_mask(h: int, w: int, cy: float, cx: float, ry: float, rx: float) -> np.ndarray:

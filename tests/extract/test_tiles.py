@@ -19,7 +19,7 @@ from mil.extract.reader import TileDataset
 from mil.extract.slides import open_slide, slide_geometry
 from mil.extract.tiles import TilingConfig, run_tiles
 from mil.manifest import read_manifest
-from tests.conftest import ellipse_mask, run_mil
+from tests.conftest import ellipse_mask, invoke_mil, run_mil
 
 MASK_DS = 16  # level-0 px per pixel of the masks given to slide_factory
 
@@ -88,7 +88,7 @@ def test_tissue_threshold(tmp_path, slide_factory):
 
 def test_no_tissue_gives_empty_valid_file(tmp_path, slide_factory):
     path = slide_factory("blank", tissue=np.zeros((256, 256), bool))
-    r = run_mil("extract", "tiles", manifest(tmp_path, [{"slide_id": "blank", "path": path}]), "--out", tmp_path / "o", "--no-progress")
+    r = invoke_mil("extract", "tiles", manifest(tmp_path, [{"slide_id": "blank", "path": path}]), "--out", tmp_path / "o", "--no-progress")
     assert r.returncode == 0, r.stderr
     assert "no tissue" in r.stderr
     with h5py.File(tmp_path / "o" / "blank.h5") as f:
@@ -99,15 +99,15 @@ def test_no_tissue_gives_empty_valid_file(tmp_path, slide_factory):
 def test_missing_mpp_names_slide_and_override(tmp_path, slide_factory):
     path = slide_factory("nompp", mpp=None)
     m = manifest(tmp_path, [{"slide_id": "nompp", "path": path}])
-    r = run_mil("extract", "tiles", m, "--out", tmp_path / "o", "--no-progress")
+    r = invoke_mil("extract", "tiles", m, "--out", tmp_path / "o", "--no-progress")
     assert r.returncode == 1
     err = pd.read_csv(tmp_path / "o" / "extract_report.csv")["error"][0]
     assert "nompp" in err and "--mpp" in err and "'mpp' column" in err
     assert not (tmp_path / "o" / "nompp.h5").exists()
     # the global override, then the manifest column, fix it
-    assert run_mil("extract", "tiles", m, "--out", tmp_path / "g", "--mpp", "0.25", "--no-progress").returncode == 0
+    assert invoke_mil("extract", "tiles", m, "--out", tmp_path / "g", "--mpp", "0.25", "--no-progress").returncode == 0
     m2 = manifest(tmp_path, [{"slide_id": "nompp", "path": path, "mpp": 0.5}], "m2.csv")
-    assert run_mil("extract", "tiles", m2, "--out", tmp_path / "c", "--no-progress").returncode == 0
+    assert invoke_mil("extract", "tiles", m2, "--out", tmp_path / "c", "--no-progress").returncode == 0
     with h5py.File(tmp_path / "c" / "nompp.h5") as f:
         assert f["coords"].attrs["level0_mpp"] == 0.5 and f.attrs["mpp_source"] == "override"
 
@@ -122,7 +122,7 @@ def test_bad_slides_do_not_stop_the_batch(tmp_path, slide_factory):
     rows = [{"slide_id": s, "path": p} for s, p in
             [("good", good), ("zero", tmp_path / "zero.svs"), ("text", tmp_path / "text.svs"), ("trunc", truncated)]]  # fmt: skip
     m = manifest(tmp_path, rows)
-    r = run_mil("extract", "tiles", m, "--out", tmp_path / "o", "--no-progress")
+    r = invoke_mil("extract", "tiles", m, "--out", tmp_path / "o", "--no-progress")
     assert r.returncode == 1
     rep = pd.read_csv(tmp_path / "o" / "extract_report.csv").set_index("slide_id")
     assert rep.loc["good", "status"] == "ok" and rep.loc["good", "n_tiles"] > 0
@@ -130,7 +130,7 @@ def test_bad_slides_do_not_stop_the_batch(tmp_path, slide_factory):
         assert rep.loc[bad, "status"] == "error" and bad in r.stderr
         assert not (tmp_path / "o" / f"{bad}.h5").exists()
     assert "empty (0 bytes)" in rep.loc["zero", "error"]
-    assert run_mil("extract", "tiles", m, "--out", tmp_path / "o", "--skip-errors", "--no-progress").returncode == 0
+    assert invoke_mil("extract", "tiles", m, "--out", tmp_path / "o", "--skip-errors", "--no-progress").returncode == 0
     assert not list((tmp_path / "o").glob(".*tmp*"))
 
 
@@ -149,7 +149,7 @@ def test_bad_slides_do_not_stop_the_batch(tmp_path, slide_factory):
 def test_bad_manifest_exits_2_and_writes_nothing(tmp_path, slide_factory, rows, match):
     (tmp_path / "a.tiff").write_bytes(slide_factory("any").read_bytes())
     m = manifest(tmp_path, rows)
-    r = run_mil("extract", "tiles", m, "--out", tmp_path / "o")
+    r = invoke_mil("extract", "tiles", m, "--out", tmp_path / "o")
     assert r.returncode == 2
     lines = [x for x in r.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and match in lines[0] and "m.csv" in lines[0], r.stderr
@@ -159,7 +159,7 @@ def test_bad_manifest_exits_2_and_writes_nothing(tmp_path, slide_factory, rows, 
 @pytest.mark.parametrize("opt", [["--tile-size", "4"], ["--overlap", "300"], ["--tissue-threshold", "1.5"], ["--mpp", "-1"], ["--target-mpp", "0"]])
 def test_bad_options_exit_2(tmp_path, slide_factory, opt):
     m = manifest(tmp_path, [{"slide_id": "a", "path": slide_factory("any")}])
-    r = run_mil("extract", "tiles", m, "--out", tmp_path / "o", *opt)
+    r = invoke_mil("extract", "tiles", m, "--out", tmp_path / "o", *opt)
     assert r.returncode == 2 and "expected" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o").exists()
 
@@ -167,15 +167,15 @@ def test_bad_options_exit_2(tmp_path, slide_factory, opt):
 def test_rerun_skips_and_changed_settings_are_refused(tmp_path, slide_factory):
     m = manifest(tmp_path, [{"slide_id": "a", "path": slide_factory("any")}])
     out = tmp_path / "o"
-    assert run_mil("extract", "tiles", m, "--out", out, "--no-progress").returncode == 0
+    assert invoke_mil("extract", "tiles", m, "--out", out, "--no-progress").returncode == 0
     stamp = (out / "a.h5").stat().st_mtime_ns
-    assert run_mil("extract", "tiles", m, "--out", out, "--no-progress").returncode == 0
+    assert invoke_mil("extract", "tiles", m, "--out", out, "--no-progress").returncode == 0
     assert (out / "a.h5").stat().st_mtime_ns == stamp
     assert pd.read_csv(out / "extract_report.csv")["status"].tolist() == ["skipped"]
-    r = run_mil("extract", "tiles", m, "--out", out, "--tile-size", "256")
+    r = invoke_mil("extract", "tiles", m, "--out", out, "--tile-size", "256")
     assert r.returncode == 2 and "tile_size=224" in r.stderr and "tile_size=256" in r.stderr and "--overwrite" in r.stderr
     assert (out / "a.h5").stat().st_mtime_ns == stamp
-    assert run_mil("extract", "tiles", m, "--out", out, "--tile-size", "256", "--overwrite", "--no-progress").returncode == 0
+    assert invoke_mil("extract", "tiles", m, "--out", out, "--tile-size", "256", "--overwrite", "--no-progress").returncode == 0
     with h5py.File(out / "a.h5") as f:
         assert f["coords"].attrs["patch_size"] == 256
     assert json.loads((out / "tiles_config.json").read_text())["grid"]["tile_size"] == 256
@@ -186,7 +186,7 @@ def test_folder_input_uses_file_stems(tmp_path, slide_factory):
     folder.mkdir()
     (folder / "S-01.tiff").write_bytes(slide_factory("any").read_bytes())
     (folder / "notes.txt").write_text("ignored")
-    assert run_mil("extract", "tiles", folder, "--out", tmp_path / "o", "--no-progress").returncode == 0
+    assert invoke_mil("extract", "tiles", folder, "--out", tmp_path / "o", "--no-progress").returncode == 0
     assert (tmp_path / "o" / "S-01.h5").exists() and (tmp_path / "o" / "thumbnails" / "S-01.png").exists()
 
 
@@ -196,15 +196,17 @@ def test_killed_run_leaves_no_complete_looking_file(tmp_path, slide_factory):
     m = manifest(tmp_path, [{"slide_id": f"k{i}", "path": p} for i, p in enumerate(paths)])
     out = tmp_path / "o"
     cmd = [sys.executable, "-m", "mil.cli", "extract", "tiles", str(m), "--out", str(out), "--no-progress"]
-    for delay in (0.3, 0.8, 1.5):
+    for wait_for in ("k0.h5", "k1.h5"):  # kill just after a slide finished, i.e. while the next one runs
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(delay)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (out / wait_for).exists() and proc.poll() is None:
+            time.sleep(0.005)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        for h5 in out.glob("*.h5") if out.exists() else []:
+        for h5 in out.glob("*.h5"):
             with h5py.File(h5) as f:  # would raise on a partial file
                 assert f["coords"].shape[1] == 2 and "tiling_settings" in f.attrs
-    assert run_mil("extract", "tiles", m, "--out", out, "--no-progress").returncode == 0
+    assert invoke_mil("extract", "tiles", m, "--out", out, "--no-progress").returncode == 0
     assert sorted(p.name for p in out.glob("*.h5")) == ["k0.h5", "k1.h5", "k2.h5"]
     assert not list(out.rglob(".*tmp*"))
 
