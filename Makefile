@@ -11,10 +11,13 @@ $(BIN)/mil: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-## demo: synthetic cohort -> tiles (summary table + thumbnails in demo_out/tiles/thumbnails)
+## demo: synthetic cohort -> tiles (thumbnails) -> features (one HDF5 per slide)
+# Random encoder weights: nothing can be downloaded here. Use --weights imagenet or a MoCo checkpoint on real data.
 demo: $(BIN)/mil
 	$(BIN)/mil extract synthetic $(DEMO)/slides --n-slides 6 --size 8192 --seed 0
 	$(BIN)/mil extract tiles $(DEMO)/slides/manifest.csv --out $(DEMO)/tiles --target-mpp 0.5 --tile-size 224
+	$(BIN)/mil extract features $(DEMO)/slides/manifest.csv --coords-dir $(DEMO)/tiles --out $(DEMO)/features \
+		--encoder resnet18 --weights none --batch-size 32 --workers 2
 
 ## test: the whole default suite (what CI runs)
 test: $(BIN)/mil
@@ -25,6 +28,8 @@ test-fast: $(BIN)/mil
 
 bench: $(BIN)/mil
 	$(BIN)/python benchmarks/tiling.py
+	$(BIN)/python benchmarks/extract_throughput.py
+	$(BIN)/python benchmarks/precision_agreement.py
 
 clean:
 	rm -rf $(DEMO) build dist *.egg-info

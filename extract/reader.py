@@ -66,9 +66,8 @@ class TileDataset(Dataset):
                 region = region.reduce(int(k))
             else:
                 region = region.resize((self.tile_size, self.tile_size), Image.BILINEAR, reducing_gap=2.0)
-        rgb = np.asarray(region.convert("RGB"))  # (T, T, 3)
+        rgb = np.array(region.convert("RGB"))  # (T, T, 3), writable
         if region.getextrema()[3][0] == 0:  # outside the scanned area: white, as a scanner shows it
-            rgb = rgb.copy()
             rgb[np.asarray(region.getchannel("A")) == 0] = 255
         return rgb
 

@@ -61,3 +61,13 @@ def test_cli_version_and_help():
     assert r.returncode == 0 and r.stdout.strip()
     r = subprocess.run([sys.executable, "-m", "mil.cli", "extract", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "tiles" in r.stdout and "synthetic" in r.stdout
+
+
+def test_stage_exports_encoder_registry_lazily():
+    code = (
+        "import sys, mil.extract, mil.extract.cli; loaded = 'timm' in sys.modules; "
+        "from mil.extract import create_encoder, list_encoders; "
+        "print(loaded, 'resnet50_trunc' in list_encoders(), callable(create_encoder))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "True", "True"]  # `mil extract tiles` does not pay for importing timm
