@@ -30,7 +30,7 @@ import mil
 from mil.atomic import atomic_path, remove_stale_temporaries
 from mil.errors import SettingsMismatchError, SlideError
 from mil.extract.grid import GridSpec, tile_grid, tissue_fraction
-from mil.extract.slides import open_slide, slide_geometry
+from mil.extract.slides import MPP_TOLERANCE, open_slide, slide_geometry
 from mil.extract.tissue import TissueParams, detect_tissue, read_low_res
 
 REPORT_COLUMNS = ["slide_id", "status", "n_tiles", "seconds", "error"]
@@ -85,7 +85,7 @@ def tile_slide(slide_id: str, path: str | Path, out_dir: Path, config: TilingCon
     try:
         geom = slide_geometry(slide, path, mpp_override)
         spec = config.grid
-        if spec.target_mpp < geom.level0_mpp * 0.9:
+        if spec.target_mpp < geom.level0_mpp * (1 - MPP_TOLERANCE):
             raise SlideError(
                 f"{path}: target mpp {spec.target_mpp} is finer than the slide's level-0 mpp {geom.level0_mpp:.4g}; "
                 "tiles would be upsampled. Choose a --target-mpp of at least the scan resolution."
