@@ -9,7 +9,11 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from mil.errors import ManifestError, MilError, OptionError, SettingsMismatchError, SlideError
+from mil.bags import BagError, BagOutput, check_bag
 from mil.features import Bag, FeatureFileError, check_finite, read_bag, read_bag_attrs
+from mil.heads import create_head, list_heads
+from mil.losses import create_loss, list_losses
+from mil.pooling import create_pooling, list_poolings
 
 try:
     __version__ = version("needle-mil")
@@ -17,6 +21,15 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "BagError",
+    "BagOutput",
+    "check_bag",
+    "create_head",
+    "create_loss",
+    "create_pooling",
+    "list_heads",
+    "list_losses",
+    "list_poolings",
     "Bag",
     "FeatureFileError",
     "check_finite",

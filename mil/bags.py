@@ -25,7 +25,7 @@ class BagOutput:
 
     Attributes:
         logits: ``(B,)`` bag logits (before the sigmoid).
-        instance_scores: ``(B, N)`` instance logits/scores (padding: -inf-free, arbitrary but finite), or None.
+        instance_scores: ``(B, N)`` instance logits (every head fills them; padded positions are finite but meaningless).
         attention: ``(B, N)`` attention weights summing to 1 over real instances (padding: 0), or None.
     """
 
