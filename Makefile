@@ -30,6 +30,7 @@ bench: $(BIN)/mil
 	$(BIN)/python benchmarks/tiling.py
 	$(BIN)/python benchmarks/extract_throughput.py
 	$(BIN)/python benchmarks/precision_agreement.py
+	$(BIN)/python benchmarks/extract_memory.py
 
 clean:
 	rm -rf $(DEMO) build dist *.egg-info
