@@ -42,14 +42,18 @@ def synthetic(
 
     from mil.extract.synthetic import make_cohort
 
+    written: list[str] = []
     with Progress(transient=True) as bar:
         task = bar.add_task("writing slides", total=n_slides)
         manifest = make_cohort(
             out_dir, n_slides=n_slides, size=size, fmt=fmt, seed=seed, mpp=mpp,
             positive_fraction=positive_fraction, lesion_fraction=lesion_fraction,
-            progress=lambda _sid: bar.advance(task),
+            progress=lambda sid: (written.append(sid), bar.advance(task)),
         )  # fmt: skip
-    typer.echo(f"wrote {n_slides} slides and {manifest}")
+    if written:
+        typer.echo(f"wrote {len(written)} slides and {manifest}")
+    else:
+        typer.echo(f"{manifest}: cohort already complete with these parameters; nothing written")
 
 
 # Options shared by `tiles` and `features` (features tiles the slides that have no coords yet).

@@ -312,3 +312,14 @@ def test_cohort_rerun_with_same_parameters_writes_nothing(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == stamps
     make_cohort(tmp_path, n_slides=2, size=512, seed=4)  # other parameters: rewritten
     assert (tmp_path / "synth_000.tiff").stat().st_mtime_ns != stamps[tmp_path / "synth_000.tiff"]
+
+
+def test_cli_synthetic_reports_a_skipped_rerun(tmp_path):
+    from tests.conftest import invoke_mil
+
+    args = ("extract", "synthetic", tmp_path, "--n-slides", "2", "--size", "512", "--seed", "1")
+    first, second = invoke_mil(*args), invoke_mil(*args)
+    assert first.returncode == second.returncode == 0
+    assert "wrote 2 slides" in first.stdout and "nothing written" in second.stdout
+    bad = invoke_mil("extract", "synthetic", tmp_path / "x", "--format", "png")
+    assert bad.returncode == 2 and "expected --format to be 'tiff' or 'svs'" in bad.stderr
