@@ -12,6 +12,7 @@ import typer
 
 from mil.errors import MilError
 from mil.extract.cli import app as extract_app
+from mil.train.cli import app as train_app
 
 app = typer.Typer(
     help="Needle MIL: whole-slide images and slide labels in, slide classifiers out.",
@@ -20,6 +21,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 app.add_typer(extract_app, name="extract")
+app.add_typer(train_app, name="train")
 
 
 def _print_version(value: bool) -> None:

@@ -1,0 +1,123 @@
+"""Training end to end on synthetic feature bags: learns, writes the run directory, never reads test."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from mil.errors import OptionError, SettingsMismatchError
+from mil.features import FeatureFileError
+from mil.train.loop import TrainConfig
+from mil.train.run import load_checkpoint, run_train
+from tests.conftest import invoke_mil
+
+D = 16
+
+
+def write_bag(path, feats, sid):
+    with h5py.File(path, "w") as f:
+        f.create_dataset("features", data=feats.astype(np.float32))
+        c = f.create_dataset("coords", data=np.zeros((len(feats), 2), np.int64))
+        c.attrs.update(patch_size=224, target_mpp=0.5, level0_mpp=0.25, patch_size_level0=448)
+        f.attrs.update(slide_id=sid, encoder="toy", encoder_weights_sha256="none", feature_dim=D, mil_version="test")
+
+
+def needle_cohort(tmp_path, n=80, witness=0.1, seed=0, split=True):
+    """Bags of N(0,1) instances; positive bags hold a few instances shifted along one direction."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        y = i % 2
+        X = rng.normal(size=(rng.integers(20, 60), D))
+        if y:
+            k = max(1, int(witness * len(X)))
+            X[:k, 0] += 5.0
+        write_bag(tmp_path / f"b{i}.h5", X, f"b{i}")
+        rows.append({"slide_id": f"b{i}", "path": f"b{i}.h5", "label": y, "split": ("test" if i % 5 == 0 else "train") if split else ""})
+    m = tmp_path / "manifest.csv"
+    pd.DataFrame(rows).to_csv(m, index=False)
+    return m
+
+
+def test_learns_and_writes_the_run_directory(tmp_path):
+    m = needle_cohort(tmp_path)
+    from mil.manifest import read_manifest
+
+    summary = run_train(tmp_path, read_manifest(m), tmp_path / "run", TrainConfig(epochs=15, lr=1e-3, seed=0))
+    run = tmp_path / "run"
+    assert summary["val_auc"][0] > 0.95
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["feature_spec"]["encoder"] == "toy" and cfg["train"]["seed"] == 0
+    splits = pd.read_csv(run / "splits.csv")
+    assert set(splits["set"]) == {"train", "val", "test"}
+    metrics = pd.read_csv(run / "metrics.csv")
+    assert list(metrics.columns) == ["fold", "epoch", "train_loss", "val_loss", "val_auc"]
+    preds = pd.read_csv(run / "predictions.csv")
+    assert set(preds["slide_id"]) == set(splits.query("set == 'val'")["slide_id"])  # validation only
+    model, ckpt = load_checkpoint(run / "checkpoints" / "split.pt")
+    assert ckpt["head"] == "abmil" and 0 <= ckpt["threshold"] <= 1
+    X = torch.from_numpy(np.random.default_rng(1).normal(size=(1, 30, D)).astype(np.float32))
+    assert torch.isfinite(model(X).logits).all()
+
+
+def test_test_split_is_never_read(tmp_path):
+    m = needle_cohort(tmp_path)
+    from mil.manifest import read_manifest
+
+    slides = read_manifest(m)
+    for sid in slides.loc[slides["split"] == "test", "slide_id"]:
+        (tmp_path / f"{sid}.h5").write_bytes(b"not hdf5: reading this would fail")
+    run_train(tmp_path, slides, tmp_path / "run", TrainConfig(epochs=2, seed=0))  # does not touch them
+
+
+def test_cross_validation_and_determinism(tmp_path):
+    m = needle_cohort(tmp_path, split=False)
+    from mil.manifest import read_manifest
+
+    slides = read_manifest(m)
+    a = run_train(tmp_path, slides, tmp_path / "a", TrainConfig(epochs=3, seed=4), folds=3)
+    b = run_train(tmp_path, slides, tmp_path / "b", TrainConfig(epochs=3, seed=4), folds=3)
+    assert list(a["fold"]) == ["r0f0", "r0f1", "r0f2"]
+    pd.testing.assert_frame_equal(a, b)
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "a" / "metrics.csv"), pd.read_csv(tmp_path / "b" / "metrics.csv"))
+
+
+def test_ranking_loss_option_trains(tmp_path):
+    m = needle_cohort(tmp_path)
+    from mil.manifest import read_manifest
+
+    s = run_train(tmp_path, read_manifest(m), tmp_path / "r", TrainConfig(epochs=8, lr=1e-3, batch_size=4, ranking_weight=0.5, seed=0))
+    assert s["val_auc"][0] > 0.9
+
+
+def test_refusals(tmp_path):
+    m = needle_cohort(tmp_path)
+    from mil.manifest import read_manifest
+
+    slides = read_manifest(m)
+    (tmp_path / "b1.h5").unlink()
+    (tmp_path / "b3.h5").unlink()
+    with pytest.raises(FeatureFileError, match=r"2 slide\(s\) have no feature file in .*: b1, b3"):
+        run_train(tmp_path, slides, tmp_path / "run", TrainConfig(epochs=1))
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(OptionError, match="--epochs"):
+        TrainConfig(epochs=0)
+    (tmp_path / "x").mkdir()
+    ok = needle_cohort(tmp_path / "x")
+    run_train(tmp_path / "x", read_manifest(ok), tmp_path / "done", TrainConfig(epochs=1))
+    with pytest.raises(SettingsMismatchError, match="already holds a run"):
+        run_train(tmp_path / "x", read_manifest(ok), tmp_path / "done", TrainConfig(epochs=1))
+
+
+def test_cli_train_features(tmp_path):
+    m = needle_cohort(tmp_path)
+    r = invoke_mil("train", "features", tmp_path, "--manifest", m, "--out", tmp_path / "run", "--epochs", "3", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "run" / "checkpoints" / "split.pt").exists() and "val_auc" in r.stdout
+    r = invoke_mil("train", "features", tmp_path, "--manifest", m, "--out", tmp_path / "run2", "--head", "abmill")
+    assert r.returncode == 2 and "did you mean 'abmil'" in r.stderr and not (tmp_path / "run2").exists()

@@ -1,0 +1,55 @@
+"""`mil train …` commands. Thin: parse options, build the stage's config, call the stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(help="Stage 2: feature files → trained MIL heads.", no_args_is_help=True, rich_markup_mode="rich")
+
+
+@app.command()
+def features(
+    feature_dir: Annotated[Path, typer.Argument(help="Folder of <slide_id>.h5 feature files (from `mil extract features`).")],
+    manifest: Annotated[Path, typer.Option(help="Manifest CSV with slide_id, label and a split column (or use --folds).")],
+    out: Annotated[Path, typer.Option("--out", help="Run directory to create.")],
+    head: Annotated[str, typer.Option(help="Head name: abmil, gated_abmil, maxpool, meanpool, lse, chowder, dsmil.")] = "abmil",
+    folds: Annotated[Optional[int], typer.Option(help="K for patient-level stratified K-fold CV (default: the manifest's split column).")] = None,
+    repeats: Annotated[int, typer.Option(help="Repeats of K-fold CV.")] = 1,
+    val_fraction: Annotated[float, typer.Option(help="Share of training patients carved out for validation.")] = 0.2,
+    epochs: Annotated[int, typer.Option(help="Maximum epochs.")] = 50,
+    patience: Annotated[int, typer.Option(help="Early stopping: epochs without a better validation AUC.")] = 10,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 2e-4,
+    weight_decay: Annotated[float, typer.Option(help="Adam weight decay.")] = 1e-4,
+    batch_size: Annotated[int, typer.Option(help="Bags per step (padded with a mask).")] = 1,
+    ranking_weight: Annotated[float, typer.Option(help="Weight of the MI ranking loss (0 = off).")] = 0.0,
+    rank_k: Annotated[int, typer.Option(help="Top-k instances per bag in the ranking loss.")] = 10,
+    rank_margin: Annotated[float, typer.Option(help="Margin of the ranking loss.")] = 1.0,
+    cache: Annotated[str, typer.Option(help="auto | ram | stream: keep bags in RAM as float16, or read them per step.")] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed of splits, initialisation and shuffling.")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress line per epoch.")] = True,
+) -> None:
+    """Train a MIL head on slide features; select epochs and thresholds on validation data only."""
+    from rich.console import Console
+
+    from mil.manifest import read_manifest
+    from mil.train.loop import TrainConfig
+    from mil.train.run import run_train
+
+    config = TrainConfig(head=head, epochs=epochs, patience=patience, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
+                         seed=seed, ranking_weight=ranking_weight, rank_k=rank_k, rank_margin=rank_margin)  # fmt: skip
+    slides = read_manifest(manifest, require_labels=False, check_files=False)
+    console = Console(stderr=True)
+
+    def on_epoch(fold: str, row: dict) -> None:
+        if progress:
+            console.print(f"{fold} epoch {row['epoch']:3d}  train loss {row['train_loss']:.4f}  "
+                          f"val loss {row['val_loss']:.4f}  val AUC {row['val_auc']:.3f}", highlight=False)  # fmt: skip
+
+    summary = run_train(feature_dir, slides, out, config, folds=folds, repeats=repeats, val_fraction=val_fraction,
+                        cache=cache, overwrite=overwrite, on_epoch=on_epoch)  # fmt: skip
+    typer.echo(summary.to_string(index=False, float_format="{:.3f}".format))
+    typer.echo(f"run directory: {out}")

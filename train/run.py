@@ -1,0 +1,99 @@
+"""`mil train features`: every fold of a run, and the run directory (see ARCHITECTURE.md).
+
+    RUN_DIR/config.json          every resolved option, the feature spec, seed, code version
+    RUN_DIR/splits.csv           fold, set (train/val/test), slide_id
+    RUN_DIR/metrics.csv          fold, epoch, train_loss, val_loss, val_auc
+    RUN_DIR/checkpoints/<fold>.pt  self-describing: head name + kwargs + in_dim + feature spec + threshold
+    RUN_DIR/predictions.csv      validation predictions of each fold's selected model
+
+Only the train and validation slides of each fold are opened: for a run on the manifest's
+``split`` column the test slides are never read (their feature files need not even exist).
+A run directory that already holds a finished run is refused unless ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+import torch
+
+import mil
+from mil.atomic import atomic_path
+from mil.errors import SettingsMismatchError
+from mil.train.data import BagDataset, resolve_feature_files
+from mil.train.loop import TrainConfig, config_dict, fit_fold
+from mil.train.splits import make_splits, splits_table
+
+
+def run_train(
+    feature_dir: str | Path,
+    slides: pd.DataFrame,
+    out_dir: str | Path,
+    config: TrainConfig,
+    *,
+    folds: int | None = None,
+    repeats: int = 1,
+    val_fraction: float = 0.2,
+    cache: str = "auto",
+    overwrite: bool = False,
+    on_epoch: Callable[[str, dict], None] | None = None,
+) -> pd.DataFrame:
+    """Train one head per fold and write the run directory; return the per-fold summary."""
+    out = Path(out_dir)
+    if (out / "config.json").exists() and not overwrite:
+        raise SettingsMismatchError(f"{out}: already holds a run (config.json); choose another --out or pass --overwrite.")
+    fold_list = make_splits(slides, folds=folds, repeats=repeats, val_fraction=val_fraction, seed=config.seed)
+    used = sorted({s for f in fold_list for s in (*f.train, *f.val)})  # test slides are not opened
+    files, spec = resolve_feature_files(slides[slides["slide_id"].isin(used)], feature_dir)
+    label = dict(zip(slides["slide_id"], slides["label"]))
+    mil.create_head(config.head, in_dim=spec.feature_dim, **config.head_kwargs)  # bad head options fail before any write
+
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    doc = {"stage": "train", "mil_version": mil.__version__, "feature_dir": str(feature_dir), "feature_spec": spec.as_dict(),
+           "train": config_dict(config), "folds": folds, "repeats": repeats, "val_fraction": val_fraction, "cache": cache}  # fmt: skip
+    _write_text(out / "config.json", json.dumps(doc, indent=2) + "\n")
+    _write_csv(out / "splits.csv", splits_table(fold_list))
+
+    def dataset(ids: tuple[str, ...]) -> BagDataset:
+        return BagDataset([files[s] for s in ids], [int(label[s]) for s in ids], cache=cache, slide_ids=list(ids))
+
+    metrics, preds, summary = [], [], []
+    for fold in fold_list:
+        train_ds, val_ds = dataset(fold.train), dataset(fold.val)
+        res = fit_fold(train_ds, val_ds, spec.feature_dim, config, (lambda row, f=fold.name: on_epoch(f, row)) if on_epoch else None)
+        ckpt = {"head": config.head, "head_kwargs": dict(config.head_kwargs), "in_dim": spec.feature_dim,
+                "feature_spec": spec.as_dict(), "threshold": res.threshold, "best_epoch": res.best_epoch,
+                "fold": fold.name, "mil_version": mil.__version__, "state_dict": res.state_dict}  # fmt: skip
+        with atomic_path(out / "checkpoints" / f"{fold.name}.pt") as tmp:
+            torch.save(ckpt, tmp)
+        metrics += [{"fold": fold.name, **row} for row in res.history]
+        preds.append(res.val_predictions.assign(fold=fold.name))
+        best = res.history[res.best_epoch - 1]
+        summary.append({"fold": fold.name, "best_epoch": res.best_epoch, "val_auc": best["val_auc"], "threshold": res.threshold})
+        _write_csv(out / "metrics.csv", pd.DataFrame(metrics))  # after every fold: progress survives a crash
+    _write_csv(out / "predictions.csv", pd.concat(preds, ignore_index=True)[["fold", "slide_id", "label", "probability"]])
+    return pd.DataFrame(summary)
+
+
+def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, dict]:
+    """Rebuild a head from a checkpoint written by `run_train` (``weights_only=True``)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    model = mil.create_head(ckpt["head"], in_dim=ckpt["in_dim"], **ckpt["head_kwargs"])
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval(), ckpt
+
+
+def _write_csv(path: Path, df: pd.DataFrame) -> None:
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
+
+
+def _write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
