@@ -27,6 +27,11 @@ def features(
     ranking_weight: Annotated[float, typer.Option(help="Weight of the MI ranking loss (0 = off).")] = 0.0,
     rank_k: Annotated[int, typer.Option(help="Top-k instances per bag in the ranking loss.")] = 10,
     rank_margin: Annotated[float, typer.Option(help="Margin of the ranking loss.")] = 1.0,
+    hard_negatives: Annotated[bool, typer.Option("--hard-negatives", help="Mine hard negative instances after a warm-up and refresh them.")] = False,
+    neg_ratio: Annotated[float, typer.Option(help="Fraction of all negative-bag instances kept as hard negatives.")] = 0.2,
+    hnm_warmup: Annotated[int, typer.Option(help="Epochs before the first mining.")] = 5,
+    hnm_every: Annotated[int, typer.Option(help="Epochs between refreshes of the mined set.")] = 5,
+    hnm_weight: Annotated[float, typer.Option(help="Weight of the instance loss on mined hard negatives.")] = 1.0,
     cache: Annotated[str, typer.Option(help="auto | ram | stream: keep bags in RAM as float16, or read them per step.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of splits, initialisation and shuffling.")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
@@ -40,14 +45,17 @@ def features(
     from mil.train.run import run_train
 
     config = TrainConfig(head=head, epochs=epochs, patience=patience, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
-                         seed=seed, ranking_weight=ranking_weight, rank_k=rank_k, rank_margin=rank_margin)  # fmt: skip
+                         seed=seed, ranking_weight=ranking_weight, rank_k=rank_k, rank_margin=rank_margin,
+                         hard_negatives=hard_negatives, neg_ratio=neg_ratio, hnm_warmup=hnm_warmup,
+                         hnm_every=hnm_every, hnm_weight=hnm_weight)  # fmt: skip
     slides = read_manifest(manifest, require_labels=False, check_files=False)
     console = Console(stderr=True)
 
     def on_epoch(fold: str, row: dict) -> None:
         if progress:
+            mined = f"  hard negatives {row['n_hard_negatives']}" if hard_negatives else ""
             console.print(f"{fold} epoch {row['epoch']:3d}  train loss {row['train_loss']:.4f}  "
-                          f"val loss {row['val_loss']:.4f}  val AUC {row['val_auc']:.3f}", highlight=False)  # fmt: skip
+                          f"val loss {row['val_loss']:.4f}  val AUC {row['val_auc']:.3f}{mined}", highlight=False, soft_wrap=True)  # fmt: skip
 
     summary = run_train(feature_dir, slides, out, config, folds=folds, repeats=repeats, val_fraction=val_fraction,
                         cache=cache, overwrite=overwrite, on_epoch=on_epoch)  # fmt: skip

@@ -23,6 +23,7 @@ from mil.errors import OptionError
 from mil.heads import create_head
 from mil.losses import create_loss
 from mil.train.data import BagDataset, collate_bags
+from mil.train.mining import mine_hard_negatives
 
 
 @dataclass(frozen=True)
@@ -40,11 +41,21 @@ class TrainConfig:
     ranking_weight: float = 0.0  # > 0 adds the MI ranking loss
     rank_k: int = 10
     rank_margin: float = 1.0
+    hard_negatives: bool = False  # mine hard negative instances (needs instance scores: every head has them)
+    neg_ratio: float = 0.2  # fraction of all negative-bag instances kept as hard negatives
+    hnm_warmup: int = 5  # epochs before the first mining
+    hnm_every: int = 5  # epochs between refreshes
+    hnm_weight: float = 1.0  # weight of the instance BCE on mined hard negatives (target 0)
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "patience", "batch_size", "rank_k"):
+        for name in ("epochs", "patience", "batch_size", "rank_k", "hnm_every"):
             if getattr(self, name) < 1:
                 raise OptionError(f"expected --{name.replace('_', '-')} >= 1, got {getattr(self, name)!r} instead.")
+        if not (0 < self.neg_ratio <= 1) or self.hnm_warmup < 0 or self.hnm_weight < 0:
+            raise OptionError(
+                f"expected --neg-ratio in (0, 1], --hnm-warmup >= 0 and --hnm-weight >= 0, got "
+                f"{self.neg_ratio!r}, {self.hnm_warmup!r}, {self.hnm_weight!r} instead."
+            )
         if not (self.lr > 0) or self.weight_decay < 0 or self.ranking_weight < 0:
             raise OptionError(
                 f"expected --lr > 0, --weight-decay >= 0 and --ranking-weight >= 0, got "
@@ -57,7 +68,7 @@ class FoldResult:
     state_dict: dict
     best_epoch: int
     threshold: float  # Youden's J on validation predictions of the selected model
-    history: list[dict]  # one row per epoch: epoch, train_loss, val_loss, val_auc
+    history: list[dict]  # one row per epoch: epoch, train_loss, val_loss, val_auc, n_hard_negatives
     val_predictions: pd.DataFrame  # slide_id, label, probability
 
 
@@ -101,16 +112,24 @@ def fit_fold(
 
     best = (-math.inf, math.inf)  # (val AUC, -val loss) compared lexicographically
     best_state, best_epoch, stale, history = None, 0, 0, []
+    mined: dict[str, torch.Tensor] = {}  # slide_id -> hard-negative instance indices (k,)
     for epoch in range(1, config.epochs + 1):
+        if config.hard_negatives and epoch > config.hnm_warmup and (epoch - config.hnm_warmup - 1) % config.hnm_every == 0:
+            mined = mine_hard_negatives(model, train_ds, config.neg_ratio)
         model.train()
         losses = []
-        for X, mask, y, _ in loader:  # X (B, N, D), mask (B, N), y (B,)
+        for X, mask, y, ids in loader:  # X (B, N, D), mask (B, N), y (B,)
             out = model(X, mask)
             loss = bce(out.logits, y)
+            s = out.instance_scores  # (B, N)
+            hard = _hard_mask(ids, mined, mask)  # (B, N) True = mined hard negative
+            if hard.any():  # mined negatives as instance targets of 0
+                loss = loss + config.hnm_weight * bce_instances(s[hard], torch.zeros_like(s[hard]))
             if ranking is not None and (y == 1).any() and (y == 0).any():
                 pos, neg = y == 1, y == 0  # (B,)
-                s = out.instance_scores  # (B, N)
-                loss = loss + config.ranking_weight * ranking(s[pos], mask[pos], s[neg], mask[neg])
+                # Negative side: the bag's hard negatives when it has any (else all its instances).
+                neg_mask = torch.where(hard[neg].any(1, keepdim=True), hard[neg], mask[neg])  # (Q, N)
+                loss = loss + config.ranking_weight * ranking(s[pos], mask[pos], s[neg], neg_mask)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -118,7 +137,8 @@ def fit_fold(
         pred = predict(model, val_ds)
         p = pred["probability"].clip(1e-7, 1 - 1e-7)
         val_loss = float(-(pred["label"] * np.log(p) + (1 - pred["label"]) * np.log(1 - p)).mean())
-        row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": val_loss, "val_auc": _auc(pred)}
+        row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": val_loss, "val_auc": _auc(pred),
+               "n_hard_negatives": int(sum(len(v) for v in mined.values()))}  # fmt: skip
         history.append(row)
         if on_epoch is not None:
             on_epoch(row)
@@ -132,6 +152,20 @@ def fit_fold(
     model.load_state_dict(best_state)
     val_pred = predict(model, val_ds)
     return FoldResult(best_state, best_epoch, youden_threshold(val_pred), history, val_pred)
+
+
+def bce_instances(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean BCE of instance logits ``(M,)`` against targets ``(M,)``."""
+    return torch.nn.functional.binary_cross_entropy_with_logits(scores, targets)
+
+
+def _hard_mask(ids: list[str], mined: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """``(B, N)`` bool: True at the mined hard-negative instances of each bag of the batch."""
+    hard = torch.zeros_like(mask)  # (B, N)
+    for b, sid in enumerate(ids):
+        if sid in mined:
+            hard[b, mined[sid]] = True
+    return hard & mask  # (B, N)
 
 
 def config_dict(config: TrainConfig) -> dict:

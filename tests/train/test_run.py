@@ -56,7 +56,7 @@ def test_learns_and_writes_the_run_directory(tmp_path):
     splits = pd.read_csv(run / "splits.csv")
     assert set(splits["set"]) == {"train", "val", "test"}
     metrics = pd.read_csv(run / "metrics.csv")
-    assert list(metrics.columns) == ["fold", "epoch", "train_loss", "val_loss", "val_auc"]
+    assert list(metrics.columns) == ["fold", "epoch", "train_loss", "val_loss", "val_auc", "n_hard_negatives"]
     preds = pd.read_csv(run / "predictions.csv")
     assert set(preds["slide_id"]) == set(splits.query("set == 'val'")["slide_id"])  # validation only
     model, ckpt = load_checkpoint(run / "checkpoints" / "split.pt")
@@ -121,3 +121,18 @@ def test_cli_train_features(tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "split.pt").exists() and "val_auc" in r.stdout
     r = invoke_mil("train", "features", tmp_path, "--manifest", m, "--out", tmp_path / "run2", "--head", "abmill")
     assert r.returncode == 2 and "did you mean 'abmil'" in r.stderr and not (tmp_path / "run2").exists()
+
+
+def test_hard_negative_mining_trains_and_logs_the_mined_count(tmp_path):
+    m = needle_cohort(tmp_path)
+    from mil.manifest import read_manifest
+
+    cfg = TrainConfig(epochs=6, lr=1e-3, batch_size=4, ranking_weight=0.5, hard_negatives=True, neg_ratio=0.1,
+                      hnm_warmup=2, hnm_every=2, seed=0)  # fmt: skip
+    s = run_train(tmp_path, read_manifest(m), tmp_path / "h", cfg)
+    metrics = pd.read_csv(tmp_path / "h" / "metrics.csv")
+    assert (metrics["n_hard_negatives"][:2] == 0).all() and (metrics["n_hard_negatives"][2:] > 0).all()
+    assert s["val_auc"][0] > 0.9
+    r = invoke_mil("train", "features", tmp_path, "--manifest", m, "--out", tmp_path / "c", "--epochs", "3",
+                   "--hard-negatives", "--hnm-warmup", "1", "--hnm-every", "1")  # fmt: skip
+    assert r.returncode == 0 and "hard negatives" in r.stderr
