@@ -72,7 +72,12 @@ def test_test_split_is_never_read(tmp_path):
     slides = read_manifest(m)
     for sid in slides.loc[slides["split"] == "test", "slide_id"]:
         (tmp_path / f"{sid}.h5").write_bytes(b"not hdf5: reading this would fail")
-    run_train(tmp_path, slides, tmp_path / "run", TrainConfig(epochs=2, seed=0))  # does not touch them
+    summary = run_train(tmp_path, slides, tmp_path / "run", TrainConfig(epochs=2, seed=0))  # reading one would raise
+    test_ids = set(slides.loc[slides["split"] == "test", "slide_id"])
+    assert len(summary) == 1 and test_ids
+    assert not test_ids & set(pd.read_csv(tmp_path / "run" / "predictions.csv")["slide_id"])
+    splits = pd.read_csv(tmp_path / "run" / "splits.csv")
+    assert set(splits.query("set == 'test'")["slide_id"]) == test_ids
 
 
 def test_cross_validation_and_determinism(tmp_path):
