@@ -108,9 +108,7 @@ def tiles(
     config = tiling_config(target_mpp, tile_size, overlap, tissue_threshold, saturation_threshold, mask_mpp, mpp)
     slides = load_slides(input_path)
     report = run_tiles(slides, out, config, overwrite=overwrite, progress=progress)
-    print_report(report, out / "extract_report.csv")
-    if (report["status"] == "error").any() and not skip_errors:
-        raise typer.Exit(1)
+    finish(report, out, skip_errors)
 
 
 @app.command()
@@ -150,9 +148,7 @@ def features(
     for w in caught:
         typer.echo(f"warning: {w.message}", err=True)
     report = run_features(slides, out, enc, config, coords_dir=coords_dir, overwrite=overwrite, progress=progress)
-    print_report(report, out / "extract_report.csv")
-    if (report["status"] == "error").any() and not skip_errors:
-        raise typer.Exit(1)
+    finish(report, out, skip_errors)
 
 
 def resolve_device(device: str) -> str:
@@ -171,6 +167,13 @@ def resolve_device(device: str) -> str:
 app.command("import-csv", help="Convert a classical MIL table (label, bag id, features; no header) into feature files + manifest.")(
     import_csv_command
 )
+
+
+def finish(report, out: Path, skip_errors: bool) -> None:
+    """Print a batch stage's report; exit 1 if a slide failed (0 with --skip-errors)."""
+    print_report(report, out / "extract_report.csv")
+    if (report["status"] == "error").any() and not skip_errors:
+        raise typer.Exit(1)
 
 
 def print_report(report, path: Path) -> None:

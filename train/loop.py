@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.metrics import log_loss, roc_auc_score, roc_curve
 from torch.utils.data import DataLoader
 
 from mil.errors import OptionError
@@ -135,8 +135,7 @@ def fit_fold(
             opt.step()
             losses.append(loss.item())
         pred = predict(model, val_ds)
-        p = pred["probability"].clip(1e-7, 1 - 1e-7)
-        val_loss = float(-(pred["label"] * np.log(p) + (1 - pred["label"]) * np.log(1 - p)).mean())
+        val_loss = float(log_loss(pred["label"], pred["probability"], labels=[0, 1]))
         row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": val_loss, "val_auc": _auc(pred),
                "n_hard_negatives": int(sum(len(v) for v in mined.values()))}  # fmt: skip
         history.append(row)
@@ -167,6 +166,3 @@ def _hard_mask(ids: list[str], mined: dict[str, torch.Tensor], mask: torch.Tenso
             hard[b, mined[sid]] = True
     return hard & mask  # (B, N)
 
-
-def config_dict(config: TrainConfig) -> dict:
-    return asdict(config)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -25,7 +26,7 @@ import mil
 from mil.atomic import atomic_path
 from mil.errors import SettingsMismatchError
 from mil.train.data import BagDataset, resolve_feature_files
-from mil.train.loop import TrainConfig, config_dict, fit_fold
+from mil.train.loop import TrainConfig, fit_fold
 from mil.train.splits import make_splits, splits_table
 
 
@@ -56,7 +57,7 @@ def run_train(
         shutil.rmtree(out)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     doc = {"stage": "train", "mil_version": mil.__version__, "feature_dir": str(feature_dir), "feature_spec": spec.as_dict(),
-           "train": config_dict(config), "folds": folds, "repeats": repeats, "val_fraction": val_fraction, "cache": cache}  # fmt: skip
+           "train": asdict(config), "folds": folds, "repeats": repeats, "val_fraction": val_fraction, "cache": cache}  # fmt: skip
     _write_text(out / "config.json", json.dumps(doc, indent=2) + "\n")
     _write_csv(out / "splits.csv", splits_table(fold_list))
 
