@@ -30,7 +30,7 @@ from mil.bags import BagOutput, check_bag, masked_fill_value, masked_softmax
 from mil.pooling import AttentionPool, check_dropout, check_option, create_pooling
 from mil.registry import Registry
 
-__all__ = ["HEADS", "ABMIL", "Chowder", "DSMIL", "DSMILOutput", "InstanceMIL", "create_head", "list_heads"]
+__all__ = ["HEADS", "ABMIL", "Chowder", "DSMIL", "DSMILOutput", "InstanceMIL", "Standardized", "create_head", "list_heads"]
 
 HEADS = Registry("head")
 
@@ -272,6 +272,33 @@ def _chowder(in_dim: int, r: int = 10, mlp_dims: Sequence[int] = (200, 100), hid
 def _dsmil(in_dim: int, hidden_dim: int | None = None, attn_dim: int = 128, dropout: float = 0.0) -> DSMIL:
     """DSMIL: max-instance stream + critical-instance attention stream."""
     return DSMIL(in_dim, hidden_dim=hidden_dim, attn_dim=attn_dim, dropout=dropout)
+
+
+class Standardized(nn.Module):
+    """A head behind per-feature standardisation ``(x − mean) / std`` of every instance.
+
+    The statistics come from training instances only (`mil.train.data.feature_stats`) and are
+    buffers, so they travel in the state dict and a checkpoint reproduces the same inputs.
+
+    Args:
+        head: any head (``forward(X (B, N, D), mask (B, N)) -> BagOutput``).
+        mean: ``(D,)`` per-feature mean.
+        std: ``(D,)`` per-feature standard deviation, > 0.
+    """
+
+    def __init__(self, head: nn.Module, mean: torch.Tensor, std: torch.Tensor) -> None:
+        super().__init__()
+        if mean.shape != std.shape or mean.ndim != 1:
+            raise ValueError(f"expected mean and std of the same shape (D,), got {tuple(mean.shape)} and {tuple(std.shape)} instead.")
+        if not bool((std > 0).all()):
+            raise ValueError("expected std > 0 for every feature, got zeros or negatives instead; clamp constant features to 1.")
+        self.head = head
+        self.register_buffer("mean", mean.detach().float().clone())  # (D,)
+        self.register_buffer("std", std.detach().float().clone())  # (D,)
+
+    def forward(self, X: torch.Tensor, mask: torch.Tensor | None = None) -> BagOutput:
+        """``X (B, N, D)``, ``mask (B, N)`` → the wrapped head's output on standardised ``X``."""
+        return self.head((X - self.mean) / self.std, mask)  # (B, N, D) standardised; padding stays masked
 
 
 def create_head(name: str, in_dim: int, **kwargs) -> nn.Module:

@@ -32,6 +32,7 @@ def features(
     hnm_warmup: Annotated[int, typer.Option(help="Epochs before the first mining.")] = 5,
     hnm_every: Annotated[int, typer.Option(help="Epochs between refreshes of the mined set.")] = 5,
     hnm_weight: Annotated[float, typer.Option(help="Weight of the instance loss on mined hard negatives.")] = 1.0,
+    standardize: Annotated[bool, typer.Option("--standardize", help="Standardise features with the training bags' per-feature mean and sd (kept in the checkpoint).")] = False,
     cache: Annotated[str, typer.Option(help="auto | ram | stream: keep bags in RAM as float16, or read them per step.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of splits, initialisation and shuffling.")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
@@ -47,7 +48,7 @@ def features(
     config = TrainConfig(head=head, epochs=epochs, patience=patience, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
                          seed=seed, ranking_weight=ranking_weight, rank_k=rank_k, rank_margin=rank_margin,
                          hard_negatives=hard_negatives, neg_ratio=neg_ratio, hnm_warmup=hnm_warmup,
-                         hnm_every=hnm_every, hnm_weight=hnm_weight)  # fmt: skip
+                         hnm_every=hnm_every, hnm_weight=hnm_weight, standardize=standardize)  # fmt: skip
     slides = read_manifest(manifest, require_labels=False, check_files=False)
     console = Console(stderr=True)
 

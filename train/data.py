@@ -279,6 +279,27 @@ class BagDataset(torch.utils.data.Dataset):
         return list(self._sizes)
 
 
+def feature_stats(ds: BagDataset) -> tuple[Tensor, Tensor]:
+    """Per-feature mean and standard deviation over every instance of `ds` (one bag in memory at a time).
+
+    Returns:
+        ``mean (D,)`` and ``std (D,)`` float32; a constant feature gets std 1 (it is only centred).
+    """
+    total = torch.zeros(ds.feature_dim, dtype=torch.float64)  # (D,)
+    total_sq = torch.zeros(ds.feature_dim, dtype=torch.float64)  # (D,)
+    n = 0
+    for i in range(len(ds)):
+        X = ds[i][0].double()  # (N, D)
+        total += X.sum(0)
+        total_sq += (X * X).sum(0)
+        n += X.shape[0]
+    mean = total / n  # (D,)
+    var = (total_sq / n - mean * mean).clamp_min(0.0)  # (D,)
+    std = var.sqrt()  # (D,)
+    std = torch.where(std > 1e-6 * (1.0 + mean.abs()), std, torch.ones_like(std))  # (D,)
+    return mean.float(), std.float()
+
+
 def _as_int_label(value: Any, slide_id: str) -> int:
     try:
         missing = value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))

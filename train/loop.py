@@ -20,9 +20,9 @@ from sklearn.metrics import log_loss, roc_auc_score, roc_curve
 from torch.utils.data import DataLoader
 
 from mil.errors import OptionError
-from mil.heads import create_head
+from mil.heads import Standardized, create_head
 from mil.losses import create_loss
-from mil.train.data import BagDataset, collate_bags
+from mil.train.data import BagDataset, collate_bags, feature_stats
 from mil.train.mining import mine_hard_negatives
 
 
@@ -46,6 +46,7 @@ class TrainConfig:
     hnm_warmup: int = 5  # epochs before the first mining
     hnm_every: int = 5  # epochs between refreshes
     hnm_weight: float = 1.0  # weight of the instance BCE on mined hard negatives (target 0)
+    standardize: bool = False  # standardise features with the training bags' per-feature mean and sd
 
     def __post_init__(self) -> None:
         for name in ("epochs", "patience", "batch_size", "rank_k", "hnm_every"):
@@ -102,6 +103,8 @@ def fit_fold(
     """Train `config.head` on `train_ds`, select the epoch on `val_ds`."""
     torch.manual_seed(config.seed)
     model = create_head(config.head, in_dim=in_dim, **config.head_kwargs)
+    if config.standardize:  # statistics of the training bags only
+        model = Standardized(model, *feature_stats(train_ds))
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     labels = np.asarray(train_ds.labels)
     pos_weight = float((labels == 0).sum() / max((labels == 1).sum(), 1))

@@ -25,6 +25,7 @@ import torch
 import mil
 from mil.atomic import atomic_path
 from mil.errors import SettingsMismatchError
+from mil.heads import Standardized
 from mil.train.data import BagDataset, resolve_feature_files
 from mil.train.loop import TrainConfig, fit_fold
 from mil.train.splits import make_splits, splits_table
@@ -70,7 +71,8 @@ def run_train(
         res = fit_fold(train_ds, val_ds, spec.feature_dim, config, (lambda row, f=fold.name: on_epoch(f, row)) if on_epoch else None)
         ckpt = {"head": config.head, "head_kwargs": dict(config.head_kwargs), "in_dim": spec.feature_dim,
                 "feature_spec": spec.as_dict(), "threshold": res.threshold, "best_epoch": res.best_epoch,
-                "fold": fold.name, "mil_version": mil.__version__, "state_dict": res.state_dict}  # fmt: skip
+                "standardize": config.standardize, "fold": fold.name, "mil_version": mil.__version__,
+                "state_dict": res.state_dict}  # fmt: skip
         with atomic_path(out / "checkpoints" / f"{fold.name}.pt") as tmp:
             torch.save(ckpt, tmp)
         metrics += [{"fold": fold.name, **row} for row in res.history]
@@ -86,6 +88,8 @@ def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, dict]:
     """Rebuild a head from a checkpoint written by `run_train` (``weights_only=True``)."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     model = mil.create_head(ckpt["head"], in_dim=ckpt["in_dim"], **ckpt["head_kwargs"])
+    if ckpt.get("standardize", False):  # mean/std buffers are filled by load_state_dict
+        model = Standardized(model, torch.zeros(ckpt["in_dim"]), torch.ones(ckpt["in_dim"]))
     model.load_state_dict(ckpt["state_dict"])
     return model.eval(), ckpt
 

@@ -198,3 +198,20 @@ def test_unknown_head_and_bad_arguments_raise_option_errors():
     with pytest.raises(OptionError, match="in_dim"):
         create_head("dsmil", in_dim=0)
     assert create_head("dsmil", in_dim=D, hidden_dim=None).v.in_features == D  # None: the paper's in_dim
+
+
+def test_standardized_head_is_the_head_on_standardised_input_and_ignores_padding():
+    from mil.heads import Standardized
+
+    torch.manual_seed(0)
+    head = create_head("abmil", in_dim=6).eval()
+    mean, std = torch.randn(6), torch.rand(6) + 0.5
+    wrapped = Standardized(head, mean, std).eval()
+    X = torch.randn(2, 5, 6) * 3 + 7  # (B, N, D)
+    mask = torch.tensor([[True] * 5, [True, True, True, False, False]])  # (B, N)
+    out = wrapped(X, mask)
+    torch.testing.assert_close(out.logits, head((X - mean) / std, mask).logits)
+    torch.testing.assert_close(out.logits[1], wrapped(X[1:2, :3]).logits[0])
+    assert set(wrapped.state_dict()) >= {"mean", "std"}
+    with pytest.raises(ValueError, match="std > 0"):
+        Standardized(head, mean, torch.zeros(6))

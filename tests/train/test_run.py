@@ -141,3 +141,35 @@ def test_hard_negative_mining_trains_and_logs_the_mined_count(tmp_path):
     r = invoke_mil("train", "features", tmp_path, "--manifest", m, "--out", tmp_path / "c", "--epochs", "3",
                    "--hard-negatives", "--hnm-warmup", "1", "--hnm-every", "1")  # fmt: skip
     assert r.returncode == 0 and "hard negatives" in r.stderr
+
+
+
+def test_standardize_uses_training_statistics_and_round_trips(tmp_path):
+    """--standardize: the checkpoint holds the training bags' mean/sd and reproduces the fold's predictions."""
+    from mil.manifest import read_manifest
+    from mil.train.data import BagDataset, feature_stats
+
+    rng = np.random.default_rng(3)
+    rows = []
+    for i in range(24):
+        X = 100.0 + 50.0 * rng.normal(size=(10, D))  # far from zero mean / unit sd
+        X[:2, 0] += 200.0 * (i % 2)
+        write_bag(tmp_path / f"b{i}.h5", X, f"b{i}")
+        rows.append({"slide_id": f"b{i}", "path": f"b{i}.h5", "label": i % 2, "split": "test" if i % 6 == 0 else "train"})
+    pd.DataFrame(rows).to_csv(tmp_path / "manifest.csv", index=False)
+    run = tmp_path / "run"
+    run_train(tmp_path, read_manifest(tmp_path / "manifest.csv"), run, TrainConfig(epochs=3, patience=3, seed=0, standardize=True))
+    model, ckpt = load_checkpoint(run / "checkpoints" / "split.pt")
+    assert ckpt["standardize"] is True
+    splits = pd.read_csv(run / "splits.csv")
+    train_ids = splits.loc[splits["set"] == "train", "slide_id"].tolist()
+    mean, std = feature_stats(BagDataset([tmp_path / f"{s}.h5" for s in train_ids], [0] * len(train_ids), slide_ids=train_ids))
+    torch.testing.assert_close(model.mean, mean)
+    torch.testing.assert_close(model.std, std)
+    assert float(mean.min()) > 50 and float(std.min()) > 20
+    pred = pd.read_csv(run / "predictions.csv")
+    ids = pred["slide_id"].tolist()
+    val_ds = BagDataset([tmp_path / f"{s}.h5" for s in ids], pred["label"].tolist(), slide_ids=ids)
+    with torch.inference_mode():
+        p = [torch.sigmoid(model(val_ds[i][0][None]).logits).item() for i in range(len(val_ds))]
+    np.testing.assert_allclose(p, pred["probability"], rtol=1e-5, atol=1e-6)
