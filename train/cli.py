@@ -32,15 +32,16 @@ def features(
     hnm_warmup: Annotated[int, typer.Option(help="Epochs before the first mining.")] = 5,
     hnm_every: Annotated[int, typer.Option(help="Epochs between refreshes of the mined set.")] = 5,
     hnm_weight: Annotated[float, typer.Option(help="Weight of the instance loss on mined hard negatives.")] = 1.0,
+    instance_labels: Annotated[Optional[Path], typer.Option(help="CSV of annotated tiles (slide_id, x, y, label) for an instance loss beside the bag loss.")] = None,
+    instance_loss: Annotated[str, typer.Option(help="Instance loss for --instance-labels: ece (exclusive cross-entropy) or bce.")] = "ece",
+    instance_weight: Annotated[float, typer.Option(help="Weight of the instance loss.")] = 1.0,
     standardize: Annotated[bool, typer.Option("--standardize", help="Standardise features with the training bags' per-feature mean and sd (kept in the checkpoint).")] = False,
     cache: Annotated[str, typer.Option(help="auto | ram | stream: keep bags in RAM as float16, or read them per step.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of splits, initialisation and shuffling.")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
-    progress: Annotated[bool, typer.Option(help="Show a progress line per epoch.")] = True,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar with the running loss and validation AUC.")] = True,
 ) -> None:
     """Train a MIL head on slide features; select epochs and thresholds on validation data only."""
-    from rich.console import Console
-
     from mil.manifest import read_manifest
     from mil.train.loop import TrainConfig
     from mil.train.run import run_train
@@ -48,17 +49,40 @@ def features(
     config = TrainConfig(head=head, epochs=epochs, patience=patience, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
                          seed=seed, ranking_weight=ranking_weight, rank_k=rank_k, rank_margin=rank_margin,
                          hard_negatives=hard_negatives, neg_ratio=neg_ratio, hnm_warmup=hnm_warmup,
-                         hnm_every=hnm_every, hnm_weight=hnm_weight, standardize=standardize)  # fmt: skip
+                         hnm_every=hnm_every, hnm_weight=hnm_weight, instance_loss=instance_loss,
+                         instance_weight=instance_weight, standardize=standardize)  # fmt: skip
     slides = read_manifest(manifest, require_labels=False, check_files=False)
-    console = Console(stderr=True)
-
-    def on_epoch(fold: str, row: dict) -> None:
-        if progress:
-            mined = f"  hard negatives {row['n_hard_negatives']}" if hard_negatives else ""
-            console.print(f"{fold} epoch {row['epoch']:3d}  train loss {row['train_loss']:.4f}  "
-                          f"val loss {row['val_loss']:.4f}  val AUC {row['val_auc']:.3f}{mined}", highlight=False, soft_wrap=True)  # fmt: skip
-
-    summary = run_train(feature_dir, slides, out, config, folds=folds, repeats=repeats, val_fraction=val_fraction,
-                        cache=cache, overwrite=overwrite, on_epoch=on_epoch)  # fmt: skip
+    with _EpochProgress(epochs, enabled=progress, mined=hard_negatives) as on_epoch:
+        summary = run_train(feature_dir, slides, out, config, folds=folds, repeats=repeats, val_fraction=val_fraction,
+                            cache=cache, overwrite=overwrite, on_epoch=on_epoch, instance_labels=instance_labels)  # fmt: skip
     typer.echo(summary.to_string(index=False, float_format="{:.3f}".format))
     typer.echo(f"run directory: {out}")
+
+
+class _EpochProgress:
+    """A rich progress bar per fold: epochs done, running train loss, validation AUC (on stderr)."""
+
+    def __init__(self, epochs: int, enabled: bool, mined: bool) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.epochs, self.tasks, self.done = epochs, {}, {}  # fold -> task id, fold -> last epoch
+        stats = "loss {task.fields[loss]}  val AUC {task.fields[auc]}" + ("  hard negatives {task.fields[hard]}" if mined else "")
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(stats),
+                                 TimeElapsedColumn(), console=Console(stderr=True), disable=not enabled)  # fmt: skip
+
+    def __enter__(self):
+        self.progress.start()
+        return self.update
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def update(self, fold: str, row: dict) -> None:
+        if fold not in self.tasks:
+            for f, t in self.tasks.items():  # earlier folds may have stopped early: show them as finished
+                self.progress.update(t, total=self.done[f])
+            self.tasks[fold] = self.progress.add_task(f"fold {fold}", total=self.epochs, loss="-", auc="-", hard=0)
+        self.done[fold] = row["epoch"]
+        self.progress.update(self.tasks[fold], completed=row["epoch"], loss=f"{row['train_loss']:.4f}",
+                             auc=f"{row['val_auc']:.3f}", hard=row["n_hard_negatives"])  # fmt: skip

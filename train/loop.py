@@ -3,7 +3,9 @@
 Model selection (best epoch, early stopping) and the decision threshold use the validation
 set only; the fold's test slides are not seen here. The bag loss is BCE with ``pos_weight``
 from the training labels; with ``ranking_weight > 0`` the multiple-instance ranking loss is
-added on the positive × negative bag pairs of each batch.
+added on the positive × negative bag pairs of each batch; with hard-negative mining the mined
+instances get an instance BCE towards 0; with sparse tile annotations (`mil.train.instances`)
+an instance loss (``ece`` or ``bce``) is added.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from mil.errors import OptionError
 from mil.heads import Standardized, create_head
 from mil.losses import create_loss
 from mil.train.data import BagDataset, collate_bags, feature_stats
+from mil.train.instances import InstanceLabels, instance_targets
 from mil.train.mining import mine_hard_negatives
 
 
@@ -46,6 +49,8 @@ class TrainConfig:
     hnm_warmup: int = 5  # epochs before the first mining
     hnm_every: int = 5  # epochs between refreshes
     hnm_weight: float = 1.0  # weight of the instance BCE on mined hard negatives (target 0)
+    instance_loss: str = "ece"  # with instance labels: "ece" (exclusive cross-entropy) or "bce" (annotated tiles only)
+    instance_weight: float = 1.0  # weight of the instance loss
     standardize: bool = False  # standardise features with the training bags' per-feature mean and sd
 
     def __post_init__(self) -> None:
@@ -56,6 +61,11 @@ class TrainConfig:
             raise OptionError(
                 f"expected --neg-ratio in (0, 1], --hnm-warmup >= 0 and --hnm-weight >= 0, got "
                 f"{self.neg_ratio!r}, {self.hnm_warmup!r}, {self.hnm_weight!r} instead."
+            )
+        if self.instance_loss not in ("ece", "bce") or not (self.instance_weight >= 0):
+            raise OptionError(
+                f"expected --instance-loss ece or bce and --instance-weight >= 0, got {self.instance_loss!r} and "
+                f"{self.instance_weight!r} instead."
             )
         if not (self.lr > 0) or self.weight_decay < 0 or self.ranking_weight < 0:
             raise OptionError(
@@ -98,9 +108,18 @@ def youden_threshold(pred: pd.DataFrame) -> float:
 
 
 def fit_fold(
-    train_ds: BagDataset, val_ds: BagDataset, in_dim: int, config: TrainConfig, on_epoch: Callable[[dict], None] | None = None
+    train_ds: BagDataset,
+    val_ds: BagDataset,
+    in_dim: int,
+    config: TrainConfig,
+    on_epoch: Callable[[dict], None] | None = None,
+    annotations: InstanceLabels | None = None,
 ) -> FoldResult:
-    """Train `config.head` on `train_ds`, select the epoch on `val_ds`."""
+    """Train `config.head` on `train_ds`, select the epoch on `val_ds`.
+
+    With `annotations` (sparse tile labels, `mil.train.instances`), ``config.instance_loss`` on the
+    instance scores is added to the bag loss with weight ``config.instance_weight``.
+    """
     torch.manual_seed(config.seed)
     model = create_head(config.head, in_dim=in_dim, **config.head_kwargs)
     if config.standardize:  # statistics of the training bags only
@@ -111,6 +130,10 @@ def fit_fold(
     bce = create_loss("bce", pos_weight=pos_weight)
     ranking = create_loss("ranking", k=config.rank_k, margin=config.rank_margin) if config.ranking_weight > 0 else None
     gen = torch.Generator().manual_seed(config.seed)
+    ece_gen = torch.Generator().manual_seed(config.seed + 1)  # background subsampling of the ECE loss
+    # ECE summed and divided by the number of labelled tiles (not all tiles), so that before its unannotated
+    # background terms are phased in (epoch ~50) it equals the "bce" option on the labelled tiles.
+    ece = create_loss("ece", reduction="sum") if annotations is not None and config.instance_loss == "ece" else None
     loader = DataLoader(train_ds, batch_size=config.batch_size, shuffle=True, generator=gen, collate_fn=collate_bags)
 
     best = (-math.inf, math.inf)  # (val AUC, -val loss) compared lexicographically
@@ -119,6 +142,8 @@ def fit_fold(
     for epoch in range(1, config.epochs + 1):
         if config.hard_negatives and epoch > config.hnm_warmup and (epoch - config.hnm_warmup - 1) % config.hnm_every == 0:
             mined = mine_hard_negatives(model, train_ds, config.neg_ratio)
+        if ece is not None:
+            ece.set_epoch(epoch - 1)  # the reference anneals from epoch 0
         model.train()
         losses = []
         for X, mask, y, ids in loader:  # X (B, N, D), mask (B, N), y (B,)
@@ -128,6 +153,14 @@ def fit_fold(
             hard = _hard_mask(ids, mined, mask)  # (B, N) True = mined hard negative
             if hard.any():  # mined negatives as instance targets of 0
                 loss = loss + config.hnm_weight * bce_instances(s[hard], torch.zeros_like(s[hard]))
+            if annotations is not None:
+                t = instance_targets(ids, y, mask, annotations)  # (B, N) 1 / 0 known, -1 unannotated
+                known = t >= 0  # (B, N) labelled tiles
+                if ece is not None:
+                    inst = ece(s, t, mask=mask, generator=ece_gen) / known.sum().clamp_min(1)
+                else:
+                    inst = bce_instances(s[known], t[known].float()) if known.any() else s.new_zeros(())
+                loss = loss + config.instance_weight * inst
             if ranking is not None and (y == 1).any() and (y == 0).any():
                 pos, neg = y == 1, y == 0  # (B,)
                 # Negative side: the bag's hard negatives when it has any (else all its instances).

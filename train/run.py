@@ -1,6 +1,6 @@
 """`mil train features`: every fold of a run, and the run directory (see ARCHITECTURE.md).
 
-    RUN_DIR/config.json          every resolved option, the feature spec, seed, code version
+    RUN_DIR/config.json          every resolved option, the feature spec, seed, code version, instance-label counts
     RUN_DIR/splits.csv           fold, set (train/val/test), slide_id
     RUN_DIR/metrics.csv          fold, epoch, train_loss, val_loss, val_auc
     RUN_DIR/checkpoints/<fold>.pt  self-describing: head name + kwargs + in_dim + feature spec + threshold
@@ -24,9 +24,10 @@ import torch
 
 import mil
 from mil.atomic import atomic_path
-from mil.errors import SettingsMismatchError
+from mil.errors import ManifestError, SettingsMismatchError
 from mil.heads import Standardized
 from mil.train.data import BagDataset, resolve_feature_files
+from mil.train.instances import read_instance_labels
 from mil.train.loop import TrainConfig, fit_fold
 from mil.train.splits import make_splits, splits_table
 
@@ -43,22 +44,35 @@ def run_train(
     cache: str = "auto",
     overwrite: bool = False,
     on_epoch: Callable[[str, dict], None] | None = None,
+    instance_labels: str | Path | None = None,
 ) -> pd.DataFrame:
-    """Train one head per fold and write the run directory; return the per-fold summary."""
+    """Train one head per fold and write the run directory; return the per-fold summary.
+
+    Raises (before anything is written):
+        ManifestError: a label that is not 0/1 (every head is a binary classifier), or a bad
+            `instance_labels` CSV (see `mil.train.instances.read_instance_labels`).
+        FeatureFileError: missing feature files (all listed) or feature files made differently.
+        SettingsMismatchError: `out_dir` holds a run and `overwrite` is False.
+    """
     out = Path(out_dir)
     if (out / "config.json").exists() and not overwrite:
         raise SettingsMismatchError(f"{out}: already holds a run (config.json); choose another --out or pass --overwrite.")
+    _check_binary(slides, config.head)
     fold_list = make_splits(slides, folds=folds, repeats=repeats, val_fraction=val_fraction, seed=config.seed)
     used = sorted({s for f in fold_list for s in (*f.train, *f.val)})  # test slides are not opened
     files, spec = resolve_feature_files(slides[slides["slide_id"].isin(used)], feature_dir)
     label = dict(zip(slides["slide_id"], slides["label"]))
     mil.create_head(config.head, in_dim=spec.feature_dim, **config.head_kwargs)  # bad head options fail before any write
+    annotations = read_instance_labels(instance_labels, files, label) if instance_labels is not None else None
 
     if overwrite and out.exists():
         shutil.rmtree(out)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     doc = {"stage": "train", "mil_version": mil.__version__, "feature_dir": str(feature_dir), "feature_spec": spec.as_dict(),
-           "train": asdict(config), "folds": folds, "repeats": repeats, "val_fraction": val_fraction, "cache": cache}  # fmt: skip
+           "train": asdict(config), "folds": folds, "repeats": repeats, "val_fraction": val_fraction, "cache": cache,
+           "instance_labels": None if annotations is None else {
+               "path": str(instance_labels), "rows": annotations.n_rows, "rows_unused": annotations.n_unused,
+               "slides": len(annotations.by_slide)}}  # fmt: skip
     _write_text(out / "config.json", json.dumps(doc, indent=2) + "\n")
     _write_csv(out / "splits.csv", splits_table(fold_list))
 
@@ -68,7 +82,8 @@ def run_train(
     metrics, preds, summary = [], [], []
     for fold in fold_list:
         train_ds, val_ds = dataset(fold.train), dataset(fold.val)
-        res = fit_fold(train_ds, val_ds, spec.feature_dim, config, (lambda row, f=fold.name: on_epoch(f, row)) if on_epoch else None)
+        report = (lambda row, f=fold.name: on_epoch(f, row)) if on_epoch else None
+        res = fit_fold(train_ds, val_ds, spec.feature_dim, config, report, annotations)
         ckpt = {"head": config.head, "head_kwargs": dict(config.head_kwargs), "in_dim": spec.feature_dim,
                 "feature_spec": spec.as_dict(), "threshold": res.threshold, "best_epoch": res.best_epoch,
                 "standardize": config.standardize, "fold": fold.name, "mil_version": mil.__version__,
@@ -82,6 +97,17 @@ def run_train(
         _write_csv(out / "metrics.csv", pd.DataFrame(metrics))  # after every fold: progress survives a crash
     _write_csv(out / "predictions.csv", pd.concat(preds, ignore_index=True)[["fold", "slide_id", "label", "probability"]])
     return pd.DataFrame(summary)
+
+
+def _check_binary(slides: pd.DataFrame, head: str) -> None:
+    labels = slides["label"].dropna()
+    bad = labels[~labels.isin([0, 1])]
+    if len(bad):
+        i = bad.index[0]
+        raise ManifestError(
+            f"expected binary labels 0/1 for head {head!r}, got label {bad.iloc[0]} for slide {slides['slide_id'][i]!r}"
+            f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''} instead; every head is a binary slide classifier."
+        )
 
 
 def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, dict]:
