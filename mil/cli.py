@@ -1,4 +1,4 @@
-"""The `mil` command: the root of the staged CLI (`mil extract …`, later `mil train …`, `mil evaluate …`).
+"""The `mil` command: the root of the staged CLI (`mil extract …`, `mil train …`, `mil evaluate …`).
 
 This is the one module in `mil/` that knows the stages: it mounts each stage's Typer app.
 User mistakes (`MilError`) are printed as one line and exit with status 2, without a traceback.
@@ -13,6 +13,7 @@ import typer
 from mil.errors import MilError
 from mil.extract.cli import app as extract_app
 from mil.train.cli import app as train_app
+from mil.evaluate.cli import app as evaluate_app
 
 app = typer.Typer(
     help="Needle MIL: whole-slide images and slide labels in, slide classifiers out.",
@@ -22,6 +23,7 @@ app = typer.Typer(
 )
 app.add_typer(extract_app, name="extract")
 app.add_typer(train_app, name="train")
+app.add_typer(evaluate_app, name="evaluate")
 
 
 def _print_version(value: bool) -> None:

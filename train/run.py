@@ -1,6 +1,7 @@
 """`mil train features`: every fold of a run, and the run directory (see ARCHITECTURE.md).
 
     RUN_DIR/config.json          every resolved option, the feature spec, seed, code version, instance-label counts
+    RUN_DIR/slides.csv           slide_id, label, patient_id, split of every manifest slide (labels for `mil evaluate`)
     RUN_DIR/splits.csv           fold, set (train/val/test), slide_id
     RUN_DIR/metrics.csv          fold, epoch, train_loss, val_loss, val_auc
     RUN_DIR/checkpoints/<fold>.pt  self-describing: head name + kwargs + in_dim + feature spec + threshold
@@ -74,6 +75,7 @@ def run_train(
                "path": str(instance_labels), "rows": annotations.n_rows, "rows_unused": annotations.n_unused,
                "slides": len(annotations.by_slide)}}  # fmt: skip
     _write_text(out / "config.json", json.dumps(doc, indent=2) + "\n")
+    _write_csv(out / "slides.csv", slides[[c for c in ("slide_id", "label", "patient_id", "split") if c in slides.columns]])
     _write_csv(out / "splits.csv", splits_table(fold_list))
 
     def dataset(ids: tuple[str, ...]) -> BagDataset:

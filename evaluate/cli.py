@@ -1,0 +1,76 @@
+"""`mil evaluate …` commands. Thin: parse options, call the stage's functions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(help="Stage 3: run directories → metrics, plots, comparisons, heatmaps.", no_args_is_help=True, rich_markup_mode="rich")
+
+
+@app.command()
+def run(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory from `mil train features`.")],
+    features: Annotated[Optional[Path], typer.Option(help="Folder of feature files (default: the run's feature_dir).")] = None,
+    manifest: Annotated[Optional[Path], typer.Option(help="Manifest giving the labels (default: the run's slides.csv).")] = None,
+    split: Annotated[str, typer.Option(help="Which set of splits.csv to score: test (each fold's held-out slides), val or train.")] = "test",
+    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for the confidence intervals.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
+) -> None:
+    """Score a run's held-out slides: AUC with a bootstrap CI, thresholded metrics, ROC/PR plots."""
+    from mil.evaluate.run import evaluate_run
+    from mil.manifest import read_manifest
+
+    labels = read_manifest(manifest, require_labels=False, check_files=False) if manifest is not None else None
+    doc, out = evaluate_run(run_dir, features=features, labels=labels, split=split, n_boot=n_boot, seed=seed)
+    a = doc["auc"]
+    typer.echo(f"{split}: {doc['n_slides']} slides ({doc['n_positive']} positive), folds {', '.join(doc['folds'])}")
+    typer.echo(f"  AUC {a['auc']:.3f}  95% CI [{a['ci_low']:.3f}, {a['ci_high']:.3f}]  ({a['n_boot']} stratified bootstrap resamples, seed {a['seed']})")
+    typer.echo(f"  at the validation thresholds: balanced accuracy {doc['balanced_accuracy']:.3f}  sensitivity {doc['sensitivity']:.3f}  "
+               f"specificity {doc['specificity']:.3f}  F1 {doc['f1']:.3f}")  # fmt: skip
+    if "fold_mean_sd" in doc:
+        m = doc["fold_mean_sd"]
+        typer.echo(f"  over {len(doc['per_fold'])} folds: AUC {m['auc'][0]:.3f} ± {m['auc'][1]:.3f}  balanced accuracy "
+                   f"{m['balanced_accuracy'][0]:.3f} ± {m['balanced_accuracy'][1]:.3f}  (mean ± sd)")  # fmt: skip
+    typer.echo(f"wrote {out}")
+
+
+@app.command()
+def compare(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Two or more evaluated run directories; the first is the reference.")],
+    split: Annotated[str, typer.Option(help="Which evaluation to compare (eval/<split>).")] = "test",
+    n_boot: Annotated[int, typer.Option(help="Paired bootstrap resamples.")] = 2000,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
+) -> None:
+    """AUCs with CIs, and each run's AUC difference from the first with a paired-bootstrap CI and p-value."""
+    from mil.evaluate.compare import compare_runs
+
+    table = compare_runs(run_dirs, split=split, n_boot=n_boot, seed=seed)
+    for _, r in table.iterrows():
+        line = f"{r['run']}: AUC {r['auc']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
+        if "diff" in r and r["diff"] == r["diff"]:
+            line += f"   vs first: ΔAUC {r['diff']:+.3f} [{r['diff_low']:+.3f}, {r['diff_high']:+.3f}]  p = {r['p_value']:.3g}"
+        typer.echo(line)
+    typer.echo(f"{int(table['n_slides'][0])} slides, paired stratified bootstrap, {n_boot} resamples, seed {seed}")
+
+
+@app.command()
+def heatmap(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory from `mil train features`.")],
+    slide: Annotated[str, typer.Option("--slide", help="slide_id of the slide to draw.")],
+    slides: Annotated[Path, typer.Option("--slides", help="Manifest CSV giving the slide's path (and mpp).")],
+    out: Annotated[Optional[Path], typer.Option(help="PNG to write (default RUN_DIR/heatmaps/<slide>.png).")] = None,
+    features: Annotated[Optional[Path], typer.Option(help="Folder of feature files (default: the run's feature_dir).")] = None,
+    fold: Annotated[Optional[str], typer.Option(help="Checkpoint to use (default: the fold that held the slide out, else the first).")] = None,
+    score: Annotated[str, typer.Option(help="attention | instance: what to paint (attention falls back to instance scores for heads without it).")] = "attention",
+    top_k: Annotated[int, typer.Option(help="Tiles in the montage of the highest-scoring tiles.")] = 8,
+    thumbnail_size: Annotated[int, typer.Option(help="Longest side of the thumbnail in pixels.")] = 1024,
+) -> None:
+    """Paint each tile's attention (or instance score) over the slide thumbnail, with the top-k tiles."""
+    from mil.evaluate.heatmap import render_heatmap
+
+    path = render_heatmap(run_dir, slide, slides, out=out, features=features, fold=fold, score=score, top_k=top_k,
+                          thumbnail_size=thumbnail_size)  # fmt: skip
+    typer.echo(f"wrote {path}")

@@ -1,0 +1,264 @@
+"""`mil evaluate heatmap`: where a run's model looked on one slide.
+
+The figure: the slide thumbnail with each tile's attention weight (or instance score) painted
+over its footprint, a colour bar, and a montage of the top-k tiles read from the slide at full
+resolution with their scores.
+
+Normalisation: scores are clipped to their 1st–99th percentile over the slide's tiles and then
+min–max scaled to [0, 1] (linear, not rank-based), so a handful of extreme tiles cannot wash out
+the rest; the colour bar is labelled in raw score units.
+
+Cost is bounded by the thumbnail, not the slide: the thumbnail is read from the pyramid level
+closest to its resolution, in horizontal strips box-reduced as they are read; the score image is
+painted at thumbnail resolution with summed-area (difference) arrays, O(N + h·w) with no per-tile
+loop; only the k montage tiles are read at full resolution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mil.errors import OptionError, SettingsMismatchError
+from mil.features import FEATURE_SUFFIXES, FeatureFileError, read_bag, read_bag_attrs
+
+SCORES = ("attention", "instance")
+MONTAGE_PX = 256  # side of each montage tile in the figure, px
+_STRIP_PX = 1 << 22  # level pixels per thumbnail strip read (16 MiB of RGBA)
+
+
+@dataclass
+class Heatmap:
+    """Everything the figure shows, for one slide under one checkpoint.
+
+    Attributes:
+        thumbnail: (h, w, 3) uint8 slide thumbnail.
+        image: (h, w) float64 normalised scores in [0, 1] at thumbnail resolution, NaN where no tile.
+        values: (N,) raw tile scores; coords: (N, 2) int64 level-0 top-left (x, y); size0: tile side, level-0 px.
+        scale: (2,) thumbnail px per level-0 px along x and y.
+        lo, hi: raw scores mapped to 0 and 1 (1st and 99th percentiles).
+        top: (k,) indices of the highest-scoring tiles, best first; tiles: k (MONTAGE_PX, MONTAGE_PX, 3) uint8.
+        score_name: "attention" or "instance score"; note: why attention was not used, or "".
+        probability: the slide's predicted probability; fold / held_out: checkpoint used, slide's set in it.
+    """
+
+    slide_id: str
+    fold: str
+    held_out: str
+    score_name: str
+    note: str
+    probability: float
+    thumbnail: np.ndarray
+    image: np.ndarray
+    values: np.ndarray
+    coords: np.ndarray
+    size0: int
+    scale: np.ndarray
+    lo: float
+    hi: float
+    top: np.ndarray
+    tiles: list[np.ndarray]
+
+
+def compute_heatmap(run_dir: str | Path, slide_id: str, slides_manifest: str | Path, *, features: str | Path | None = None,
+                    fold: str | None = None, score: str = "attention", top_k: int = 8, thumbnail_size: int = 1024) -> Heatmap:  # fmt: skip
+    """Score one slide's tiles with a run's checkpoint and paint them at thumbnail resolution.
+
+    Checkpoint: `fold` if given, else the fold whose test set holds the slide, else the first fold.
+
+    Raises (one-line `MilError`s): OptionError (bad option, unknown slide or fold), RunError (run files
+    missing, unreadable checkpoint), FeatureFileError, SettingsMismatchError (features or slide do
+    not match the checkpoint), SlideError, ManifestError.
+    """
+    from mil.evaluate.run import load_model, load_run
+    from mil.extract.slides import open_slide
+    from mil.manifest import read_manifest
+    from mil.train.data import FeatureSpec
+
+    if score not in SCORES:
+        raise OptionError(f"expected --score attention or instance, got {score!r} instead.")
+    if not 0 <= top_k <= 64 or not 32 <= thumbnail_size <= 16384:
+        raise OptionError(f"expected --top-k in [0, 64] and --thumbnail-size in [32, 16384], got {top_k} and {thumbnail_size} instead.")
+    run = load_run(run_dir)
+    manifest = read_manifest(slides_manifest, require_labels=False, check_files=True)
+    row = manifest[manifest["slide_id"] == slide_id]
+    if row.empty:
+        raise OptionError(f"{slides_manifest}: expected a row for slide {slide_id!r}, got none; check --slide or --slides.")
+    fold, held_out = _pick_fold(run, slide_id, fold)
+    model, ckpt = load_model(run.checkpoints[fold])
+
+    path = _feature_file(Path(features if features is not None else run.config["feature_dir"]), slide_id)
+    diff = FeatureSpec(**ckpt["feature_spec"]).first_difference(FeatureSpec.from_attrs(read_bag_attrs(path)))
+    if diff is not None:
+        raise SettingsMismatchError(f"{path}: expected {diff[0]}={diff[1]!r} as checkpoint {fold} was trained on, got "
+                                    f"{diff[0]}={diff[2]!r} instead; use the features the run was trained on (--features).")  # fmt: skip
+    bag = read_bag(path, dtype=np.float32)
+    if bag.n_instances == 0 or (bag.n_instances > 1 and not np.ptp(bag.coords, axis=0).any()):
+        raise FeatureFileError(f"{path}: expected tiles with level-0 coords, got {bag.n_instances} tiles "
+                               f"{'' if bag.n_instances == 0 else 'all at one position'} instead; nothing to paint.")  # fmt: skip
+    with torch.no_grad():
+        out = model(torch.from_numpy(bag.features)[None])  # BagOutput: logits (1,), instance_scores (1, N), attention (1, N) | None
+    note = "" if score == "instance" or out.attention is not None else f"head {ckpt['head']} has no attention: instance scores shown"
+    values = (out.attention if score == "attention" and out.attention is not None else out.instance_scores)[0].double().numpy()  # (N,)
+    lo, hi = np.percentile(values, [1, 99])
+    norm = np.clip((values - lo) / (hi - lo), 0, 1) if hi > lo else np.full_like(values, 0.5)  # (N,)
+    size0 = _tile_size0(bag.attrs, bag.coords, path)
+    top = np.argsort(-values, kind="stable")[:top_k]  # (k,)
+
+    slide = open_slide(row["path"].iloc[0])
+    try:
+        W, H = slide.dimensions
+        w0, h0 = bag.attrs.get("level0_width"), bag.attrs.get("level0_height")
+        if w0 is not None and h0 is not None and (int(w0), int(h0)) != (W, H):
+            raise SettingsMismatchError(f"{path}: expected tiles of a {W}x{H} slide like {row['path'].iloc[0]}, got a feature file "
+                                        f"made on a {w0}x{h0} slide instead; check the manifest's path for {slide_id!r}.")  # fmt: skip
+        thumb = read_thumbnail(slide, thumbnail_size)  # (h, w, 3)
+        tiles = [_read_tile(slide, bag.coords[i], size0) for i in top]
+    finally:
+        slide.close()
+    scale = np.array([thumb.shape[1] / W, thumb.shape[0] / H])  # (2,) thumbnail px per level-0 px
+    image = score_image(bag.coords, norm, size0, thumb.shape[:2], scale)  # (h, w)
+    return Heatmap(slide_id, fold, held_out, "instance score" if note or score == "instance" else "attention", note,
+                   float(torch.sigmoid(out.logits[0])), thumb, image, values, bag.coords, size0, scale, float(lo), float(hi), top, tiles)  # fmt: skip
+
+
+def render_heatmap(run_dir: str | Path, slide_id: str, slides_manifest: str | Path, *, out: str | Path | None = None,
+                   features: str | Path | None = None, fold: str | None = None, score: str = "attention", top_k: int = 8,
+                   thumbnail_size: int = 1024) -> Path:  # fmt: skip
+    """Write the heatmap figure of `compute_heatmap` as a PNG (default RUN_DIR/heatmaps/<slide_id>.png); return its path."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    from mil.atomic import atomic_path
+
+    hm = compute_heatmap(run_dir, slide_id, slides_manifest, features=features, fold=fold, score=score, top_k=top_k,
+                         thumbnail_size=thumbnail_size)  # fmt: skip
+    out = Path(out) if out is not None else Path(run_dir) / "heatmaps" / f"{slide_id}.png"
+    h, w = hm.image.shape
+    k = len(hm.tiles)
+    rows = max(1, -(-k // 2))
+    height = 9.0
+    fig = Figure(figsize=(height * w / h + (4.2 if k else 1.5), height + 0.6), dpi=max(100, min(200, max(h, w) / height)))
+    left, right = fig.subfigures(1, 2, width_ratios=[height * w / h + 1.2, 3.0 if k else 0.3])
+    ax = left.subplots()
+    ax.imshow(hm.thumbnail, interpolation="lanczos")
+    overlay = ax.imshow(np.ma.masked_invalid(hm.image), cmap="inferno", vmin=0, vmax=1, alpha=0.6, interpolation="nearest")
+    for rank, i in enumerate(hm.top, 1):
+        x, y = hm.coords[i] * hm.scale  # (2,) thumbnail px
+        ax.add_patch(Rectangle((x, y), hm.size0 * hm.scale[0], hm.size0 * hm.scale[1], fill=False, ec="cyan", lw=1.2))
+        ax.annotate(str(rank), (x, y), color="cyan", fontsize=8, ha="right", va="bottom")
+    ax.set_axis_off()
+    bar = left.colorbar(overlay, ax=ax, fraction=0.04, pad=0.02)
+    ticks = np.linspace(0, 1, 5)
+    bar.set_ticks(ticks, labels=[f"{hm.lo + t * (hm.hi - hm.lo):.3g}" for t in ticks])
+    bar.set_label(f"{hm.score_name} (clipped to 1st–99th percentile of {len(hm.values)} tiles, linear)")
+    title = f"{hm.slide_id}: {hm.score_name} · checkpoint {hm.fold} (slide in its {hm.held_out} set) · P(positive) = {hm.probability:.3f}"
+    left.suptitle(title + (f"\n({hm.note})" if hm.note else ""), fontsize=10)
+    if k:
+        axes = np.atleast_1d(right.subplots(rows, 2)).ravel()
+        for j, a in enumerate(axes):
+            a.set_axis_off()
+            if j < k:
+                a.imshow(hm.tiles[j])
+                a.set_title(f"#{j + 1}: {hm.values[hm.top[j]]:.3g}", fontsize=8)
+        right.suptitle(f"top {k} tiles", fontsize=10)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
+    return out
+
+
+def score_image(coords: np.ndarray, values: np.ndarray, size0: int, shape: tuple[int, int], scale: tuple[float, float]) -> np.ndarray:
+    """Paint tile values over their footprints on an (h, w) grid; overlapping tiles are averaged.
+
+    Args:
+        coords: (N, 2) level-0 top-left (x, y); values: (N,); size0: tile side in level-0 px;
+        shape: (h, w) of the grid; scale: (x, y) grid px per level-0 px.
+
+    Returns:
+        (h, w) float64, NaN where no tile lies. Every tile covers at least one grid pixel.
+    """
+    h, w = shape
+    x0 = np.clip(np.round(coords[:, 0] * scale[0]), 0, w).astype(np.int64)  # (N,)
+    y0 = np.clip(np.round(coords[:, 1] * scale[1]), 0, h).astype(np.int64)  # (N,)
+    x1 = np.clip(np.maximum(np.round((coords[:, 0] + size0) * scale[0]), x0 + 1), 0, w).astype(np.int64)  # (N,)
+    y1 = np.clip(np.maximum(np.round((coords[:, 1] + size0) * scale[1]), y0 + 1), 0, h).astype(np.int64)  # (N,)
+    acc = np.zeros((2, h + 1, w + 1))  # (2, h+1, w+1) difference arrays of value sums and tile counts
+    v = np.stack([np.asarray(values, np.float64), np.ones(len(coords))])  # (2, N)
+    for ys, xs, sign in ((y0, x0, 1), (y0, x1, -1), (y1, x0, -1), (y1, x1, 1)):
+        for c in range(2):
+            np.add.at(acc[c], (ys, xs), sign * v[c])
+    acc = acc.cumsum(1).cumsum(2)[:, :h, :w]  # (2, h, w) sums and counts
+    return np.where(acc[1] > 0.5, acc[0] / np.maximum(acc[1], 1), np.nan)  # (h, w)
+
+
+def read_thumbnail(slide, max_side: int) -> np.ndarray:
+    """(h, w, 3) uint8 thumbnail whose longer side is `max_side` (or the slide's, if smaller).
+
+    Reads the pyramid level just finer than the thumbnail in strips of about 16 MiB, each box-reduced
+    by the level's integer factor as it is read, so memory stays O(thumbnail + one strip).
+    """
+    W, H = slide.dimensions
+    ds = max(1.0, max(W, H) / max_side)  # level-0 px per thumbnail px
+    level = slide.get_best_level_for_downsample(ds)
+    (wl, hl), dl = slide.level_dimensions[level], slide.level_downsamples[level]
+    f = max(1, int(ds / dl))  # box reduction at that level
+    strip = f * max(1, _STRIP_PX // (wl * f))  # level rows per read, a multiple of f
+    parts = [np.asarray(Image.fromarray(_rgb(slide.read_region((0, round(y * dl)), level, (wl, min(strip, hl - y))))).reduce(f))
+             for y in range(0, hl, strip)]  # fmt: skip
+    size = (max(1, round(W / ds)), max(1, round(H / ds)))
+    return np.asarray(Image.fromarray(np.concatenate(parts)).resize(size, Image.LANCZOS))  # (h, w, 3)
+
+
+def _rgb(region: Image.Image) -> np.ndarray:
+    """RGBA read_region output → (h, w, 3) uint8, transparent (outside the scan) as white."""
+    a = np.asarray(region)  # (h, w, 4)
+    return np.where(a[..., 3:] == 0, 255, a[..., :3]).astype(np.uint8)
+
+
+def _read_tile(slide, xy: np.ndarray, size0: int) -> np.ndarray:
+    """(MONTAGE_PX, MONTAGE_PX, 3) uint8 view of one tile, read from the level closest to montage resolution."""
+    level = slide.get_best_level_for_downsample(max(1.0, size0 / MONTAGE_PX))
+    side = max(1, int(np.ceil(size0 / slide.level_downsamples[level])))
+    img = _rgb(slide.read_region((int(xy[0]), int(xy[1])), level, (side, side)))  # (side, side, 3)
+    return np.asarray(Image.fromarray(img).resize((MONTAGE_PX, MONTAGE_PX), Image.LANCZOS))
+
+
+def _pick_fold(run, slide_id: str, fold: str | None) -> tuple[str, str]:
+    """(fold, the slide's set in it: train / val / test / 'no') — see `compute_heatmap`."""
+    folds = sorted(run.checkpoints)
+    if fold is not None and fold not in run.checkpoints:
+        raise OptionError(f"expected --fold to be one of {', '.join(folds)}, got {fold!r} instead.")
+    mine = run.splits[run.splits["slide_id"] == slide_id]
+    if fold is None:
+        held = mine.loc[mine["set"] == "test", "fold"]
+        fold = str(held.iloc[0]) if len(held) else folds[0]
+    sets = mine.loc[mine["fold"] == fold, "set"]
+    return fold, str(sets.iloc[0]) if len(sets) else "no"
+
+
+def _feature_file(folder: Path, slide_id: str) -> Path:
+    for suffix in FEATURE_SUFFIXES:
+        if (folder / f"{slide_id}{suffix}").is_file():
+            return folder / f"{slide_id}{suffix}"
+    raise FeatureFileError(f"{folder}: expected a feature file {slide_id}{' or '.join(FEATURE_SUFFIXES)}, got none; "
+                           "pass the run's features with --features or run `mil extract features`.")  # fmt: skip
+
+
+def _tile_size0(attrs: dict, coords: np.ndarray, path: Path) -> int:
+    """Tile side in level-0 px: from the coords attrs, else the grid step of the coords (CLAM files)."""
+    if attrs.get("patch_size_level0"):
+        return int(attrs["patch_size_level0"])
+    if all(attrs.get(k) for k in ("patch_size", "target_mpp", "level0_mpp")):
+        return max(1, round(attrs["patch_size"] * attrs["target_mpp"] / attrs["level0_mpp"]))
+    steps = [np.diff(np.unique(coords[:, j])) for j in range(2)]
+    steps = [int(s.min()) for s in steps if s.size]
+    if steps:
+        return min(steps)
+    if attrs.get("patch_size"):
+        return int(attrs["patch_size"])
+    raise FeatureFileError(f"{path}: expected coords attrs giving the tile size (patch_size_level0), got none; re-extract the tiles.")

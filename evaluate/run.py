@@ -1,0 +1,208 @@
+"""`mil evaluate run`: score a run's held-out slides once, with the run's own checkpoints and thresholds.
+
+    RUN_DIR/eval/<split>/metrics.json     AUC with a stratified bootstrap CI; balanced accuracy, sensitivity,
+                                          specificity, F1 at each fold's validation-chosen threshold;
+                                          per-fold values and their mean ± sd; the options used
+    RUN_DIR/eval/<split>/predictions.csv  fold, slide_id, label, probability, threshold, predicted
+    RUN_DIR/eval/<split>/roc.png, pr.png  curves with their 95 % bootstrap bands
+
+Which slides: each fold's ``<split>`` set in ``splits.csv`` (``test`` by default), scored by that
+fold's checkpoint. For a cross-validated run that is every slide once per repeat. The decision
+threshold of each fold is the one stored in its checkpoint, chosen on validation data during
+training; the evaluated labels are used for nothing but the metrics. With repeated CV a slide has
+one probability per repeat: the AUC and curves use each slide's mean probability (one point per
+slide), the threshold metrics every (fold, slide) prediction.
+
+The outputs are written into a temporary folder renamed into place when whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+import mil
+from mil.errors import MilError, OptionError, SettingsMismatchError
+from mil.evaluate.metrics import auc_ci, check_predictions, curve_bands, threshold_metrics
+from mil.train.data import BagDataset, FeatureSpec, resolve_feature_files
+from mil.train.loop import predict
+
+SPLITS = ("test", "val", "train")
+RUN_FILES = ("config.json", "splits.csv", "slides.csv")
+
+
+class RunError(MilError):
+    """A run directory that is missing files or holds an unreadable checkpoint."""
+
+
+@dataclass
+class Run:
+    """What `mil evaluate` reads from a run directory."""
+
+    path: Path
+    config: dict  # config.json
+    splits: pd.DataFrame  # fold, set, slide_id
+    slides: pd.DataFrame  # slide_id, label, … (the training manifest)
+    checkpoints: dict[str, Path]  # fold -> checkpoint file
+
+    @property
+    def feature_spec(self) -> FeatureSpec:
+        return FeatureSpec(**self.config["feature_spec"])
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """Read a run directory written by `mil train features`; one-line `RunError` for a missing piece."""
+    path = Path(run_dir)
+    for name in RUN_FILES:
+        if not (path / name).is_file():
+            raise RunError(f"{path / name}: expected a run directory from `mil train features`, got no {name}; check the path or retrain.")
+    try:
+        config = json.loads((path / "config.json").read_text())
+        splits = pd.read_csv(path / "splits.csv", dtype={"slide_id": str, "fold": str})
+        slides = pd.read_csv(path / "slides.csv", dtype={"slide_id": str})
+    except (ValueError, pd.errors.ParserError) as e:
+        raise RunError(f"{path}: expected readable config.json / splits.csv / slides.csv, got {type(e).__name__}: {e}".splitlines()[0]) from None
+    checkpoints = {f: path / "checkpoints" / f"{f}.pt" for f in dict.fromkeys(splits["fold"])}
+    missing = [str(p) for p in checkpoints.values() if not p.is_file()]
+    if missing:
+        raise RunError(f"{missing[0]}: expected a checkpoint for every fold of splits.csv, got {len(missing)} missing; was training interrupted?")
+    return Run(path, config, splits, slides, checkpoints)
+
+
+def load_model(path: Path) -> tuple[torch.nn.Module, dict]:
+    """`mil.train.run.load_checkpoint`, with any failure turned into one `RunError` line naming the file."""
+    from mil.train.run import load_checkpoint
+
+    try:
+        return load_checkpoint(path)
+    except Exception as e:  # torch raises many types for a corrupt or foreign file
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunError(f"{path}: expected a checkpoint written by `mil train features`, got an unreadable file ({reason[:200]}).") from None
+
+
+def score_split(run: Run, features: str | Path, split: str = "test", labels: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Probabilities of each fold's `split` slides under that fold's checkpoint.
+
+    Args:
+        run: from `load_run`.
+        features: folder of feature files; checked against the run's feature spec first.
+        split: ``test``, ``val`` or ``train``.
+        labels: ``slide_id, label`` table (default: the run's slides.csv).
+
+    Returns:
+        ``fold, slide_id, label, probability, threshold, predicted`` (one row per fold and slide).
+
+    Raises:
+        OptionError: unknown split, no slide in it, or slides without a label.
+        FeatureFileError / SettingsMismatchError: missing feature files (listed) or features made
+            differently from the run's (naming the attribute).
+    """
+    if split not in SPLITS:
+        raise OptionError(f"expected --split to be one of {', '.join(SPLITS)}, got {split!r} instead.")
+    rows = run.splits[run.splits["set"] == split]
+    if rows.empty:
+        raise OptionError(f"{run.path / 'splits.csv'}: expected slides in the {split!r} set, got none; a run on the manifest's split column needs test slides.")
+    table = run.slides if labels is None else labels
+    label = dict(zip(table["slide_id"].astype(str), table["label"]))
+    unlabelled = [s for s in dict.fromkeys(rows["slide_id"]) if pd.isna(label.get(s, np.nan))]
+    if unlabelled:
+        raise OptionError(f"expected a label for every {split} slide, got none for {len(unlabelled)}: {', '.join(unlabelled[:10])}; label them in the manifest.")
+    files, spec = resolve_feature_files(pd.DataFrame({"slide_id": list(dict.fromkeys(rows["slide_id"]))}), features)
+    diff = run.feature_spec.first_difference(spec)
+    if diff is not None:
+        name, trained, given = diff
+        raise SettingsMismatchError(
+            f"{features}: expected features with {name}={trained!r} as the run was trained on, got {name}={given!r} instead; "
+            "extract them with the run's settings (see its config.json)."
+        )
+    out = []
+    for fold, part in rows.groupby("fold", sort=False):
+        model, ckpt = load_model(run.checkpoints[fold])
+        ids = part["slide_id"].tolist()
+        ds = BagDataset([files[s] for s in ids], [int(label[s]) for s in ids], cache="stream", slide_ids=ids)
+        pred = predict(model, ds)  # slide_id, label, probability
+        t = float(ckpt["threshold"])
+        out.append(pred.assign(fold=fold, threshold=t, predicted=(pred["probability"] >= t).astype(int)))
+    return pd.concat(out, ignore_index=True)[["fold", "slide_id", "label", "probability", "threshold", "predicted"]]
+
+
+def summarise(pred: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> dict:
+    """metrics.json's content from `score_split`'s table (see the module docstring)."""
+    per_slide = pred.groupby("slide_id", sort=False).agg(label=("label", "first"), probability=("probability", "mean"))
+    y, p = check_predictions(per_slide["label"], per_slide["probability"])
+    doc = {"n_slides": len(per_slide), "n_positive": int(y.sum()), "folds": sorted(pred["fold"].unique().tolist()),
+           "auc": auc_ci(y, p, n_boot=n_boot, seed=seed), **threshold_metrics(pred["label"], pred["predicted"])}  # fmt: skip
+    per_fold = []
+    for fold, part in pred.groupby("fold", sort=True):
+        auc = auc_ci(part["label"], part["probability"], n_boot=1, seed=seed)["auc"] if part["label"].nunique() == 2 else float("nan")
+        per_fold.append({"fold": fold, "n": len(part), "auc": auc, "threshold": float(part["threshold"].iloc[0]),
+                         **threshold_metrics(part["label"], part["predicted"])})  # fmt: skip
+    doc["per_fold"] = per_fold
+    if len(per_fold) > 1:
+        keys = ("auc", "balanced_accuracy", "sensitivity", "specificity", "f1", "accuracy")
+        doc["fold_mean_sd"] = {k: [float(np.nanmean([f[k] for f in per_fold])), float(np.nanstd([f[k] for f in per_fold], ddof=1))] for k in keys}
+    return doc
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    *,
+    features: str | Path | None = None,
+    labels: pd.DataFrame | None = None,
+    split: str = "test",
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> tuple[dict, Path]:
+    """Score `split` of a run and write ``RUN_DIR/eval/<split>/``; return (metrics, that folder)."""
+    run = load_run(run_dir)
+    features = Path(features) if features is not None else Path(run.config["feature_dir"])
+    pred = score_split(run, features, split, labels)
+    doc = {"split": split, "run": str(run.path), "features": str(features), "mil_version": mil.__version__, **summarise(pred, n_boot, seed)}
+    final = run.path / "eval" / split
+    tmp = final.parent / f".{split}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        (tmp / "metrics.json").write_text(json.dumps(doc, indent=2) + "\n")
+        pred.to_csv(tmp / "predictions.csv", index=False)
+        per_slide = pred.groupby("slide_id", sort=False).agg(label=("label", "first"), probability=("probability", "mean"))
+        plot_curves(per_slide["label"], per_slide["probability"], tmp, title=f"{run.path.name} · {split}", n_boot=n_boot, seed=seed)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return doc, final
+
+
+def plot_curves(labels, probs, out_dir: Path, title: str, n_boot: int = 1000, seed: int = 0) -> None:
+    """Write ``roc.png`` and ``pr.png`` with their pointwise 95 % bootstrap bands into `out_dir`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = curve_bands(labels, probs, n_boot=n_boot, seed=seed)
+    auc = auc_ci(labels, probs, n_boot=n_boot, seed=seed)
+    prevalence = float(np.mean(labels))
+    for name, x, y, lo, hi, xlabel, ylabel, chance in [
+        ("roc", c["fpr"], c["tpr"], c["tpr_low"], c["tpr_high"], "false positive rate", "true positive rate", ([0, 1], [0, 1])),
+        ("pr", c["recall"], c["precision"], c["precision_low"], c["precision_high"], "recall", "precision", ([0, 1], [prevalence] * 2)),
+    ]:
+        fig, ax = plt.subplots(figsize=(4.2, 4.2), dpi=120)
+        ax.fill_between(c["grid"], lo, hi, color="tab:blue", alpha=0.2, lw=0, label="95 % bootstrap band")
+        ax.plot(x, y, color="tab:blue", lw=1.8, drawstyle="steps-post" if name == "roc" else "default",
+                label=f"AUC {auc['auc']:.3f} [{auc['ci_low']:.3f}, {auc['ci_high']:.3f}]" if name == "roc" else "PR curve")  # fmt: skip
+        ax.plot(*chance, ls="--", color="grey", lw=0.8)
+        ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel=xlabel, ylabel=ylabel, title=title)
+        ax.legend(loc="lower right" if name == "roc" else "lower left", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / f"{name}.png")
+        plt.close(fig)
+
