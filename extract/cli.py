@@ -14,8 +14,10 @@ from mil.extract.import_csv import import_csv_command
 app = typer.Typer(help="Stage 1: slides → tiles → features.", no_args_is_help=True, rich_markup_mode="rich")
 
 
-def load_slides(input_path: Path):
-    """A validated slide table from a manifest CSV or a folder of slides (slide id = file stem)."""
+def load_slides(input_path: Path, slides_root: Path | None = None):
+    """A validated slide table from a manifest CSV or a folder of slides (slide id = file stem).
+
+    `slides_root` resolves a manifest's relative paths (default: the manifest's folder)."""
     from mil.extract.slides import slides_from_folder
     from mil.manifest import read_manifest
 
@@ -23,7 +25,7 @@ def load_slides(input_path: Path):
         return slides_from_folder(input_path)
     if not input_path.exists():
         raise OptionError(f"expected INPUT to be a manifest CSV or a folder of slides, got {str(input_path)!r} which does not exist.")
-    return read_manifest(input_path)
+    return read_manifest(input_path, slides_root=slides_root)
 
 
 @app.command()
@@ -67,6 +69,7 @@ MaskMpp = Annotated[float, typer.Option(help="Resolution (µm/px) of tissue dete
 Mpp = Annotated[Optional[float], typer.Option(help="Level-0 mpp for slides whose file (and manifest) gives none.")]
 SkipErrors = Annotated[bool, typer.Option("--skip-errors", help="Exit 0 even if some slides failed (they are still reported).")]
 Progress_ = Annotated[bool, typer.Option(help="Show a progress bar.")]
+SlidesRoot = Annotated[Optional[Path], typer.Option(help="Folder that the manifest's relative slide paths start from (default: the manifest's folder).")]
 
 
 def tiling_config(target_mpp, tile_size, overlap, tissue_threshold, saturation_threshold, mask_mpp, mpp):
@@ -98,6 +101,7 @@ def tiles(
     saturation_threshold: SaturationThreshold = None,
     mask_mpp: MaskMpp = 8.0,
     mpp: Mpp = None,
+    slides_root: SlidesRoot = None,
     skip_errors: SkipErrors = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Re-tile slides whose output exists, even with other settings.")] = False,
     progress: Progress_ = True,
@@ -106,7 +110,7 @@ def tiles(
     from mil.extract.tiles import run_tiles
 
     config = tiling_config(target_mpp, tile_size, overlap, tissue_threshold, saturation_threshold, mask_mpp, mpp)
-    slides = load_slides(input_path)
+    slides = load_slides(input_path, slides_root)
     report = run_tiles(slides, out, config, overwrite=overwrite, progress=progress)
     finish(report, out, skip_errors)
 
@@ -131,6 +135,7 @@ def features(
     saturation_threshold: SaturationThreshold = None,
     mask_mpp: MaskMpp = 8.0,
     mpp: Mpp = None,
+    slides_root: SlidesRoot = None,
     skip_errors: SkipErrors = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Re-extract slides whose features exist, even with other settings.")] = False,
     progress: Progress_ = True,
@@ -141,7 +146,7 @@ def features(
 
     tiling = tiling_config(target_mpp, tile_size, overlap, tissue_threshold, saturation_threshold, mask_mpp, mpp)
     config = FeatureConfig(tiling=tiling, batch_size=batch_size, workers=workers, dtype=dtype)
-    slides = load_slides(input_path)
+    slides = load_slides(input_path, slides_root)
     with warnings.catch_warnings(record=True) as caught:  # e.g. random weights: shown as one plain line
         warnings.simplefilter("always")
         enc = create_encoder(encoder, weights=weights, precision=precision, device=resolve_device(device), input_size=input_size)

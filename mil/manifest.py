@@ -53,13 +53,18 @@ def _line(i: int) -> int:
     return i + 2
 
 
-def read_manifest(path: str | Path, *, require_labels: bool = False, check_files: bool = True) -> pd.DataFrame:
+def read_manifest(
+    path: str | Path, *, require_labels: bool = False, check_files: bool = True, slides_root: str | Path | None = None
+) -> pd.DataFrame:
     """Read and validate a manifest CSV.
 
     Args:
         path: the CSV file.
         require_labels: refuse rows whose label is empty (training needs labels).
         check_files: refuse rows whose slide file does not exist.
+        slides_root: folder that relative ``path`` values are resolved against (default: the
+            manifest's own folder). Shipped manifests (``data_manifests/``) use it to point at a
+            user's copy of the slides.
 
     Returns:
         A DataFrame with columns ``slide_id, path, label, split, patient_id, mpp``: ``path`` is an
@@ -92,7 +97,9 @@ def read_manifest(path: str | Path, *, require_labels: bool = False, check_files
             df[col] = ""
     df = df[list(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)].apply(lambda s: s.str.strip())
 
-    base = path.parent
+    base = path.parent if slides_root is None else Path(slides_root).expanduser()
+    if slides_root is not None and not base.is_dir():
+        raise ManifestError(f"expected --slides-root to be a folder holding the slides, got {str(base)!r} which is not a folder.")
     seen: dict[str, int] = {}
     labels: list[float] = []
     paths: list[str] = []

@@ -55,6 +55,8 @@ def features(
     with _EpochProgress(epochs, enabled=progress, mined=hard_negatives) as on_epoch:
         summary = run_train(feature_dir, slides, out, config, folds=folds, repeats=repeats, val_fraction=val_fraction,
                             cache=cache, overwrite=overwrite, on_epoch=on_epoch, instance_labels=instance_labels)  # fmt: skip
+    if summary.attrs.get("skipped"):
+        typer.echo(f"{out}: already trained with these settings; nothing to do (pass --overwrite to train again)")
     typer.echo(summary.to_string(index=False, float_format="{:.3f}".format))
     typer.echo(f"run directory: {out}")
 

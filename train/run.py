@@ -6,14 +6,17 @@
     RUN_DIR/metrics.csv          fold, epoch, train_loss, val_loss, val_auc
     RUN_DIR/checkpoints/<fold>.pt  self-describing: head name + kwargs + in_dim + feature spec + threshold
     RUN_DIR/predictions.csv      validation predictions of each fold's selected model
+    RUN_DIR/summary.csv          fold, best_epoch, val_auc, threshold; written last (the run is finished)
 
 Only the train and validation slides of each fold are opened: for a run on the manifest's
 ``split`` column the test slides are never read (their feature files need not even exist).
-A run directory that already holds a finished run is refused unless ``overwrite``.
+Rerunning into a finished run directory with the same settings does nothing; other settings
+are refused unless ``overwrite``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import asdict
@@ -53,11 +56,12 @@ def run_train(
         ManifestError: a label that is not 0/1 (every head is a binary classifier), or a bad
             `instance_labels` CSV (see `mil.train.instances.read_instance_labels`).
         FeatureFileError: missing feature files (all listed) or feature files made differently.
-        SettingsMismatchError: `out_dir` holds a run and `overwrite` is False.
+        SettingsMismatchError: `out_dir` holds a run with other settings and `overwrite` is False.
+
+    A rerun with the same settings into a finished run directory does nothing and returns the
+    stored summary (``summary.attrs["skipped"] = True``); an unfinished one is trained again.
     """
     out = Path(out_dir)
-    if (out / "config.json").exists() and not overwrite:
-        raise SettingsMismatchError(f"{out}: already holds a run (config.json); choose another --out or pass --overwrite.")
     _check_binary(slides, config.head)
     fold_list = make_splits(slides, folds=folds, repeats=repeats, val_fraction=val_fraction, seed=config.seed)
     used = sorted({s for f in fold_list for s in (*f.train, *f.val)})  # test slides are not opened
@@ -66,14 +70,28 @@ def run_train(
     mil.create_head(config.head, in_dim=spec.feature_dim, **config.head_kwargs)  # bad head options fail before any write
     annotations = read_instance_labels(instance_labels, files, label) if instance_labels is not None else None
 
-    if overwrite and out.exists():
-        shutil.rmtree(out)
-    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     doc = {"stage": "train", "mil_version": mil.__version__, "feature_dir": str(feature_dir), "feature_spec": spec.as_dict(),
            "train": asdict(config), "folds": folds, "repeats": repeats, "val_fraction": val_fraction, "cache": cache,
            "instance_labels": None if annotations is None else {
                "path": str(instance_labels), "rows": annotations.n_rows, "rows_unused": annotations.n_unused,
-               "slides": len(annotations.by_slide)}}  # fmt: skip
+               "slides": len(annotations.by_slide)},
+           "slides_sha256": _table_hash(slides)}  # fmt: skip
+    doc = json.loads(json.dumps(doc))  # as it reads back from config.json
+    if (out / "config.json").exists() and not overwrite:
+        old = json.loads((out / "config.json").read_text())
+        changed = [k for k in dict.fromkeys([*doc, *old]) if k != "mil_version" and old.get(k) != doc.get(k)]
+        if changed:
+            raise SettingsMismatchError(
+                f"{out}: holds a run with a different {changed[0]!r} ({', '.join(changed)} differ); "
+                "choose another --out or pass --overwrite to replace it."
+            )
+        if (out / "summary.csv").exists():  # finished with the same settings: nothing to do
+            summary = pd.read_csv(out / "summary.csv", dtype={"fold": str})
+            summary.attrs["skipped"] = True
+            return summary
+    if out.exists() and (overwrite or (out / "config.json").exists()):
+        shutil.rmtree(out)  # replaced, or an unfinished run with the same settings trained again
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     _write_text(out / "config.json", json.dumps(doc, indent=2) + "\n")
     _write_csv(out / "slides.csv", slides[[c for c in ("slide_id", "label", "patient_id", "split") if c in slides.columns]])
     _write_csv(out / "splits.csv", splits_table(fold_list))
@@ -98,7 +116,14 @@ def run_train(
         summary.append({"fold": fold.name, "best_epoch": res.best_epoch, "val_auc": best["val_auc"], "threshold": res.threshold})
         _write_csv(out / "metrics.csv", pd.DataFrame(metrics))  # after every fold: progress survives a crash
     _write_csv(out / "predictions.csv", pd.concat(preds, ignore_index=True)[["fold", "slide_id", "label", "probability"]])
+    _write_csv(out / "summary.csv", pd.DataFrame(summary))  # written last: marks the run finished
     return pd.DataFrame(summary)
+
+
+def _table_hash(slides: pd.DataFrame) -> str:
+    """SHA-256 of the manifest columns that define a run (ids, labels, splits, patients)."""
+    cols = [c for c in ("slide_id", "label", "split", "patient_id") if c in slides.columns]
+    return hashlib.sha256(slides[cols].astype(str).to_csv(index=False).encode()).hexdigest()
 
 
 def _check_binary(slides: pd.DataFrame, head: str) -> None:

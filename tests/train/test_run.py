@@ -114,9 +114,16 @@ def test_refusals(tmp_path):
         TrainConfig(epochs=0)
     (tmp_path / "x").mkdir()
     ok = needle_cohort(tmp_path / "x")
+    first = run_train(tmp_path / "x", read_manifest(ok), tmp_path / "done", TrainConfig(epochs=1))
+    stamp = (tmp_path / "done" / "checkpoints" / "split.pt").stat().st_mtime_ns
+    again = run_train(tmp_path / "x", read_manifest(ok), tmp_path / "done", TrainConfig(epochs=1))  # same settings: skipped
+    assert again.attrs.get("skipped") and (tmp_path / "done" / "checkpoints" / "split.pt").stat().st_mtime_ns == stamp
+    pd.testing.assert_frame_equal(again, first, check_dtype=False)
+    with pytest.raises(SettingsMismatchError, match=r"holds a run with a different 'train'"):
+        run_train(tmp_path / "x", read_manifest(ok), tmp_path / "done", TrainConfig(epochs=2))
+    (tmp_path / "done" / "summary.csv").unlink()  # an unfinished run with the same settings is trained again
     run_train(tmp_path / "x", read_manifest(ok), tmp_path / "done", TrainConfig(epochs=1))
-    with pytest.raises(SettingsMismatchError, match="already holds a run"):
-        run_train(tmp_path / "x", read_manifest(ok), tmp_path / "done", TrainConfig(epochs=1))
+    assert (tmp_path / "done" / "summary.csv").exists()
 
 
 def test_cli_train_features(tmp_path):
