@@ -75,3 +75,30 @@ def test_missing_manifest_file(tmp_path):
 @pytest.mark.parametrize("sid", ["a", "TCGA-A1-0001.01", "slide_01"])
 def test_safe_ids_pass(sid):
     assert check_slide_id(sid) == sid
+
+
+def test_slides_root_resolves_relative_paths(tmp_path):
+    from mil.errors import ManifestError
+    from mil.manifest import read_manifest
+
+    root = tmp_path / "copy" / "training"
+    root.mkdir(parents=True)
+    (root / "a.tif").write_bytes(b"x")
+    m = tmp_path / "shipped.csv"
+    m.write_text("slide_id,path,label\na,training/a.tif,1\n")
+    df = read_manifest(m, slides_root=tmp_path / "copy")
+    assert df["path"][0] == str((root / "a.tif").resolve())
+    with pytest.raises(ManifestError, match="does not exist"):
+        read_manifest(m)  # relative to the manifest's folder: not there
+    with pytest.raises(ManifestError, match="--slides-root"):
+        read_manifest(m, slides_root=tmp_path / "nope")
+
+
+def test_shipped_camelyon16_manifest_is_valid():
+    from pathlib import Path
+
+    from mil.manifest import read_manifest
+
+    df = read_manifest(Path(__file__).resolve().parents[2] / "data_manifests" / "camelyon16.csv", check_files=False, require_labels=True)
+    assert len(df) == 400 and df.groupby("split")["label"].sum().to_dict() == {"test": 49, "train": 111}
+    assert (df["split"] == "test").sum() == 129
