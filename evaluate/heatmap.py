@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from mil.errors import OptionError, SettingsMismatchError
-from mil.features import FEATURE_SUFFIXES, FeatureFileError, read_bag, read_bag_attrs
+from mil.features import FEATURE_SUFFIXES, FeatureFileError, check_finite, read_bag, read_bag_attrs
 
 SCORES = ("attention", "instance")
 MONTAGE_PX = 256  # side of each montage tile in the figure, px
@@ -84,7 +84,7 @@ def compute_heatmap(run_dir: str | Path, slide_id: str, slides_manifest: str | P
     if not 0 <= top_k <= 64 or not 32 <= thumbnail_size <= 16384:
         raise OptionError(f"expected --top-k in [0, 64] and --thumbnail-size in [32, 16384], got {top_k} and {thumbnail_size} instead.")
     run = load_run(run_dir)
-    manifest = read_manifest(slides_manifest, require_labels=False, check_files=True)
+    manifest = read_manifest(slides_manifest, require_labels=False, check_files=False)  # only this slide must exist: open_slide says so
     row = manifest[manifest["slide_id"] == slide_id]
     if row.empty:
         raise OptionError(f"{slides_manifest}: expected a row for slide {slide_id!r}, got none; check --slide or --slides.")
@@ -97,6 +97,7 @@ def compute_heatmap(run_dir: str | Path, slide_id: str, slides_manifest: str | P
         raise SettingsMismatchError(f"{path}: expected {diff[0]}={diff[1]!r} as checkpoint {fold} was trained on, got "
                                     f"{diff[0]}={diff[2]!r} instead; use the features the run was trained on (--features).")  # fmt: skip
     bag = read_bag(path, dtype=np.float32)
+    check_finite(bag)
     if bag.n_instances == 0 or (bag.n_instances > 1 and not np.ptp(bag.coords, axis=0).any()):
         raise FeatureFileError(f"{path}: expected tiles with level-0 coords, got {bag.n_instances} tiles "
                                f"{'' if bag.n_instances == 0 else 'all at one position'} instead; nothing to paint.")  # fmt: skip
@@ -142,7 +143,7 @@ def render_heatmap(run_dir: str | Path, slide_id: str, slides_manifest: str | Pa
     k = len(hm.tiles)
     rows = max(1, -(-k // 2))
     height = 9.0
-    fig = Figure(figsize=(height * w / h + (4.2 if k else 1.5), height + 0.6), dpi=max(100, min(200, max(h, w) / height)))
+    fig = Figure(figsize=(height * w / h + (4.2 if k else 1.5), height + 0.6), dpi=min(200, max(100, h / height)))
     left, right = fig.subfigures(1, 2, width_ratios=[height * w / h + 1.2, 3.0 if k else 0.3])
     ax = left.subplots()
     ax.imshow(hm.thumbnail, interpolation="lanczos")
@@ -156,7 +157,8 @@ def render_heatmap(run_dir: str | Path, slide_id: str, slides_manifest: str | Pa
     ticks = np.linspace(0, 1, 5)
     bar.set_ticks(ticks, labels=[f"{hm.lo + t * (hm.hi - hm.lo):.3g}" for t in ticks])
     bar.set_label(f"{hm.score_name} (clipped to 1st–99th percentile of {len(hm.values)} tiles, linear)")
-    title = f"{hm.slide_id}: {hm.score_name} · checkpoint {hm.fold} (slide in its {hm.held_out} set) · P(positive) = {hm.probability:.3f}"
+    where = f"slide in its {hm.held_out} set" if hm.held_out != "none" else "slide not in its splits"
+    title = f"{hm.slide_id}: {hm.score_name} · checkpoint {hm.fold} ({where}) · P(positive) = {hm.probability:.3f}"
     left.suptitle(title + (f"\n({hm.note})" if hm.note else ""), fontsize=10)
     if k:
         axes = np.atleast_1d(right.subplots(rows, 2)).ravel()
@@ -193,7 +195,8 @@ def score_image(coords: np.ndarray, values: np.ndarray, size0: int, shape: tuple
         for c in range(2):
             np.add.at(acc[c], (ys, xs), sign * v[c])
     acc = acc.cumsum(1).cumsum(2)[:, :h, :w]  # (2, h, w) sums and counts
-    return np.where(acc[1] > 0.5, acc[0] / np.maximum(acc[1], 1), np.nan)  # (h, w)
+    mean = np.clip(acc[0] / np.maximum(acc[1], 1), *((v[0].min(), v[0].max()) if len(coords) else (0, 0)))  # (h, w) undo sum rounding
+    return np.where(acc[1] > 0.5, mean, np.nan)  # (h, w)
 
 
 def read_thumbnail(slide, max_side: int) -> np.ndarray:
@@ -229,7 +232,7 @@ def _read_tile(slide, xy: np.ndarray, size0: int) -> np.ndarray:
 
 
 def _pick_fold(run, slide_id: str, fold: str | None) -> tuple[str, str]:
-    """(fold, the slide's set in it: train / val / test / 'no') — see `compute_heatmap`."""
+    """(fold, the slide's set in it: train / val / test / 'none') — see `compute_heatmap`."""
     folds = sorted(run.checkpoints)
     if fold is not None and fold not in run.checkpoints:
         raise OptionError(f"expected --fold to be one of {', '.join(folds)}, got {fold!r} instead.")
@@ -238,7 +241,7 @@ def _pick_fold(run, slide_id: str, fold: str | None) -> tuple[str, str]:
         held = mine.loc[mine["set"] == "test", "fold"]
         fold = str(held.iloc[0]) if len(held) else folds[0]
     sets = mine.loc[mine["fold"] == fold, "set"]
-    return fold, str(sets.iloc[0]) if len(sets) else "no"
+    return fold, str(sets.iloc[0]) if len(sets) else "none"
 
 
 def _feature_file(folder: Path, slide_id: str) -> Path:
