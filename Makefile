@@ -11,13 +11,23 @@ $(BIN)/mil: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-## demo: synthetic cohort -> tiles (thumbnails) -> features (one HDF5 per slide)
+## demo: the whole pipeline on a synthetic cohort whose positive slides carry a small planted lesion:
+# extract (tiles + features) -> train abmil, and abmil + hard negatives + ranking loss -> evaluate -> compare -> heatmap.
 # Random encoder weights: nothing can be downloaded here. Use --weights imagenet or a MoCo checkpoint on real data.
+# Every step skips work already done, so a second `make demo` only prints the results again.
+DEMO_TRAIN := --manifest $(DEMO)/slides/manifest.csv --epochs 40 --patience 15 --lr 1e-3 --seed 0 --no-progress
 demo: $(BIN)/mil
-	$(BIN)/mil extract synthetic $(DEMO)/slides --n-slides 6 --size 8192 --seed 0
-	$(BIN)/mil extract tiles $(DEMO)/slides/manifest.csv --out $(DEMO)/tiles --target-mpp 0.5 --tile-size 224
-	$(BIN)/mil extract features $(DEMO)/slides/manifest.csv --coords-dir $(DEMO)/tiles --out $(DEMO)/features \
-		--encoder resnet18 --weights none --batch-size 32 --workers 2
+	$(BIN)/mil extract synthetic $(DEMO)/slides --n-slides 40 --size 8192 --seed 0 --lesion-fraction 0.03
+	$(BIN)/mil extract features $(DEMO)/slides/manifest.csv --out $(DEMO)/features \
+		--encoder resnet18 --weights none --batch-size 32 --workers 2 --target-mpp 0.5 --tile-size 224
+	$(BIN)/mil train features $(DEMO)/features $(DEMO_TRAIN) --out $(DEMO)/runs/abmil
+	$(BIN)/mil train features $(DEMO)/features $(DEMO_TRAIN) --out $(DEMO)/runs/abmil_hnm \
+		--hard-negatives --neg-ratio 0.05 --hnm-warmup 5 --hnm-every 5 --ranking-weight 0.5 --batch-size 4
+	$(BIN)/mil evaluate run $(DEMO)/runs/abmil
+	$(BIN)/mil evaluate run $(DEMO)/runs/abmil_hnm
+	$(BIN)/mil evaluate compare $(DEMO)/runs/abmil $(DEMO)/runs/abmil_hnm
+	$(BIN)/mil evaluate heatmap $(DEMO)/runs/abmil --slide synth_000 --slides $(DEMO)/slides/manifest.csv \
+		--out $(DEMO)/heatmap_synth_000.png
 
 ## test: the whole default suite (what CI runs)
 test: $(BIN)/mil
