@@ -27,8 +27,8 @@ from mil.errors import OptionError, SettingsMismatchError
 from mil.features import FEATURE_SUFFIXES, FeatureFileError, check_finite, read_bag, read_bag_attrs
 
 SCORES = ("attention", "instance")
-MONTAGE_PX = 256  # side of each montage tile in the figure, px
-_STRIP_PX = 1 << 22  # level pixels per thumbnail strip read (16 MiB of RGBA)
+MONTAGE_PX = 192  # side of each montage tile as read (and at most as drawn), px
+_STRIP_PX = 1 << 21  # level pixels per thumbnail strip read (8 MiB of RGBA)
 
 
 @dataclass
@@ -37,7 +37,7 @@ class Heatmap:
 
     Attributes:
         thumbnail: (h, w, 3) uint8 slide thumbnail.
-        image: (h, w) float64 normalised scores in [0, 1] at thumbnail resolution, NaN where no tile.
+        image: (h, w) float32 normalised scores in [0, 1] at thumbnail resolution, NaN where no tile.
         values: (N,) raw tile scores; coords: (N, 2) int64 level-0 top-left (x, y); size0: tile side, level-0 px.
         scale: (2,) thumbnail px per level-0 px along x and y.
         lo, hi: raw scores mapped to 0 and 1 (1st and 99th percentiles).
@@ -130,48 +130,78 @@ def compute_heatmap(run_dir: str | Path, slide_id: str, slides_manifest: str | P
 def render_heatmap(run_dir: str | Path, slide_id: str, slides_manifest: str | Path, *, out: str | Path | None = None,
                    features: str | Path | None = None, fold: str | None = None, score: str = "attention", top_k: int = 8,
                    thumbnail_size: int = 1024) -> Path:  # fmt: skip
-    """Write the heatmap figure of `compute_heatmap` as a PNG (default RUN_DIR/heatmaps/<slide_id>.png); return its path."""
+    """Write the heatmap figure of `compute_heatmap` as a PNG (default RUN_DIR/heatmaps/<slide_id>.png); return its path.
+
+    The painted thumbnail is pasted into the rendered figure at its native resolution (one figure pixel
+    per thumbnail pixel): matplotlib's own image path would hold several float copies of it.
+    """
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
-    from matplotlib.patches import Rectangle
+    from PIL import ImageDraw
 
     from mil.atomic import atomic_path
 
     hm = compute_heatmap(run_dir, slide_id, slides_manifest, features=features, fold=fold, score=score, top_k=top_k,
                          thumbnail_size=thumbnail_size)  # fmt: skip
     out = Path(out) if out is not None else Path(run_dir) / "heatmaps" / f"{slide_id}.png"
-    h, w = hm.image.shape
-    k = len(hm.tiles)
-    rows = max(1, -(-k // 2))
-    height = 9.0
-    fig = Figure(figsize=(height * w / h + (4.2 if k else 1.5), height + 0.6), dpi=min(200, max(100, h / height)))
-    left, right = fig.subfigures(1, 2, width_ratios=[height * w / h + 1.2, 3.0 if k else 0.3])
-    ax = left.subplots()
-    ax.imshow(hm.thumbnail, interpolation="lanczos")
-    overlay = ax.imshow(np.ma.masked_invalid(hm.image), cmap="inferno", vmin=0, vmax=1, alpha=0.6, interpolation="nearest")
-    for rank, i in enumerate(hm.top, 1):
-        x, y = hm.coords[i] * hm.scale  # (2,) thumbnail px
-        ax.add_patch(Rectangle((x, y), hm.size0 * hm.scale[0], hm.size0 * hm.scale[1], fill=False, ec="cyan", lw=1.2))
-        ax.annotate(str(rank), (x, y), color="cyan", fontsize=8, ha="right", va="bottom")
-    ax.set_axis_off()
-    bar = left.colorbar(overlay, ax=ax, fraction=0.04, pad=0.02)
+    where = f"slide in its {hm.held_out} set" if hm.held_out != "none" else "slide not in its splits"
+    lines = [f"{hm.slide_id}: {hm.score_name} · checkpoint {hm.fold} ({where}) · P(positive) = {hm.probability:.3f}",
+             f"colours: {hm.score_name} clipped to its 1st–99th percentile over {len(hm.values):,} tiles, scaled linearly"]  # fmt: skip
+    lines += [f"({hm.note})"] if hm.note else []
+    th, tw = hm.image.shape
+    k, rows = len(hm.tiles), max(1, -(-len(hm.tiles) // 2))
+    m, cap, top = 24, 22, 20 + 15 * len(lines)  # px: margin, montage caption, title block
+    side = int(np.clip((th - (rows - 1) * cap) // rows - cap, 96, MONTAGE_PX)) if k else 0  # montage tile px
+    x_montage = m + tw + m + 18 + 100  # colour bar, its tick labels and label
+    W, H = x_montage + (2 * side + 2 * m if k else 0), top + max(th, rows * (side + cap)) + m
+    fig = Figure(figsize=(W / 100, H / 100), dpi=100)
+
+    def axes(x: float, y: float, w: float, h: float):  # from a top-left box in figure px
+        return fig.add_axes((x / W, 1 - (y + h) / H, w / W, h / H))
+
+    cmap = colormaps["inferno"]
+    bar = fig.colorbar(ScalarMappable(Normalize(0, 1), cmap), cax=axes(m + tw + m, top, 18, th))
     ticks = np.linspace(0, 1, 5)
     bar.set_ticks(ticks, labels=[f"{hm.lo + t * (hm.hi - hm.lo):.3g}" for t in ticks])
-    bar.set_label(f"{hm.score_name} (clipped to 1st–99th percentile of {len(hm.values)} tiles, linear)")
-    where = f"slide in its {hm.held_out} set" if hm.held_out != "none" else "slide not in its splits"
-    title = f"{hm.slide_id}: {hm.score_name} · checkpoint {hm.fold} ({where}) · P(positive) = {hm.probability:.3f}"
-    left.suptitle(title + (f"\n({hm.note})" if hm.note else ""), fontsize=10)
-    if k:
-        axes = np.atleast_1d(right.subplots(rows, 2)).ravel()
-        for j, a in enumerate(axes):
-            a.set_axis_off()
-            if j < k:
-                a.imshow(hm.tiles[j])
-                a.set_title(f"#{j + 1}: {hm.values[hm.top[j]]:.3g}", fontsize=8)
-        right.suptitle(f"top {k} tiles", fontsize=10)
+    bar.ax.tick_params(labelsize=8)
+    bar.set_label(hm.score_name, fontsize=9)
+    fig.text(m / W, 1 - 10 / H, "\n".join(lines), va="top", fontsize=9)
+    for j, tile in enumerate(hm.tiles):
+        r, c = divmod(j, 2)
+        a = axes(x_montage + c * (side + m), top + r * (side + cap) + cap, side, side)
+        a.imshow(tile, interpolation="antialiased")
+        a.set_axis_off()
+        a.set_title(f"#{j + 1}: {hm.values[hm.top[j]]:.3g}", fontsize=8, pad=3)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    page = Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3])  # (H, W, 3)
+    thumb = Image.fromarray(overlay(hm.thumbnail, hm.image, cmap))  # (th, tw, 3)
+    draw = ImageDraw.Draw(thumb)
+    for rank, i in enumerate(hm.top, 1):
+        (x, y), d = hm.coords[i] * hm.scale, hm.size0 * hm.scale  # (2,), (2,) thumbnail px
+        draw.rectangle([x, y, x + d[0], y + d[1]], outline=(0, 255, 255), width=2)
+        draw.text((x + 3, y + 2), str(rank), fill=(0, 255, 255))
+    page.paste(thumb, (m, top))
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png")
+        page.save(tmp, format="PNG")
     return out
+
+
+def overlay(thumbnail: np.ndarray, image: np.ndarray, cmap, alpha: float = 0.6) -> np.ndarray:
+    """(h, w, 3) uint8: `thumbnail` (h, w, 3) with `cmap` colours of `image` (h, w) in [0, 1] blended in where finite.
+
+    Composited here in uint8/uint16 rather than as a second matplotlib layer, which would resample
+    float64 RGBA copies of the whole image (hundreds of MB at 2048 px).
+    """
+    painted = np.isfinite(image)  # (h, w)
+    colours = cmap(np.where(painted, image, 0), bytes=True)[..., :3]  # (h, w, 3) uint8
+    a = round(alpha * 256)
+    blend = ((thumbnail.astype(np.uint16) * (256 - a) + colours.astype(np.uint16) * a) >> 8).astype(np.uint8)  # (h, w, 3)
+    return np.where(painted[..., None], blend, thumbnail)  # (h, w, 3)
 
 
 def score_image(coords: np.ndarray, values: np.ndarray, size0: int, shape: tuple[int, int], scale: tuple[float, float]) -> np.ndarray:
@@ -182,27 +212,31 @@ def score_image(coords: np.ndarray, values: np.ndarray, size0: int, shape: tuple
         shape: (h, w) of the grid; scale: (x, y) grid px per level-0 px.
 
     Returns:
-        (h, w) float64, NaN where no tile lies. Every tile covers at least one grid pixel.
+        (h, w) float32, NaN where no tile lies. Every tile covers at least one grid pixel.
     """
     h, w = shape
     x0 = np.clip(np.round(coords[:, 0] * scale[0]), 0, w).astype(np.int64)  # (N,)
     y0 = np.clip(np.round(coords[:, 1] * scale[1]), 0, h).astype(np.int64)  # (N,)
     x1 = np.clip(np.maximum(np.round((coords[:, 0] + size0) * scale[0]), x0 + 1), 0, w).astype(np.int64)  # (N,)
     y1 = np.clip(np.maximum(np.round((coords[:, 1] + size0) * scale[1]), y0 + 1), 0, h).astype(np.int64)  # (N,)
-    acc = np.zeros((2, h + 1, w + 1))  # (2, h+1, w+1) difference arrays of value sums and tile counts
-    v = np.stack([np.asarray(values, np.float64), np.ones(len(coords))])  # (2, N)
+    acc = np.zeros((2, h + 1, w + 1), np.float32)  # (2, h+1, w+1) difference arrays of value sums and tile counts
+    v = np.stack([np.asarray(values, np.float32), np.ones(len(coords), np.float32)])  # (2, N)
     for ys, xs, sign in ((y0, x0, 1), (y0, x1, -1), (y1, x0, -1), (y1, x1, 1)):
         for c in range(2):
             np.add.at(acc[c], (ys, xs), sign * v[c])
-    acc = acc.cumsum(1).cumsum(2)[:, :h, :w]  # (2, h, w) sums and counts
-    mean = np.clip(acc[0] / np.maximum(acc[1], 1), *((v[0].min(), v[0].max()) if len(coords) else (0, 0)))  # (h, w) undo sum rounding
-    return np.where(acc[1] > 0.5, mean, np.nan)  # (h, w)
+    np.cumsum(acc, axis=1, out=acc)
+    np.cumsum(acc, axis=2, out=acc)  # (2, h+1, w+1) sums and counts (counts exact: small integers)
+    sums, counts = acc[0, :h, :w], acc[1, :h, :w]  # (h, w) each
+    lo, hi = (v[0].min(), v[0].max()) if len(coords) else (0, 0)
+    np.clip(np.divide(sums, np.maximum(counts, 1), out=sums), lo, hi, out=sums)  # (h, w) means; clip undoes sum rounding
+    sums[counts < 0.5] = np.nan
+    return sums  # (h, w)
 
 
 def read_thumbnail(slide, max_side: int) -> np.ndarray:
     """(h, w, 3) uint8 thumbnail whose longer side is `max_side` (or the slide's, if smaller).
 
-    Reads the pyramid level just finer than the thumbnail in strips of about 16 MiB, each box-reduced
+    Reads the pyramid level just finer than the thumbnail in strips of about 8 MiB, each box-reduced
     by the level's integer factor as it is read, so memory stays O(thumbnail + one strip).
     """
     W, H = slide.dimensions
@@ -220,7 +254,7 @@ def read_thumbnail(slide, max_side: int) -> np.ndarray:
 def _rgb(region: Image.Image) -> np.ndarray:
     """RGBA read_region output → (h, w, 3) uint8, transparent (outside the scan) as white."""
     a = np.asarray(region)  # (h, w, 4)
-    return np.where(a[..., 3:] == 0, 255, a[..., :3]).astype(np.uint8)
+    return np.where(a[..., 3:] == 0, 255, a[..., :3]).astype(np.uint8, copy=False)
 
 
 def _read_tile(slide, xy: np.ndarray, size0: int) -> np.ndarray:
@@ -253,7 +287,7 @@ def _feature_file(folder: Path, slide_id: str) -> Path:
 
 
 def _tile_size0(attrs: dict, coords: np.ndarray, path: Path) -> int:
-    """Tile side in level-0 px: from the coords attrs, else the grid step of the coords (CLAM files)."""
+    """Tile side in level-0 px: from the coords attrs, else the grid step of the coords (CLAM files; the stride if tiles overlap)."""
     if attrs.get("patch_size_level0"):
         return int(attrs["patch_size_level0"])
     if all(attrs.get(k) for k in ("patch_size", "target_mpp", "level0_mpp")):
