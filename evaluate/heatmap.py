@@ -20,11 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from PIL import Image
 
 from mil.errors import OptionError, SettingsMismatchError
-from mil.features import FEATURE_SUFFIXES, FeatureFileError, check_finite, read_bag, read_bag_attrs
+from mil.features import FeatureFileError, check_finite, read_bag
 
 SCORES = ("attention", "instance")
 MONTAGE_PX = 192  # side of each montage tile as read (and at most as drawn), px
@@ -77,7 +78,7 @@ def compute_heatmap(run_dir: str | Path, slide_id: str, slides_manifest: str | P
     from mil.evaluate.run import load_model, load_run
     from mil.extract.slides import open_slide
     from mil.manifest import read_manifest
-    from mil.train.data import FeatureSpec
+    from mil.train.data import FeatureSpec, resolve_feature_files
 
     if score not in SCORES:
         raise OptionError(f"expected --score attention or instance, got {score!r} instead.")
@@ -91,8 +92,10 @@ def compute_heatmap(run_dir: str | Path, slide_id: str, slides_manifest: str | P
     fold, held_out = _pick_fold(run, slide_id, fold)
     model, ckpt = load_model(run.checkpoints[fold])
 
-    path = _feature_file(Path(features if features is not None else run.config["feature_dir"]), slide_id)
-    diff = FeatureSpec(**ckpt["feature_spec"]).first_difference(FeatureSpec.from_attrs(read_bag_attrs(path)))
+    folder = Path(features if features is not None else run.config["feature_dir"])
+    files, spec = resolve_feature_files(pd.DataFrame({"slide_id": [slide_id]}), folder)  # one-line error if missing
+    path = files[slide_id]
+    diff = FeatureSpec(**ckpt["feature_spec"]).first_difference(spec)
     if diff is not None:
         raise SettingsMismatchError(f"{path}: expected {diff[0]}={diff[1]!r} as checkpoint {fold} was trained on, got "
                                     f"{diff[0]}={diff[2]!r} instead; use the features the run was trained on (--features).")  # fmt: skip
@@ -276,14 +279,6 @@ def _pick_fold(run, slide_id: str, fold: str | None) -> tuple[str, str]:
         fold = str(held.iloc[0]) if len(held) else folds[0]
     sets = mine.loc[mine["fold"] == fold, "set"]
     return fold, str(sets.iloc[0]) if len(sets) else "none"
-
-
-def _feature_file(folder: Path, slide_id: str) -> Path:
-    for suffix in FEATURE_SUFFIXES:
-        if (folder / f"{slide_id}{suffix}").is_file():
-            return folder / f"{slide_id}{suffix}"
-    raise FeatureFileError(f"{folder}: expected a feature file {slide_id}{' or '.join(FEATURE_SUFFIXES)}, got none; "
-                           "pass the run's features with --features or run `mil extract features`.")  # fmt: skip
 
 
 def _tile_size0(attrs: dict, coords: np.ndarray, path: Path) -> int:

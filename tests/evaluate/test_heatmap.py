@@ -162,7 +162,7 @@ def test_refusals_are_one_line_and_write_nothing(case, tmp_path):
         f.attrs["encoder"] = "other"
     one_line_error(heatmap(run, "--slide", "les", "--features", feats), "encoder", "'other'")
     (feats / "les.h5").unlink()
-    one_line_error(heatmap(run, "--slide", "les", "--features", feats), "les.h5")
+    one_line_error(heatmap(run, "--slide", "les", "--features", feats), "have no feature file", ": les ")
     (run / "checkpoints" / "split.pt").write_bytes(b"not a checkpoint")
     one_line_error(heatmap(run, "--slide", "les"), "split.pt")
     (run / "checkpoints" / "split.pt").unlink()
