@@ -21,5 +21,9 @@ def test_train_throughput_quick_has_every_mode(tmp_path: Path) -> None:
         assert (table[col] > 0).all(), table[col]
     assert (table["peak RSS MiB"] >= table["RSS after imports MiB"]).all()
     assert math.isnan(table["load s"][0]) and (table["load s"][1:] >= 0).all()  # plain has no load step
-    assert all(math.isfinite(v) and v > 0 for v in table.attrs["ratios"].values()), table.attrs["ratios"]
+    ratios = table.attrs["ratios"]
+    assert all(math.isfinite(v) for v in ratios.values()), ratios
+    # whole-process ratios are positive; growth above the imports can be 0 MiB on a cohort this small
+    assert all(v > 0 for k, v in ratios.items() if not k.startswith("RSS above imports")), ratios
+    assert all(v >= 0 for k, v in ratios.items() if k.startswith("RSS above imports")), ratios
     assert (work / "cohort.json").is_file() and len(list(work.glob("*.h5"))) == 12 + 8  # a given work dir is kept
