@@ -10,6 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from mil.errors import ManifestError, MilError, OptionError, SettingsMismatchError, SlideError
 from mil.bags import BagError, BagOutput, check_bag
+from mil.bagnet import BagNet, create_bagnet, list_bagnets
 from mil.features import Bag, FeatureFileError, check_finite, read_bag, read_bag_attrs
 from mil.heads import create_head, list_heads
 from mil.losses import create_loss, list_losses
@@ -21,6 +22,9 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "BagNet",
+    "create_bagnet",
+    "list_bagnets",
     "BagError",
     "BagOutput",
     "check_bag",
