@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO   ?= demo_out
+DEMO_LESION ?= 0.01
 
 .PHONY: demo test test-fast bench clean
 
@@ -17,7 +18,7 @@ $(BIN)/mil: pyproject.toml
 # Every step skips work already done, so a second `make demo` only prints the results again.
 DEMO_TRAIN := --manifest $(DEMO)/slides/manifest.csv --epochs 40 --patience 15 --lr 1e-3 --seed 0 --no-progress
 demo: $(BIN)/mil
-	$(BIN)/mil extract synthetic $(DEMO)/slides --n-slides 40 --size 8192 --seed 0 --lesion-fraction 0.03
+	$(BIN)/mil extract synthetic $(DEMO)/slides --n-slides 40 --size 8192 --seed 0 --lesion-fraction $(DEMO_LESION)
 	$(BIN)/mil extract features $(DEMO)/slides/manifest.csv --out $(DEMO)/features \
 		--encoder resnet18 --weights none --batch-size 32 --workers 2 --target-mpp 0.5 --tile-size 224
 	$(BIN)/mil train features $(DEMO)/features $(DEMO_TRAIN) --out $(DEMO)/runs/abmil
@@ -27,7 +28,9 @@ demo: $(BIN)/mil
 	$(BIN)/mil evaluate run $(DEMO)/runs/abmil_hnm
 	$(BIN)/mil evaluate compare $(DEMO)/runs/abmil $(DEMO)/runs/abmil_hnm
 	$(BIN)/mil evaluate heatmap $(DEMO)/runs/abmil --slide synth_000 --slides $(DEMO)/slides/manifest.csv \
-		--out $(DEMO)/heatmap_synth_000.png
+		--out $(DEMO)/heatmap_abmil_synth_000.png
+	$(BIN)/mil evaluate heatmap $(DEMO)/runs/abmil_hnm --slide synth_000 --slides $(DEMO)/slides/manifest.csv \
+		--out $(DEMO)/heatmap_abmil_hnm_synth_000.png
 
 ## test: the whole default suite (what CI runs)
 test: $(BIN)/mil

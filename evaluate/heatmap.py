@@ -168,7 +168,7 @@ def render_heatmap(run_dir: str | Path, slide_id: str, slides_manifest: str | Pa
     cmap = colormaps["inferno"]
     bar = fig.colorbar(ScalarMappable(Normalize(0, 1), cmap), cax=axes(m + tw + m, top, 18, th))
     ticks = np.linspace(0, 1, 5)
-    bar.set_ticks(ticks, labels=[f"{hm.lo + t * (hm.hi - hm.lo):.3g}" for t in ticks])
+    bar.set_ticks(ticks, labels=_distinct_labels(hm.lo + ticks * (hm.hi - hm.lo)))
     bar.ax.tick_params(labelsize=8)
     bar.set_label(hm.score_name, fontsize=9)
     fig.text(m / W, 1 - 10 / H, "\n".join(lines), va="top", fontsize=9)
@@ -294,3 +294,15 @@ def _tile_size0(attrs: dict, coords: np.ndarray, path: Path) -> int:
     if attrs.get("patch_size"):
         return int(attrs["patch_size"])
     raise FeatureFileError(f"{path}: expected coords attrs giving the tile size (patch_size_level0), got none; re-extract the tiles.")
+
+
+def _distinct_labels(values: np.ndarray) -> list[str]:
+    """Tick labels with the fewest significant digits (3 to 9) that tell `values` apart.
+
+    Near-uniform attention (every weight ≈ 1/N) would otherwise print five identical labels.
+    """
+    for digits in range(3, 10):
+        labels = [f"{v:.{digits}g}" for v in values]
+        if len(set(labels)) == len(labels):
+            break
+    return labels

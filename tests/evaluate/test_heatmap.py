@@ -168,3 +168,11 @@ def test_refusals_are_one_line_and_write_nothing(case, tmp_path):
     (run / "checkpoints" / "split.pt").unlink()
     one_line_error(heatmap(run, "--slide", "les"), "split.pt")
     assert not list(tmp_path.glob("*h.png*"))
+
+
+def test_colour_bar_labels_stay_distinct_for_near_uniform_attention():
+    from mil.evaluate.heatmap import _distinct_labels
+
+    labels = _distinct_labels(1 / 132 + np.linspace(0, 1, 5) * 3e-7)
+    assert len(set(labels)) == 5, labels
+    assert _distinct_labels(np.linspace(0, 1, 5)) == ["0", "0.25", "0.5", "0.75", "1"]
