@@ -102,3 +102,16 @@ def test_shipped_camelyon16_manifest_is_valid():
     df = read_manifest(Path(__file__).resolve().parents[2] / "data_manifests" / "camelyon16.csv", check_files=False, require_labels=True)
     assert len(df) == 400 and df.groupby("split")["label"].sum().to_dict() == {"test": 49, "train": 111}
     assert (df["split"] == "test").sum() == 129
+
+
+def test_shipped_demo_manifest_is_what_the_demo_cohort_writes(tmp_path):
+    """data_manifests/demo_synthetic.csv = `make demo`'s cohort (40 slides, seed 0); labels and splits do not depend on slide size."""
+    import pandas as pd
+
+    from mil.extract.synthetic import make_cohort
+
+    shipped = read_manifest(Path(__file__).resolve().parents[2] / "data_manifests" / "demo_synthetic.csv", check_files=False)
+    made = pd.read_csv(make_cohort(tmp_path, n_slides=40, size=1024, seed=0, lesion_fraction=0.01))
+    assert len(shipped) == 40 and int(shipped["label"].sum()) == 20
+    for col in ("slide_id", "path", "label", "split"):
+        assert shipped[col].astype(str).tolist() == made[col].astype(str).tolist(), col
