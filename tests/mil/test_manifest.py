@@ -106,6 +106,8 @@ def test_shipped_camelyon16_manifest_is_valid():
 
 def test_shipped_demo_manifest_is_what_the_demo_cohort_writes(tmp_path):
     """data_manifests/demo_synthetic.csv = `make demo`'s cohort (40 slides, seed 0); labels and splits do not depend on slide size."""
+    from pathlib import Path
+
     import pandas as pd
 
     from mil.extract.synthetic import make_cohort
