@@ -195,3 +195,53 @@ def print_report(report, path: Path) -> None:
     counts = report["status"].value_counts().to_dict()
     Console().print(table)
     Console().print(", ".join(f"{v} {k}" for k, v in counts.items()) + f"; {int(report['n_tiles'].sum()):,} tiles")
+
+
+@app.command()
+def needles(
+    out: Annotated[Path, typer.Option("--out", help="Parent folder: one image set per canvas, OUT/canvas_<size>/.")],
+    target: Annotated[int, typer.Option(help="Class whose presence makes a canvas positive (e.g. 3).")],
+    canvas: Annotated[str, typer.Option(help="Canvas sides in px, comma-separated, e.g. 64,128,256.")],
+    idx_dir: Annotated[Optional[Path], typer.Option(help="Folder with the four MNIST-format IDX files (plain or .gz).")] = None,
+    source: Annotated[Optional[str], typer.Option(help="'sklearn-digits': scikit-learn's bundled 8×8 digits, upscaled to 28×28 (offline).")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed; same seed, identical image sets.")] = 1234,
+    duplicates: Annotated[int, typer.Option(help="Times each target object is used, each with fresh clutter.")] = 2,
+    val_size: Annotated[Optional[int], typer.Option(help="Objects at the end of the IDX train file that form val (default 5000).")] = None,
+    max_per_split: Annotated[Optional[str], typer.Option(help="Caps on canvases for train,val,test, e.g. 2000,500,500 (balance kept).")] = None,
+    clutter_density: Annotated[Optional[float], typer.Option(help="Distractors per 64×64 px instead of the paper's table (≈1.56).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace image sets made with other options.")] = False,
+    progress: Progress_ = True,
+) -> None:
+    """nMNIST-style image sets: one target object among clutter in large canvases (O2I study)."""
+    from mil.extract.needles import parse_ints, run_needles, summary
+
+    results = run_needles(
+        out, target=target, canvases=parse_ints(canvas, "--canvas"), idx_dir=idx_dir, source=source or "idx",
+        seed=seed, duplicates=duplicates, val_size=val_size, max_per_split=parse_ints(max_per_split, "--max-per-split", 3),
+        clutter_density=clutter_density, overwrite=overwrite, progress=progress,
+    )  # fmt: skip
+    for r in results:
+        typer.echo(summary(r))
+
+
+@app.command()
+def crops(
+    manifest: Annotated[Path, typer.Option(help="Manifest CSV with slide_id, path, label and split columns.")],
+    masks: Annotated[Path, typer.Option(help="Folder of lesion masks <slide_id>_lesion.png (or <slide_id>.png) covering each positive slide.")],
+    out: Annotated[Path, typer.Option("--out", help="The image-set folder to write.")],
+    size: Annotated[int, typer.Option(help="Crop side in px.")] = 256,
+    o2i: Annotated[str, typer.Option(help="Range LOW-HIGH of the lesion fraction of positive crops, e.g. 0.01-0.1.")] = "0.01-0.1",
+    level: Annotated[Optional[int], typer.Option(help="Pyramid level to crop at (default 0).")] = None,
+    level_mpp: Annotated[Optional[float], typer.Option(help="Crop at this many µm per px instead of a level.")] = None,
+    per_lesion: Annotated[int, typer.Option(help="Positive crops per lesion component at most.")] = 50,
+    per_slide: Annotated[int, typer.Option(help="Negative crops per negative slide at most.")] = 100,
+    seed: Annotated[int, typer.Option(help="Random seed; same seed, identical image set.")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an image set made with other options.")] = False,
+    progress: Progress_ = True,
+) -> None:
+    """nCAMELYON-style image set: crops holding one whole lesion (positives) or none (negative slides)."""
+    from mil.extract.crops import CropConfig, parse_range, run_crops, summary
+
+    config = CropConfig(size=size, o2i=parse_range(o2i), level=level, level_mpp=level_mpp,
+                        per_lesion=per_lesion, per_slide=per_slide, seed=seed)  # fmt: skip
+    typer.echo(summary(run_crops(manifest, masks, out, config, overwrite=overwrite, progress=progress)))

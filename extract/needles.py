@@ -1,0 +1,514 @@
+"""nMNIST-style "needle in a haystack" image sets (Pawlowski et al., Needles in Haystacks, §5.1).
+
+A positive canvas holds one object of the target class plus N clutter objects of the other
+classes; a negative canvas holds N + 1 clutter objects, so both carry the same pixel mass. Objects
+are added (overlaps allowed) and the sum is clipped to 255. The target sits in a random 64 × 64
+grid cell, wholly inside it; clutter is placed uniformly. Each target object is used
+`duplicates` times with fresh clutter and every positive gets one negative (balanced classes).
+
+Objects come from MNIST-format IDX files (MNIST, Fashion-MNIST, …) or, offline, from
+scikit-learn's 8 × 8 digits upscaled to 28 × 28. Source splits are disjoint: val = the last
+`val_size` objects of the IDX train file, train = the rest, test = the t10k file; a split's
+clutter comes only from that split's objects.
+
+`run_needles` writes one image-set folder (`mil.imagesets`) per canvas size:
+``OUT/canvas_<size>/{train,val,test}.h5`` and ``imageset.json``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mil.atomic import remove_stale_temporaries
+from mil.errors import MilError, OptionError, SettingsMismatchError
+from mil.imagesets import META_NAME, SPLITS, ImageSplit, check_split, write_meta, write_split
+
+GRID = 64  # side of the grid cells the target is placed in (px)
+# Distractors per canvas in the paper's README commands (digit clutter, patch size 64).
+CLUTTER_TABLE = {64: 2, 128: 6, 256: 25, 512: 100, 1024: 400, 2048: 1600, 4096: 6400, 6144: 14400}
+PX_PER_OBJECT = 2600  # canvases outside the table: about one object per 2,600 px²
+MAX_BYTES = 4 * 2**30  # largest split held in memory
+IDX_NAMES = {
+    ("train", "images"): "train-images-idx3-ubyte",
+    ("train", "labels"): "train-labels-idx1-ubyte",
+    ("t10k", "images"): "t10k-images-idx3-ubyte",
+    ("t10k", "labels"): "t10k-labels-idx1-ubyte",
+}
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+SOURCES = ("idx", "sklearn-digits")
+
+
+class IdxError(MilError, ValueError):
+    """An IDX file (MNIST format) is missing, truncated or not IDX at all."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading objects
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read one IDX file (plain or gzip-compressed, by the ``.gz`` suffix).
+
+    Returns:
+        The array with the shape in its header, e.g. (n, 28, 28) uint8 for images, (n,) for labels.
+
+    Raises:
+        IdxError: the file is missing, not IDX (bad magic number) or shorter than its header says.
+    """
+    path = Path(path)
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise IdxError(f"{path}: expected an IDX file, got no such file instead.") from None
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+        raise IdxError(f"{path}: expected an IDX file{' (gzip)' if path.suffix == '.gz' else ''}, could not read it ({e}).") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES or not 1 <= raw[3] <= 4:
+        magic = raw[:4].hex() if len(raw) >= 4 else f"only {len(raw)} bytes"
+        raise IdxError(f"{path}: expected an IDX file with magic number 0x0000TTDD (TT a type code, DD = 1–4 dims), got {magic} instead.")
+    ndim, dtype = raw[3], np.dtype(_IDX_DTYPES[raw[2]])
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise IdxError(f"{path}: expected {header} header bytes, got a file of {len(raw)} bytes instead.")
+    shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
+    need = header + int(np.prod(shape)) * dtype.itemsize
+    if len(raw) != need:
+        raise IdxError(f"{path}: expected {need} bytes for an IDX array of shape {shape}, got {len(raw)} instead.")
+    arr = np.frombuffer(raw, dtype, offset=header).reshape(shape)
+    return arr.astype(dtype.newbyteorder("="))  # native byte order, writable copy
+
+
+def find_idx(folder: str | Path) -> dict[tuple[str, str], Path]:
+    """Paths of the four MNIST files in `folder` (plain or ``.gz``), keyed like `IDX_NAMES`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise IdxError(f"expected --idx-dir to be a folder holding MNIST-format IDX files, got {str(folder)!r} which is not a folder.")
+    found, missing = {}, []
+    for key, name in IDX_NAMES.items():
+        hits = [p for p in (folder / name, folder / f"{name}.gz") if p.is_file()]
+        if hits:
+            found[key] = hits[0]
+        else:
+            missing.append(f"{name}[.gz]")
+    if missing:
+        raise IdxError(f"{folder}: expected the four MNIST-format IDX files, missing {', '.join(missing)}.")
+    return found
+
+
+def load_idx_dir(folder: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Read the MNIST train and t10k files of `folder`.
+
+    Returns:
+        ``{"train": (images, labels), "t10k": (images, labels)}``: images (n, H, W) uint8,
+        labels (n,) int64.
+    """
+    paths = find_idx(folder)
+    out = {}
+    for part in ("train", "t10k"):
+        images, labels = read_idx(paths[part, "images"]), read_idx(paths[part, "labels"])
+        if images.ndim != 3 or images.dtype != np.uint8:
+            raise IdxError(f"{paths[part, 'images']}: expected images of shape (n, H, W) uint8, got {images.shape} {images.dtype} instead.")
+        if labels.ndim != 1 or len(labels) != len(images):
+            raise IdxError(f"{paths[part, 'labels']}: expected {len(images)} labels (one per image), got shape {labels.shape} instead.")
+        out[part] = (images, labels.astype(np.int64))
+    return out
+
+
+@dataclass
+class SourceSplit:
+    """The objects one split of the image set may use.
+
+    Attributes:
+        objects: (n, h, w) uint8.
+        labels: (n,) int64 class of each object.
+        index: (n,) int64 index of each object in its source (IDX file or digits set).
+        origin: where the objects come from, e.g. ``train-images-idx3-ubyte[55000:60000]``.
+    """
+
+    objects: np.ndarray
+    labels: np.ndarray
+    index: np.ndarray
+    origin: str
+
+
+def idx_splits(folder: str | Path, val_size: int = 5000) -> dict[str, SourceSplit]:
+    """Disjoint train/val/test objects: val = last `val_size` of the IDX train file, test = t10k."""
+    data = load_idx_dir(folder)
+    (tr_x, tr_y), (te_x, te_y) = data["train"], data["t10k"]
+    n = len(tr_x)
+    if not 0 <= val_size < n:
+        raise OptionError(f"expected --val-size in [0, {n}) (the IDX train file holds {n} objects), got {val_size} instead.")
+    cut = n - val_size
+    name = IDX_NAMES["train", "images"]
+    return {
+        "train": SourceSplit(tr_x[:cut], tr_y[:cut], np.arange(cut), f"{name}[0:{cut}]"),
+        "val": SourceSplit(tr_x[cut:], tr_y[cut:], np.arange(cut, n), f"{name}[{cut}:{n}]"),
+        "test": SourceSplit(te_x, te_y, np.arange(len(te_x)), f"{IDX_NAMES['t10k', 'images']}[0:{len(te_x)}]"),
+    }
+
+
+def digits_splits(size: int = 28) -> dict[str, SourceSplit]:
+    """scikit-learn's bundled 8 × 8 digits (1,797, no download) as 28 × 28 uint8 objects.
+
+    Values 0–16 are rescaled to 0–255 and upscaled with bilinear `skimage.transform.resize`;
+    splits are the first 60 % / next 20 % / last 20 % by index.
+    """
+    from sklearn.datasets import load_digits
+    from skimage.transform import resize
+
+    digits = load_digits()
+    small = digits.images.astype(np.float32) / 16.0  # (n, 8, 8) in [0, 1]
+    big = resize(small, (len(small), size, size), order=1, anti_aliasing=False, preserve_range=True)  # (n, 28, 28)
+    objects = np.clip(np.rint(big * 255.0), 0, 255).astype(np.uint8)  # (n, 28, 28)
+    labels = digits.target.astype(np.int64)  # (n,)
+    n = len(objects)
+    a, b = int(round(0.6 * n)), int(round(0.8 * n))
+    return {
+        split: SourceSplit(objects[lo:hi], labels[lo:hi], np.arange(lo, hi), f"sklearn load_digits[{lo}:{hi}]")
+        for split, (lo, hi) in zip(SPLITS, ((0, a), (a, b), (b, n)))
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Making canvases
+
+
+def default_n_clutter(canvas: int, density: float | None = None) -> int:
+    """Distractors per positive canvas: the paper's table, else about one object per 2,600 px².
+
+    Args:
+        canvas: canvas side (px).
+        density: distractors per 64 × 64 px (overrides the table; the paper's is about 1.56).
+    """
+    if density is not None:
+        return max(0, int(round(density * canvas * canvas / (GRID * GRID))))
+    if canvas in CLUTTER_TABLE:
+        return CLUTTER_TABLE[canvas]
+    return max(0, int(round(canvas * canvas / PX_PER_OBJECT)) - 1)
+
+
+@dataclass
+class Needles:
+    """The canvases of one split and how they were built.
+
+    Attributes:
+        split: the image-set arrays (images (n, 1, canvas, canvas) uint8, labels, o2i, bbox, source).
+        clutter_source: (n, N + 1) int64 source index of each clutter object; -1 pads the unused
+            last slot of positives (they carry N clutter objects, negatives N + 1).
+        clutter_xy: (n, N + 1, 2) int32 top-left (x, y) of each clutter object; -1 where unused.
+        n_objects: (n,) int32 objects on each canvas (target included), always N + 1.
+    """
+
+    split: ImageSplit
+    clutter_source: np.ndarray
+    clutter_xy: np.ndarray
+    n_objects: np.ndarray
+
+
+def make_needles(
+    objects: np.ndarray,
+    labels: np.ndarray,
+    target: int,
+    canvas: int,
+    n_clutter: int | None = None,
+    n_images: int | None = None,
+    duplicates: int = 2,
+    seed: int | Sequence[int] = 0,
+    *,
+    source_index: np.ndarray | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Needles:
+    """Balanced needle canvases from one split's objects.
+
+    Args:
+        objects: (n, h, w) uint8 objects (e.g. 28 × 28 digits).
+        labels: (n,) class of each object.
+        target: the class whose presence makes a canvas positive.
+        canvas: canvas side in px (>= the object side).
+        n_clutter: distractors per positive canvas (N); default `default_n_clutter(canvas)`.
+        n_images: cap on the number of canvases (positives = negatives = n_images // 2).
+        duplicates: times each target object is used, each time with fresh clutter.
+        seed: seed of `numpy.random.default_rng`; the same seed gives identical arrays.
+        source_index: (n,) index of each object in its source, recorded as `source`; default arange.
+        progress: called with the number of canvases finished since the last call.
+
+    Returns:
+        `Needles`; its split holds 2 · min(duplicates · #targets, n_images // 2) canvases in
+        random order, images (n, 1, canvas, canvas) uint8, o2i = h · w / canvas² for positives.
+    """
+    objects = np.asarray(objects)
+    labels = np.asarray(labels).reshape(-1)
+    if objects.ndim != 3 or objects.dtype != np.uint8:
+        raise OptionError(f"expected objects of shape (n, h, w) and dtype uint8, got {objects.shape} {objects.dtype} instead.")
+    if len(labels) != len(objects):
+        raise OptionError(f"expected one label per object ({len(objects)}), got {len(labels)} instead.")
+    n_obj, h, w = objects.shape
+    if canvas < max(h, w):
+        raise OptionError(f"expected --canvas of at least the object size {max(h, w)}, got {canvas} instead.")
+    if duplicates < 1:
+        raise OptionError(f"expected --duplicates >= 1, got {duplicates} instead.")
+    n_clutter = default_n_clutter(canvas) if n_clutter is None else int(n_clutter)
+    if n_clutter < 0:
+        raise OptionError(f"expected a number of clutter objects >= 0, got {n_clutter} instead.")
+    index = np.arange(n_obj, dtype=np.int64) if source_index is None else np.asarray(source_index, np.int64)
+    targets = np.flatnonzero(labels == target)  # (T,)
+    pool = np.flatnonzero(labels != target)  # (P,)
+    if n_obj and not len(targets):
+        raise OptionError(f"expected objects of the target class {target} in this split, got none (classes {sorted(set(labels.tolist()))}).")
+    if n_obj and n_clutter and not len(pool):
+        raise OptionError(f"expected objects of classes other than the target {target} for clutter, got none.")
+
+    rng = np.random.default_rng(seed)
+    # Duplicate-major order, so a cap below #targets still uses distinct target objects.
+    order = np.concatenate([rng.permutation(targets) for _ in range(duplicates)]) if len(targets) else targets  # (T·dup,)
+    n_pos = len(order) if n_images is None else min(len(order), max(int(n_images), 0) // 2)
+    order = order[:n_pos]
+    n = 2 * n_pos
+    nbytes = n * canvas * canvas
+    if nbytes > MAX_BYTES:
+        raise OptionError(
+            f"expected a split of at most {MAX_BYTES / 2**30:.0f} GiB in memory, got {n:,} canvases of {canvas}² px "
+            f"({nbytes / 2**30:.1f} GiB) instead; cap it with --max-per-split."
+        )
+    is_pos = rng.permutation(np.arange(n) < n_pos)  # (n,) random order of positives and negatives
+    target_of = np.full(n, -1, np.int64)  # (n,) row in `objects` of each positive's target
+    target_of[is_pos] = order
+
+    images = np.zeros((n, 1, canvas, canvas), np.uint8)  # (n, 1, S, S)
+    bbox = np.full((n, 4), -1, np.int32)  # (n, 4) x0, y0, x1, y1
+    clutter_source = np.full((n, n_clutter + 1), -1, np.int64)  # (n, N+1)
+    clutter_xy = np.full((n, n_clutter + 1, 2), -1, np.int32)  # (n, N+1, 2)
+    acc = np.empty((canvas, canvas), np.int32)  # (S, S) sum of objects before clipping
+    g = canvas // GRID
+    done = 0
+    for i in range(n):
+        acc[:] = 0
+        if is_pos[i]:
+            if g >= 1 and h <= GRID and w <= GRID:  # a random cell, wholly inside it
+                cy, cx = rng.integers(0, g, 2)
+                y0 = int(cy) * GRID + int(rng.integers(0, GRID - h + 1))
+                x0 = int(cx) * GRID + int(rng.integers(0, GRID - w + 1))
+            else:  # canvas smaller than one cell (or objects larger): anywhere
+                y0, x0 = (int(v) for v in rng.integers(0, (canvas - h + 1, canvas - w + 1)))
+            acc[y0:y0 + h, x0:x0 + w] += objects[target_of[i]]
+            bbox[i] = (x0, y0, x0 + w, y0 + h)
+        k = n_clutter + (0 if is_pos[i] else 1)
+        picks = pool[rng.integers(0, len(pool), k)] if k else pool[:0]  # (k,)
+        ys = rng.integers(0, max(canvas - h, 1), k)  # (k,) top-left in [0, canvas − h)
+        xs = rng.integers(0, max(canvas - w, 1), k)  # (k,)
+        for j, y, x in zip(picks, ys, xs):
+            acc[y:y + h, x:x + w] += objects[j]
+        np.minimum(acc, 255, out=acc)
+        images[i, 0] = acc
+        clutter_source[i, :k] = index[picks]
+        clutter_xy[i, :k, 0], clutter_xy[i, :k, 1] = xs, ys
+        done += 1
+        if progress is not None and (done == 256 or i == n - 1):
+            progress(done)
+            done = 0
+
+    o2i = np.where(is_pos, h * w / float(canvas * canvas), 0.0)  # (n,)
+    source = np.where(is_pos, index[np.maximum(target_of, 0)] if n_obj else -1, -1)  # (n,)
+    split = check_split(images, is_pos.astype(np.int8), o2i, bbox, source)
+    return Needles(split, clutter_source, clutter_xy, np.full(n, n_clutter + 1, np.int32))
+
+
+# ---------------------------------------------------------------------------------------------
+# Image-set folders and the command
+
+
+def parse_ints(text: str | None, option: str, n: int | None = None) -> list[int] | None:
+    """'64,128,256' → [64, 128, 256]; None stays None. `n` fixes how many values are expected."""
+    if text is None:
+        return None
+    try:
+        values = [int(v) for v in str(text).replace(" ", "").split(",") if v != ""]
+    except ValueError:
+        values = []
+    if not values or (n is not None and len(values) != n) or min(values) < 0:
+        want = f"{n} comma-separated integers >= 0" if n else "comma-separated integers >= 0"
+        raise OptionError(f"expected {option} to be {want}, got {text!r} instead.")
+    return values
+
+
+def check_existing(folder: Path, options: dict[str, Any], overwrite: bool) -> bool:
+    """True if `folder` already holds an image set made with exactly `options` (nothing to do).
+
+    Raises `SettingsMismatchError` if it holds one made with other options and not `overwrite`.
+    """
+    meta_path = folder / META_NAME
+    if not meta_path.is_file():
+        return False
+    try:
+        old = json.loads(meta_path.read_text()).get("options")
+    except (OSError, ValueError, AttributeError):
+        old = None
+    same = old == json.loads(json.dumps(options, default=str))
+    if same and not overwrite:
+        return True
+    if not overwrite:
+        diff = sorted(k for k in set(options) | set(old or {}) if (old or {}).get(k) != options.get(k))
+        raise SettingsMismatchError(
+            f"{folder}: expected an image set made with the same options, got one made with other {', '.join(diff) or 'options'}; "
+            "rerun with --overwrite to replace it, or choose another --out."
+        )
+    return False
+
+
+def start_folder(folder: Path) -> None:
+    """Make `folder` ready for a fresh image set: created, leftovers and the old marker removed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(folder)
+    (folder / META_NAME).unlink(missing_ok=True)  # split files first, marker last
+
+
+def run_needles(
+    out: str | Path,
+    *,
+    target: int,
+    canvases: Sequence[int],
+    idx_dir: str | Path | None = None,
+    source: str = "idx",
+    seed: int = 1234,
+    duplicates: int = 2,
+    val_size: int | None = None,
+    max_per_split: Sequence[int] | None = None,
+    clutter_density: float | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Write one image set per canvas size to ``out/canvas_<size>/``.
+
+    Args:
+        out: parent folder of the image sets.
+        target: the target class.
+        canvases: canvas sides in px.
+        idx_dir: folder of MNIST-format IDX files (``source="idx"``).
+        source: "idx" or "sklearn-digits" (offline, no files needed).
+        seed: seed of everything; a split's generator is seeded with (seed, split, canvas).
+        duplicates: times each target object is used.
+        val_size: objects at the end of the IDX train file used for val (default 5,000).
+        max_per_split: cap on canvases for train, val, test (balance kept).
+        clutter_density: distractors per 64 × 64 px instead of the paper's table.
+        overwrite: replace image sets made with other options.
+        progress: show a progress bar over canvases.
+
+    Returns:
+        One dict per canvas: ``folder``, ``status`` ("written" or "complete") and ``meta``.
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    options = resolve_needles_options(target=target, canvases=canvases, idx_dir=idx_dir, source=source, seed=seed,
+                                      duplicates=duplicates, val_size=val_size, max_per_split=max_per_split,
+                                      clutter_density=clutter_density)  # fmt: skip
+    out = Path(out)
+    todo, results = [], []
+    for canvas, opts in options.items():  # every folder checked before any work
+        folder = out / f"canvas_{canvas}"
+        if check_existing(folder, opts, overwrite):
+            from mil.imagesets import read_meta
+
+            results.append({"folder": folder, "status": "complete", "meta": read_meta(folder)})
+        else:
+            todo.append((canvas, folder, opts))
+    if not todo:
+        return results
+
+    first = todo[0][2]
+    splits = digits_splits() if first["source"] == "sklearn-digits" else idx_splits(first["idx_dir"], first["val_size"])
+    labels = sorted(set(np.concatenate([s.labels for s in splits.values()]).tolist()))
+    if target not in labels:
+        raise OptionError(f"expected --target to be one of the classes {labels}, got {target} instead.")
+    caps = dict(zip(SPLITS, first["max_per_split"] or (None,) * 3))
+    totals = {}  # canvases per split: 2 · min(duplicates · #targets, cap // 2)
+    for split in SPLITS:
+        n_pos = int((splits[split].labels == target).sum()) * duplicates
+        totals[split] = 2 * (n_pos if caps[split] is None else min(n_pos, caps[split] // 2))
+        for canvas, _, _ in todo:  # refuse before any work
+            if totals[split] * canvas * canvas > MAX_BYTES:
+                raise OptionError(
+                    f"expected each split to fit in {MAX_BYTES / 2**30:.0f} GiB, got {totals[split]:,} {split} canvases of "
+                    f"{canvas}² px ({totals[split] * canvas**2 / 2**30:.1f} GiB) instead; cap it with --max-per-split."
+                )
+    console = Console(stderr=True)
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("canvases"), TimeElapsedColumn())
+    with Progress(*columns, console=console, disable=not progress, transient=True) as bar:
+        for canvas, folder, opts in todo:
+            task = bar.add_task(f"canvas {canvas}", total=sum(totals.values()))
+            start_folder(folder)
+            meta = {"generator": "needles", "mil_version": mil_version(), "options": opts, "seed": seed, "canvas": canvas, "channels": 1,
+                    "n_clutter": opts["n_clutter"], "objects_per_image": opts["n_clutter"] + 1, "n": {}, "n_positive": {},
+                    "o2i": None, "object_size": None, "origin": {}, "classes": labels}  # fmt: skip
+            for k, split in enumerate(SPLITS):
+                s = splits[split]
+                made = make_needles(s.objects, s.labels, target, canvas, n_clutter=opts["n_clutter"], n_images=caps[split],
+                                    duplicates=duplicates, seed=(seed, k, canvas), source_index=s.index,
+                                    progress=lambda d: bar.advance(task, d))  # fmt: skip
+                attrs = {"generator": "needles", "split": split, "canvas": canvas, "target": target, "origin": s.origin}
+                write_split(folder / f"{split}.h5", made.split, attrs)
+                meta["n"][split] = len(made.split)
+                meta["n_positive"][split] = int(made.split.labels.sum())
+                meta["origin"][split] = s.origin
+                meta["object_size"] = list(s.objects.shape[1:])
+            h, w = meta["object_size"]
+            meta["o2i"] = h * w / float(canvas * canvas)
+            write_meta(folder, meta)
+            bar.remove_task(task)
+            results.append({"folder": folder, "status": "written", "meta": meta})
+    order = [out / f"canvas_{c}" for c in options]
+    return sorted(results, key=lambda r: order.index(r["folder"]))
+
+
+def resolve_needles_options(*, target, canvases, idx_dir, source, seed, duplicates, val_size, max_per_split,
+                            clutter_density) -> dict[int, dict[str, Any]]:  # fmt: skip
+    """Validate the options and resolve them into one JSON-able dict per canvas (for imageset.json)."""
+    if source not in SOURCES:
+        raise OptionError(f"expected --source to be one of {', '.join(SOURCES)}, got {source!r} instead.")
+    if source == "idx" and idx_dir is None:
+        raise OptionError("expected --idx-dir DIR (MNIST-format IDX files) or --source sklearn-digits, got neither.")
+    if source == "sklearn-digits" and idx_dir is not None:
+        raise OptionError(f"expected either --idx-dir or --source sklearn-digits, got both (--idx-dir {idx_dir}).")
+    if source == "sklearn-digits" and val_size is not None:
+        raise OptionError(f"expected no --val-size with --source sklearn-digits (its splits are 60/20/20 by index), got {val_size} instead.")
+    if not canvases or min(canvases) < 1:
+        raise OptionError(f"expected --canvas to be canvas sides in px such as 64,128,256, got {list(canvases)} instead.")
+    if duplicates < 1:
+        raise OptionError(f"expected --duplicates >= 1, got {duplicates} instead.")
+    if seed < 0:
+        raise OptionError(f"expected --seed >= 0, got {seed} instead.")
+    if max_per_split is not None and len(max_per_split) != 3:
+        raise OptionError(f"expected --max-per-split to be three caps (train,val,test), got {list(max_per_split)} instead.")
+    if clutter_density is not None and not clutter_density >= 0:
+        raise OptionError(f"expected --clutter-density >= 0 (distractors per 64×64 px), got {clutter_density} instead.")
+    if source == "idx":
+        find_idx(idx_dir)  # a clear error before anything else
+        idx_dir = str(Path(idx_dir).resolve())
+        val_size = 5000 if val_size is None else int(val_size)
+    base = {"source": source, "idx_dir": idx_dir, "target": int(target), "seed": int(seed), "duplicates": int(duplicates),
+            "val_size": val_size, "max_per_split": None if max_per_split is None else [int(v) for v in max_per_split],
+            "clutter_density": clutter_density, "grid": GRID}  # fmt: skip
+    return {int(c): {**base, "canvas": int(c), "n_clutter": default_n_clutter(int(c), clutter_density)} for c in dict.fromkeys(canvases)}
+
+
+def mil_version() -> str:
+    import mil
+
+    return str(mil.__version__)
+
+
+def summary(result: dict[str, Any]) -> str:
+    """One line per image set: folder, n per split, O2I."""
+    meta, folder = result["meta"], result["folder"]
+    if result["status"] == "complete":
+        return f"{folder}: already complete with these options; nothing written"
+    n = " · ".join(f"{s} {meta['n'][s]:,}" for s in SPLITS)
+    return f"{folder}: {n} canvases (half positive), {meta['canvas']}² px, O2I {100 * meta['o2i']:.3g} %, {meta['n_clutter']} distractors"
