@@ -9,7 +9,7 @@ DEMO_LESION ?= 0.01
 
 $(BIN)/mil: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,workflow]'
 	touch $@
 
 ## demo: the whole pipeline on a synthetic cohort whose positive slides carry a small planted lesion:
