@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-app = typer.Typer(help="Stage 3: run directories → metrics, plots, comparisons, heatmaps.", no_args_is_help=True, rich_markup_mode="rich")
+app = typer.Typer(help="Stage 3: run directories → metrics, plots, comparisons, heatmaps, O2I studies.", no_args_is_help=True, rich_markup_mode="rich")
 
 
 @app.command()
@@ -74,3 +74,29 @@ def heatmap(
     path = render_heatmap(run_dir, slide, slides, out=out, features=features, fold=fold, score=score, top_k=top_k,
                           thumbnail_size=thumbnail_size)  # fmt: skip
     typer.echo(f"wrote {path}")
+
+
+@app.command()
+def o2i(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run directories from `mil train bagnet` (seeds, poolings, RFs, image sets).")],
+    out: Annotated[Path, typer.Option("--out", help="PNG to write; the plotted points go to a CSV beside it.")],
+    data: Annotated[Optional[Path], typer.Option(help="Image-set folder to score (default: each run's own, from its config.json).")] = None,
+    split: Annotated[str, typer.Option(help="Split of the image set to score: test, val or train.")] = "test",
+    group_by: Annotated[str, typer.Option(help="One line per pooling | rf | width, or auto (whichever of them varies).")] = "auto",
+    device: Annotated[str, typer.Option(help="cpu | cuda | auto.")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for each run's AUC interval.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
+) -> None:
+    """Accuracy, AUC and localisation AP of BagNet runs, plotted against the O2I ratio of their image sets."""
+    from mil.evaluate.o2i import evaluate_o2i
+
+    points, docs = evaluate_o2i(run_dirs, out, data=data, split=split, group_by=group_by, device=device, batch_size=batch_size,
+                                n_boot=n_boot, seed=seed)  # fmt: skip
+    for d in docs:
+        auc = f"{d['auc']['auc']:.3f}" if d["auc"] else "-"
+        ap = f"{d['loc_ap']:.3f}" if d["loc_ap"] is not None else "-"
+        typer.echo(f"{d['run']}: {split} n={d['n']}  O2I {100 * (d['o2i'] or 0):.3g}%  accuracy {d['accuracy']:.3f}  AUC {auc}  loc AP {ap}")
+    table = points.drop(columns=["data"]).assign(o2i=lambda t: (100 * t["o2i"]).map("{:.3g}%".format))
+    typer.echo(table.to_string(index=False, float_format="{:.3f}".format))
+    typer.echo(f"wrote {out} and {out.with_suffix('.csv')}")

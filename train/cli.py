@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-app = typer.Typer(help="Stage 2: feature files → trained MIL heads.", no_args_is_help=True, rich_markup_mode="rich")
+app = typer.Typer(help="Stage 2: feature files → trained MIL heads; image sets → BagNets.", no_args_is_help=True, rich_markup_mode="rich")
 
 
 @app.command()
@@ -88,3 +88,64 @@ class _EpochProgress:
         self.done[fold] = row["epoch"]
         self.progress.update(self.tasks[fold], completed=row["epoch"], loss=f"{row['train_loss']:.4f}",
                              auc=f"{row['val_auc']:.3f}", hard=row["n_hard_negatives"])  # fmt: skip
+
+
+@app.command()
+def bagnet(
+    data: Annotated[Path, typer.Argument(help="Image-set folder (imageset.json, train.h5, val.h5) from `mil extract needles` or `mil extract crops`.")],
+    out: Annotated[Path, typer.Option("--out", help="Run directory to create.")],
+    rf: Annotated[int, typer.Option(help="Receptive field: 9, 33 or 177.")] = 33,
+    pooling: Annotated[str, typer.Option(help="Pooling over positions: max, mean, logsumexp, attention, gated_attention.")] = "max",
+    width: Annotated[float, typer.Option(help="Channel multiplier (embedding 2048·width).")] = 1.0,
+    epochs: Annotated[int, typer.Option(help="Epochs (LR ×0.1 at 80, 120, 160 of 200, scaled).")] = 200,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    accumulate: Annotated[int, typer.Option(help="Forward passes per optimizer step (effective batch = batch size × accumulate).")] = 1,
+    lr: Annotated[float, typer.Option(help="RMSprop learning rate.")] = 5e-5,
+    max_train: Annotated[Optional[int], typer.Option(help="Train on a seeded balanced subset of N training images.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of initialisation, subset, shuffling and dropout.")] = 42,
+    device: Annotated[str, typer.Option(help="cpu | cuda | auto.")] = "auto",
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue an unfinished run with the same settings from its last.pt.")] = True,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar with the running loss and validation accuracy.")] = True,
+) -> None:
+    """Train a BagNet end to end on an image set; select the epoch on validation accuracy (test split unread)."""
+    from mil.train.bagnet import BagNetTrainConfig, run_bagnet
+
+    config = BagNetTrainConfig(rf=rf, pooling=pooling, width=width, epochs=epochs, batch_size=batch_size, accumulate=accumulate,
+                               lr=lr, max_train=max_train, seed=seed)  # fmt: skip
+    with _BagNetProgress(epochs, enabled=progress) as bar:
+        summary = run_bagnet(data, out, config, device=device, workers=workers, overwrite=overwrite, resume=resume,
+                             on_epoch=bar.epoch, on_batch=bar.batch)  # fmt: skip
+    if summary.attrs.get("skipped"):
+        typer.echo(f"{out}: already trained with these settings; nothing to do (pass --overwrite to train again)")
+    typer.echo(summary.to_string(index=False, float_format="{:.3f}".format))
+    typer.echo(f"training throughput: {summary['train_images_per_s'][0]:.1f} images/s (mean over epochs)")
+    typer.echo(f"run directory: {out}")
+
+
+class _BagNetProgress:
+    """One rich progress bar over epochs: running train loss, last validation accuracy, images/s (on stderr)."""
+
+    def __init__(self, epochs: int, enabled: bool) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        stats = "loss {task.fields[loss]}  val acc {task.fields[acc]}  {task.fields[speed]} img/s"
+        self.progress = Progress(TextColumn("epoch"), BarColumn(), MofNCompleteColumn(), TextColumn(stats), TimeElapsedColumn(),
+                                 console=Console(stderr=True), disable=not enabled)  # fmt: skip
+        self.task = self.progress.add_task("epochs", total=epochs, loss="-", acc="-", speed="-")
+
+    def __enter__(self):
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def batch(self, epoch: int, done: int, total: int, loss: float) -> None:
+        self.progress.update(self.task, completed=epoch - 1 + done / total, loss=f"{loss:.4f}")
+
+    def epoch(self, row: dict) -> None:
+        self.progress.update(self.task, completed=row["epoch"], loss=f"{row['train_loss']:.4f}", acc=f"{row['val_acc']:.3f}",
+                             speed=f"{row['train_images_per_s']:.1f}")  # fmt: skip

@@ -1,0 +1,234 @@
+"""`mil evaluate o2i`: score BagNet runs on their image sets and plot accuracy / AUC against the O2I ratio.
+
+For each run directory of `mil train bagnet`::
+
+    RUN_DIR/eval/<split>/predictions.csv   index, label, probability, o2i (one row per image of the split)
+    RUN_DIR/eval/<split>/metrics.json      n, n_positive, accuracy (at the checkpoint's threshold 0.5), auc (with a
+                                           stratified bootstrap CI, `mil.evaluate.metrics.auc_ci`), loc_ap (mean
+                                           localisation AP over positives), o2i (median O2I of the positives), run settings
+
+and for all runs together a PNG with two panels, accuracy and AUC against the image set's O2I ratio
+(log axis, in %), one line per group (pooling, rf or width), mean ± sd error bars over the runs that
+share group and image set (seeds), a dashed chance line at 0.5, and beside it a CSV of the plotted
+points: group, o2i, n_runs, acc_mean, acc_sd, auc_mean, auc_sd, loc_ap_mean (sd with ddof = 1, 0 for one run).
+
+Localisation AP (after the paper's appendix C.4, with the target's box as ground truth): for a
+positive image of ``H × W`` pixels with box ``x0, y0, x1, y1`` (end exclusive), the saliency map
+``S = net.saliency(x)`` ``(h, w)`` — the classifier applied to every position's embedding — is
+painted onto pixels: position ``(i, j)`` is centred on pixel ``(stride·i + offset, stride·j + offset)``
+(8i + 1) and owns the ``stride × stride`` cell of rows ``[8i − 3, 8i + 5)`` and columns alike; the
+first cell extends to pixel 0 and the last to the image edge, so the cells tile the image. Every pixel
+gets its cell's score; the AP is scikit-learn's ``average_precision_score`` of those pixel scores
+against the box mask (1 inside the box). Pixels of one cell tie, so it is computed exactly from one
+score per cell weighted by its in-box and out-of-box pixel counts. It is 1 when every cell that
+touches the box lies inside it and outscores every other cell, and about the box's share of the image
+(its O2I) for an uninformative map. The reported ``loc_ap`` is the mean over positive images with a
+box. (For crops whose lesion is not a rectangle the box over-covers the lesion.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import average_precision_score
+
+import mil
+from mil.errors import MilError, OptionError
+from mil.evaluate.metrics import auc_ci
+from mil.imagesets import SPLITS, ImageSetDataset
+from mil.train.bagnet import load_bagnet_checkpoint, predict_images, resolve_device
+
+GROUP_KEYS = ("pooling", "rf", "width")
+POINT_COLUMNS = ["group", "o2i", "n_runs", "acc_mean", "acc_sd", "auc_mean", "auc_sd", "loc_ap_mean", "data"]
+
+
+class O2IRunError(MilError):
+    """A run directory that is not a finished `mil train bagnet` run."""
+
+
+def cell_extents(n: int, size: int, stride: int = 8, offset: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel rows (or columns) ``[start_i, end_i)`` owned by each of `n` positions along an axis of `size` px.
+
+    Position ``i`` is centred on pixel ``stride·i + offset`` and owns ``[stride·i + offset − stride//2,
+    stride·i + offset − stride//2 + stride)``, clipped; the first starts at 0, the last ends at `size`.
+    Returns ``starts (n,), ends (n,)``.
+    """
+    starts = np.arange(n) * stride + offset - stride // 2  # (n,)
+    ends = starts + stride  # (n,)
+    starts[0], ends[-1] = 0, size
+    return np.clip(starts, 0, size), np.clip(ends, 0, size)
+
+
+def localisation_ap(saliency: np.ndarray, bbox, image_size: tuple[int, int], stride: int = 8, offset: int = 1) -> float:
+    """AP of saliency ``(h, w)`` painted onto an ``H × W`` image against the box ``x0, y0, x1, y1``; NaN if the box is empty.
+
+    See the module docstring; equals ``average_precision_score(mask.ravel(), pixel_scores.ravel())``
+    with every pixel given the score of the cell that owns it.
+    """
+    S = np.asarray(saliency, dtype=np.float64)  # (h, w)
+    H, W = image_size
+    x0, y0, x1, y1 = (int(v) for v in bbox)
+    rs, re = cell_extents(S.shape[0], H, stride, offset)  # (h,), (h,)
+    cs, ce = cell_extents(S.shape[1], W, stride, offset)  # (w,), (w,)
+    rin = np.clip(np.minimum(re, y1) - np.maximum(rs, y0), 0, None)  # (h,) box rows in each cell row
+    cin = np.clip(np.minimum(ce, x1) - np.maximum(cs, x0), 0, None)  # (w,)
+    inside = np.outer(rin, cin).ravel()  # (h·w,) box pixels per cell
+    total = np.outer(re - rs, ce - cs).ravel()  # (h·w,) pixels per cell
+    if inside.sum() == 0:
+        return float("nan")
+    scores = np.concatenate([S.ravel(), S.ravel()])  # (2·h·w,)
+    y = np.concatenate([np.ones_like(inside), np.zeros_like(inside)])  # (2·h·w,)
+    weight = np.concatenate([inside, total - inside]).astype(np.float64)  # (2·h·w,)
+    keep = weight > 0
+    return float(average_precision_score(y[keep], scores[keep], sample_weight=weight[keep]))
+
+
+def load_bagnet_run(run_dir: str | Path) -> tuple[dict, Path]:
+    """``(config.json, checkpoint path)`` of a finished `mil train bagnet` run; `O2IRunError` otherwise."""
+    path = Path(run_dir)
+    for name in ("config.json", "checkpoint.pt"):
+        if not (path / name).is_file():
+            raise O2IRunError(f"{path / name}: expected a finished run directory of `mil train bagnet`, got no {name}; check the path or finish training.")
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise O2IRunError(f"{path / 'config.json'}: expected JSON, could not read it ({e}).") from None
+    if config.get("stage") != "train_bagnet":
+        raise O2IRunError(f"{path}: expected a run of `mil train bagnet`, got a {config.get('stage', 'unknown')!r} run instead; use `mil evaluate run` for it.")
+    return config, path / "checkpoint.pt"
+
+
+def score_run(run_dir: str | Path, data: str | Path | None = None, split: str = "test", device: str = "cpu",
+              batch_size: int = 32, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Score `split` of a run's image set (or of `data`) and write ``RUN_DIR/eval/<split>/``; return metrics.json's content."""
+    if split not in SPLITS:
+        raise OptionError(f"expected --split to be one of {', '.join(SPLITS)}, got {split!r} instead.")
+    config, ckpt_path = load_bagnet_run(run_dir)
+    folder = Path(data) if data is not None else Path(config["data"])
+    dev = resolve_device(device)
+    try:
+        net, ckpt = load_bagnet_checkpoint(ckpt_path, dev)
+    except MilError:
+        raise
+    except Exception as e:  # torch raises many types for a corrupt or foreign file
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise O2IRunError(f"{ckpt_path}: expected a checkpoint of `mil train bagnet`, got an unreadable file ({reason[:200]}).") from None
+    ds = ImageSetDataset(folder, split)
+    s = ds.split
+    positives = np.flatnonzero((s.labels == 1) & (s.bbox[:, 0] >= 0))  # (P,)
+    logits, maps = predict_images(net, ds, batch_size, dev, saliency_for=positives)  # (n,), {row: (h, w)}
+    prob = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))  # (n,)
+    H, W = s.images.shape[-2:]
+    aps = [localisation_ap(maps[i], s.bbox[i], (H, W), net.stride, net.offset) for i in positives]
+    aps = [a for a in aps if a == a]
+    threshold = float(ckpt.get("threshold", 0.5))
+    both = len(np.unique(s.labels)) == 2
+    pos_o2i = s.o2i[s.labels == 1]
+    doc = {"run": str(Path(run_dir)), "split": split, "data": str(folder.resolve()), "n": len(s), "n_positive": int(s.labels.sum()),
+           "threshold": threshold, "accuracy": float(((prob >= threshold) == (s.labels == 1)).mean()),
+           "auc": auc_ci(s.labels, prob, n_boot=n_boot, seed=seed) if both else None,
+           "loc_ap": float(np.mean(aps)) if aps else None, "loc_ap_n": len(aps),
+           "o2i": float(np.median(pos_o2i)) if len(pos_o2i) else None,
+           "rf": net.rf, "pooling": config["train"]["pooling"], "width": config["train"]["width"], "seed": config["train"]["seed"],
+           "best_epoch": ckpt["best_epoch"], "mil_version": mil.__version__}  # fmt: skip
+    pred = pd.DataFrame({"index": np.arange(len(s)), "label": s.labels.astype(int), "probability": prob, "o2i": s.o2i})
+    _write_eval(Path(run_dir) / "eval" / split, doc, pred)
+    return doc
+
+
+def _write_eval(final: Path, doc: dict, pred: pd.DataFrame) -> None:
+    """metrics.json and predictions.csv, written into a temporary folder renamed into place when whole."""
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        (tmp / "metrics.json").write_text(json.dumps(doc, indent=2) + "\n")
+        pred.to_csv(tmp / "predictions.csv", index=False)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_group_by(docs: list[dict], group_by: str) -> list[str]:
+    """The settings that name a line: `group_by`, or for ``auto`` those of pooling, rf, width that vary (pooling if none)."""
+    if group_by in GROUP_KEYS:
+        return [group_by]
+    if group_by != "auto":
+        raise OptionError(f"expected --group-by to be one of {', '.join(GROUP_KEYS)}, auto, got {group_by!r} instead.")
+    varying = [k for k in GROUP_KEYS if len({d[k] for d in docs}) > 1]
+    return varying or ["pooling"]
+
+
+def o2i_points(docs: list[dict], group_by: str = "auto") -> pd.DataFrame:
+    """One row per (group, image set): the plotted points, `POINT_COLUMNS`, sorted by group and O2I.
+
+    Runs in one point should differ only in their seed; a `UserWarning` names other differences.
+    """
+    keys = resolve_group_by(docs, group_by)
+    table = pd.DataFrame(docs)
+    table["group"] = table.apply(lambda r: ", ".join(f"{k}={r[k]:g}" if isinstance(r[k], float) else f"{k}={r[k]}" for k in keys), axis=1)
+    table["auc_value"] = [d["auc"]["auc"] if d["auc"] else np.nan for d in docs]
+    table["loc_ap"] = pd.to_numeric(table["loc_ap"]).astype(float)
+    table["o2i"] = pd.to_numeric(table["o2i"]).astype(float)
+    rows = []
+    for (group, data), part in table.groupby(["group", "data"], sort=False):
+        other = [k for k in GROUP_KEYS if k not in keys and part[k].nunique() > 1]
+        if other:
+            warnings.warn(f"runs of group {group!r} on {data} differ in {', '.join(other)}, not only in their seed; they are averaged together.", stacklevel=2)
+        sd = (lambda v: float(v.std(ddof=1)) if v.notna().sum() > 1 else 0.0)
+        rows.append({"group": group, "o2i": float(part["o2i"].iloc[0]), "n_runs": len(part), "acc_mean": float(part["accuracy"].mean()),
+                     "acc_sd": sd(part["accuracy"]), "auc_mean": float(part["auc_value"].mean()), "auc_sd": sd(part["auc_value"]),
+                     "loc_ap_mean": float(part["loc_ap"].mean()), "data": data})  # fmt: skip
+    return pd.DataFrame(rows, columns=POINT_COLUMNS).sort_values(["group", "o2i"], ignore_index=True)
+
+
+def plot_o2i(points: pd.DataFrame, out: Path, title: str = "") -> None:
+    """Accuracy and AUC (two panels) against O2I in % (log axis), one line per group with ± sd bars; chance dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    fig, axes = plt.subplots(1, 2, figsize=(9.5, 4.0), dpi=120, sharex=True)
+    for ax, (mean, sd, label) in zip(axes, (("acc_mean", "acc_sd", "test accuracy"), ("auc_mean", "auc_sd", "test AUC"))):
+        for group, part in points.groupby("group", sort=True):
+            ax.errorbar(part["o2i"] * 100, part[mean], yerr=part[sd], marker="o", ms=4, capsize=3, lw=1.4, label=group)
+        ax.axhline(0.5, ls="--", color="grey", lw=0.8, label="chance")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set(xlabel="object-to-image ratio (%)", ylabel=label, ylim=(0.4, 1.02))
+        ax.grid(alpha=0.3, which="both", lw=0.5)
+    axes[0].legend(fontsize=8, loc="lower right")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def evaluate_o2i(run_dirs: list[str | Path], out: str | Path, data: str | Path | None = None, split: str = "test",
+                 group_by: str = "auto", device: str = "cpu", batch_size: int = 32, n_boot: int = 1000, seed: int = 0
+                 ) -> tuple[pd.DataFrame, list[dict]]:
+    """Score every run (`score_run`), then write the PNG `out` and the CSV beside it; return (points, per-run metrics)."""
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise OptionError(f"expected --out to end in .png, got {out.name!r} instead.")
+    if not run_dirs:
+        raise OptionError("expected at least one run directory, got none.")
+    resolve_group_by([], group_by)  # a bad --group-by fails before any scoring
+    for r in run_dirs:  # every run checked before any is scored
+        load_bagnet_run(r)
+    docs = [score_run(r, data, split, device, batch_size, n_boot, seed) for r in run_dirs]
+    points = o2i_points(docs, group_by)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot_o2i(points, out, title=f"{split} split, {len(docs)} runs")
+    points.to_csv(out.with_suffix(".csv"), index=False)
+    return points, docs
