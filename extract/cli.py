@@ -10,6 +10,7 @@ import typer
 
 from mil.errors import OptionError
 from mil.extract.import_csv import import_csv_command
+from mil.extract.moco_cli import moco
 
 app = typer.Typer(help="Stage 1: slides → tiles → features.", no_args_is_help=True, rich_markup_mode="rich")
 
@@ -245,3 +246,6 @@ def crops(
     config = CropConfig(size=size, o2i=parse_range(o2i), level=level, level_mpp=level_mpp,
                         per_lesion=per_lesion, per_slide=per_slide, seed=seed)  # fmt: skip
     typer.echo(summary(run_crops(manifest, masks, out, config, overwrite=overwrite, progress=progress)))
+
+
+app.command()(moco)  # `mil extract moco`: defined in moco_cli.py, which torchrun can also run as a module

@@ -1,0 +1,547 @@
+"""`mil extract moco`: MoCo v2 self-supervised pretraining of a tile encoder.
+
+Two parts. `MoCo` is the method as one class, after facebookresearch/moco's ``builder.py``
+(He et al., CVPR 2020; Chen et al., arXiv 2003.04297 for v2): a query encoder, its momentum copy
+(the key encoder), a 2-layer MLP projection head and a queue of negative keys. It knows nothing of
+data, optimisers or checkpoints. `run_moco` is the training script around it: tiles straight from
+the slides (`mil.extract.moco_data`), SGD with a cosine schedule, one process or several with
+DDP (``torchrun``), a checkpoint every epoch, resume, and the exported backbone.
+
+Output folder, ``ENCODER_DIR``::
+
+    encoder.pt      backbone state dict only (no projection head): `--weights` of `mil extract features`
+    checkpoint.pt   {"epoch", "arch", "state_dict": {"module.encoder_q.…", "module.encoder_k.…",
+                     "module.queue", "module.queue_ptr"}, "optimizer", "settings", "mil_version"}
+                    (facebookresearch/moco's layout; `--weights` loads it too)
+    metrics.csv     epoch, loss, pretext_acc, lr, images_per_s, seconds
+    config.json     every resolved option ("settings" decide reruns; "runtime" does not)
+    tiles/          coords of every slide from the tiles stage (unless --coords-dir)
+
+``encoder.pt`` is written last: it exists only when every epoch has run.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import mil
+from mil.atomic import atomic_path, remove_stale_temporaries
+from mil.errors import MilError, OptionError, SettingsMismatchError
+from mil.extract.tiles import TilingConfig
+
+
+# ----------------------------------------------------------------------------------------------
+# The method
+# ----------------------------------------------------------------------------------------------
+
+
+class MoCo(nn.Module):
+    """Momentum Contrast v2: query encoder, momentum key encoder, MLP head, queue of negatives.
+
+    Args:
+        backbone: a feature extractor ``(N, 3, S, S) → (N, C)``, e.g. a timm model made with
+            ``num_classes=0``. The MLP head is put in its classifier slot (timm's
+            ``pretrained_cfg["classifier"]``: ``fc`` for ResNets, ``head`` for ViTs), as builder.py
+            does with torchvision's ``fc``, so ``backbone(x)`` then returns the projection
+            ``(N, dim)``. The backbone is modified in place and becomes ``encoder_q``.
+        dim: output size of the projection head (128).
+        K: queue size, the number of negative keys (65536).
+        m: momentum of the key encoder's update (0.999).
+        T: softmax temperature (0.2 for MoCo v2; 0.07 in v1).
+        bn_splits: sub-batches per forward, each with its own BatchNorm statistics. With one process
+            per GPU (builder.py's setting) 1 is right and the keys are shuffled across processes;
+            in a single process, splits > 1 with the keys shuffled between them play that part
+            (the "SplitBatchNorm" of MoCo's CIFAR-10 demo).
+    """
+
+    def __init__(self, backbone: nn.Module, dim: int = 128, K: int = 65536, m: float = 0.999, T: float = 0.2,
+                 bn_splits: int = 1) -> None:
+        super().__init__()
+        self.K, self.m, self.T, self.bn_splits = K, m, T, bn_splits
+        c = int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)  # feature size C
+
+        # 2-layer MLP projection head (MoCo v2): C → C → ReLU → dim, in the backbone's classifier slot.
+        self.head_name = classifier_name(backbone)
+        parent, _, leaf = self.head_name.rpartition(".")
+        setattr(backbone.get_submodule(parent), leaf, nn.Sequential(nn.Linear(c, c), nn.ReLU(inplace=True), nn.Linear(c, dim)))
+        self.encoder_q = backbone
+        # The key encoder starts as an exact copy and is never trained by gradients.
+        self.encoder_k = copy.deepcopy(backbone)
+        for p in self.encoder_k.parameters():
+            p.requires_grad = False
+
+        # The queue: K normalised keys, one per column (builder.py's layout), and the write position.
+        self.register_buffer("queue", F.normalize(torch.randn(dim, K), dim=0))  # (dim, K)
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))  # (1,)
+
+    @torch.no_grad()
+    def _momentum_update_key_encoder(self) -> None:
+        """θ_k ← m θ_k + (1 − m) θ_q (buffers such as BN statistics are the key encoder's own)."""
+        for p_q, p_k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
+            p_k.mul_(self.m).add_(p_q.detach(), alpha=1 - self.m)
+
+    @torch.no_grad()
+    def _dequeue_and_enqueue(self, keys: torch.Tensor) -> None:
+        """Write this step's keys `(N, dim)` (of every process) over the oldest ones in the queue."""
+        keys = concat_all_gather(keys)  # (N_all, dim)
+        n = keys.shape[0]
+        if n > self.K:
+            raise ValueError(f"expected at most K={self.K} keys per step, got {n}; use a larger queue or a smaller batch")
+        ptr = int(self.queue_ptr)
+        idx = (ptr + torch.arange(n, device=keys.device)) % self.K  # (N_all,) wraps around the end
+        self.queue[:, idx] = keys.T.to(self.queue.dtype)  # (dim, N_all)
+        self.queue_ptr[0] = (ptr + n) % self.K
+
+    @torch.no_grad()
+    def _batch_shuffle(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shuffle a batch `(N, …)` across processes (builder.py's `_batch_shuffle_ddp`), or within
+        this process when there is only one, so that no key shares its BatchNorm statistics with
+        its own query. Returns the shuffled local batch `(N, …)` and the index that undoes it."""
+        if not _distributed():
+            idx_shuffle = torch.randperm(x.shape[0], device=x.device)  # (N,)
+            return x[idx_shuffle], torch.argsort(idx_shuffle)  # (N, …), (N,)
+        x_gather = concat_all_gather(x)  # (N_all, …)
+        idx_shuffle = torch.randperm(x_gather.shape[0], device=x.device)  # (N_all,) drawn on rank 0 …
+        dist.broadcast(idx_shuffle, src=0)  # … and used by every process
+        idx_unshuffle = torch.argsort(idx_shuffle)  # (N_all,)
+        idx_this = idx_shuffle.view(dist.get_world_size(), -1)[dist.get_rank()]  # (N,) equal batches (drop_last)
+        return x_gather[idx_this], idx_unshuffle  # (N, …), (N_all,)
+
+    @torch.no_grad()
+    def _batch_unshuffle(self, x: torch.Tensor, idx_unshuffle: torch.Tensor) -> torch.Tensor:
+        """Undo `_batch_shuffle` on the keys `(N, dim)`."""
+        if not _distributed():
+            return x[idx_unshuffle]  # (N, dim)
+        x_gather = concat_all_gather(x)  # (N_all, dim)
+        idx_this = idx_unshuffle.view(dist.get_world_size(), -1)[dist.get_rank()]  # (N,)
+        return x_gather[idx_this]  # (N, dim)
+
+    def _encode(self, encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """`encoder` on `x` `(N, 3, S, S)` in `bn_splits` sub-batches → `(N, dim)`."""
+        if self.bn_splits == 1:
+            return encoder(x)  # (N, dim)
+        return torch.cat([encoder(part) for part in x.chunk(self.bn_splits)])  # (N, dim)
+
+    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One contrastive step's logits; also updates the key encoder and the queue.
+
+        Args:
+            im_q, im_k: two augmented views of the same N tiles, `(N, 3, S, S)` normalised.
+
+        Returns:
+            logits `(N, 1 + K)`: column 0 the positive key, the others the queue, divided by T;
+            labels `(N,)` zeros (the positive's column), for `F.cross_entropy(logits, labels)`.
+        """
+        q = F.normalize(self._encode(self.encoder_q, im_q), dim=1)  # queries: (N, dim)
+
+        with torch.no_grad():  # no gradient to the keys
+            self._momentum_update_key_encoder()
+            im_k, idx_unshuffle = self._batch_shuffle(im_k)  # (N, 3, S, S), shuffled for BN
+            k = F.normalize(self._encode(self.encoder_k, im_k), dim=1)  # keys: (N, dim)
+            k = self._batch_unshuffle(k, idx_unshuffle)  # (N, dim), back in query order
+
+        l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)  # positive logits: (N, 1)
+        l_neg = torch.einsum("nc,ck->nk", q, self.queue.clone().detach().to(q.dtype))  # negative logits: (N, K)
+        logits = torch.cat([l_pos, l_neg], dim=1) / self.T  # (N, 1 + K)
+        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)  # (N,) positives in column 0
+
+        self._dequeue_and_enqueue(k)
+        return logits, labels
+
+    def backbone_state_dict(self) -> dict[str, torch.Tensor]:
+        """The query encoder without its projection head, on CPU: what `--weights` needs."""
+        head = self.head_name + "."
+        return {k: v.detach().cpu().clone() for k, v in self.encoder_q.state_dict().items() if not k.startswith(head)}
+
+
+def classifier_name(backbone: nn.Module) -> str:
+    """Dotted name of a backbone's classifier module (timm's pretrained_cfg), default ``fc``."""
+    name = (getattr(backbone, "pretrained_cfg", None) or {}).get("classifier") or "fc"
+    return name[0] if isinstance(name, (tuple, list)) else name
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@torch.no_grad()
+def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """All processes' `tensor` `(N, …)` stacked in rank order `(N · world, …)`; no gradient."""
+    if not _distributed():
+        return tensor
+    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, tensor.contiguous())
+    return torch.cat(gathered, dim=0)  # (N_all, …)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MocoConfig:
+    """Every option that decides the result of a MoCo run (compared on reruns).
+
+    ``batch_size`` is the global batch (all processes together); ``lr`` is used as given
+    (MoCo's 0.03 is for batch 256). ``bn_splits=0`` means: 1 with several processes, else
+    ``min(8, batch // 32)`` (32 tiles per BatchNorm group, as on each of MoCo's 8 GPUs).
+    """
+
+    arch: str = "resnet50"
+    epochs: int = 200
+    batch_size: int = 256
+    queue: int = 65536
+    momentum: float = 0.999  # of the key encoder
+    temperature: float = 0.2
+    lr: float = 0.03
+    weight_decay: float = 1e-4
+    sgd_momentum: float = 0.9
+    dim: int = 128
+    tiles_per_slide: int | None = None  # None: every tile of every slide
+    steps_per_epoch: int | None = None  # None: one pass over the sampled tiles
+    bn_splits: int = 0  # 0: auto
+    seed: int = 0
+    tiling: TilingConfig = field(default_factory=TilingConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "queue", "dim"):
+            if getattr(self, name) < 1:
+                raise OptionError(f"expected --{name.replace('_', '-')} >= 1, got {getattr(self, name)!r} instead.")
+        for name in ("tiles_per_slide", "steps_per_epoch"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise OptionError(f"expected --{name.replace('_', '-')} >= 1 (or unset), got {getattr(self, name)!r} instead.")
+        if self.queue < self.batch_size:
+            raise OptionError(f"expected --queue >= --batch-size ({self.batch_size}), got {self.queue!r} instead.")
+        if not (0 <= self.momentum < 1):
+            raise OptionError(f"expected --momentum in [0, 1) (MoCo: 0.999), got {self.momentum!r} instead.")
+        if not (self.temperature > 0):
+            raise OptionError(f"expected --temperature > 0 (MoCo v2: 0.2), got {self.temperature!r} instead.")
+        if not (self.lr > 0) or self.weight_decay < 0 or not (0 <= self.sgd_momentum < 1):
+            raise OptionError(
+                f"expected --lr > 0, weight decay >= 0 and SGD momentum in [0, 1), got {self.lr!r}, "
+                f"{self.weight_decay!r}, {self.sgd_momentum!r} instead."
+            )
+        if self.bn_splits < 0:
+            raise OptionError(f"expected --bn-splits >= 1 (or 0 for auto), got {self.bn_splits!r} instead.")
+
+    def settings(self, slide_ids) -> dict:
+        """JSON-ready settings of a run on these slides (as they read back from config.json)."""
+        from mil.extract.moco_data import Augment
+
+        d = asdict(self) | {"tiling": self.tiling.as_dict(), "augmentation": Augment().as_dict(),
+                            "slides_sha256": hashlib.sha256("\n".join(map(str, slide_ids)).encode()).hexdigest()}  # fmt: skip
+        return json.loads(json.dumps(d))
+
+    def resolve_bn_splits(self, world: int) -> int:
+        """The number of BatchNorm groups per process; refuses groups of fewer than 2 tiles."""
+        local = self.batch_size // world
+        splits = self.bn_splits or (1 if world > 1 else min(8, max(1, local // 32)))
+        if local < 2 * splits:
+            raise OptionError(
+                f"expected --bn-splits <= {local // 2} (at least 2 tiles per BatchNorm group of a {local}-tile batch "
+                f"per process), got {splits} instead."
+            )
+        return splits
+
+
+@dataclass
+class MocoResult:
+    """What `run_moco` did: status 'trained' | 'resumed' | 'skipped', and the trained model."""
+
+    status: str
+    epochs_run: int
+    metrics: pd.DataFrame
+    model: MoCo | None = None
+    encoder_path: Path | None = None
+
+
+def build_moco(config: MocoConfig, bn_splits: int = 1) -> tuple[MoCo, dict]:
+    """A seeded `MoCo` around ``config.arch`` and the backbone's preprocessing (mean, std).
+
+    The backbone comes from the encoder registry (`create_encoder(arch, weights="none")`), the same
+    code that loads the result in `mil extract features`, so names, layers and normalisation agree.
+    """
+    from mil.extract.encoders import create_encoder
+
+    with warnings.catch_warnings():  # "random weights": expected, they are trained here
+        warnings.simplefilter("ignore")
+        enc = create_encoder(config.arch, weights="none", precision="fp32", device="cpu", seed=config.seed)
+    backbone = enc.model.train().to(memory_format=torch.contiguous_format)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed + 1)  # head and queue
+        model = MoCo(backbone, dim=config.dim, K=config.queue, m=config.momentum, T=config.temperature, bn_splits=bn_splits)
+    return model, {"mean": list(enc.mean), "std": list(enc.std), "feature_dim": enc.feature_dim}
+
+
+def cosine_lr(base_lr: float, step: int, total_steps: int) -> float:
+    """MoCo v2's cosine schedule, per step: base_lr · ½(1 + cos(π · step / total))."""
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * step / max(total_steps, 1)))
+
+
+def _seed(*keys: int) -> int:
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+
+
+def _init_distributed(device: torch.device) -> tuple[int, int, torch.device, bool]:
+    """(rank, world size, this process's device, whether we created the process group).
+
+    Uses a process group that already exists, or creates one from torchrun's environment
+    (WORLD_SIZE > 1): NCCL on GPUs (one per process, cuda:LOCAL_RANK), gloo on CPUs.
+    """
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        created = False
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        created = True
+    else:
+        return 0, 1, device, False
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1))))
+        torch.cuda.set_device(device)
+    return rank, world, device, created
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def _plan(out: Path, settings: dict, epochs: int, resume: bool, overwrite: bool) -> tuple[str, int]:
+    """('fresh' | 'resume' | 'done', epochs already done) for ``out``; refuses other settings.
+
+    Raises:
+        SettingsMismatchError: ``out`` holds a run with other settings (without ``overwrite``).
+        OptionError: ``out`` holds an unfinished run and neither ``resume`` nor ``overwrite`` is set.
+    """
+    cfg, ckpt = out / "config.json", out / "checkpoint.pt"
+    if overwrite or not cfg.exists():
+        return "fresh", 0
+    try:
+        old = json.loads(cfg.read_text())["settings"]
+    except (OSError, ValueError, KeyError):
+        raise SettingsMismatchError(f"{cfg}: exists but was not written by `mil extract moco`; choose another --out or pass --overwrite.") from None
+    changed = [k for k in dict.fromkeys([*settings, *old]) if old.get(k) != settings.get(k)]
+    if changed:
+        k = changed[0]
+        raise SettingsMismatchError(
+            f"{out}: holds a MoCo run with {k}={old.get(k)!r}, this run asks for {k}={settings.get(k)!r}"
+            f"{' (and ' + ', '.join(changed[1:]) + ' differ)' if changed[1:] else ''}; "
+            "choose another --out, or pass --overwrite to start again."
+        )
+    done = int(torch.load(ckpt, map_location="cpu", weights_only=True)["epoch"]) if ckpt.exists() else 0
+    if done >= epochs and (out / "encoder.pt").exists():
+        return "done", done
+    if done > 0 and not resume:
+        raise OptionError(
+            f"expected --resume (continue) or --overwrite (start again) for {out}, which holds an unfinished run "
+            f"({done} of {epochs} epochs), got neither."
+        )
+    return ("resume" if done > 0 else "fresh"), done
+
+
+def run_moco(
+    slides: pd.DataFrame,
+    out_dir: str | Path,
+    config: MocoConfig,
+    *,
+    coords_dir: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    precision: str = "auto",
+    workers: int = 2,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> MocoResult:
+    """Pretrain ``config.arch`` with MoCo v2 on tiles of `slides`; write ENCODER_DIR (module docstring).
+
+    One process, or one of several started by ``torchrun`` (or with a process group already
+    initialised): each process trains on its share of every global batch, DDP averages the
+    gradients, keys are shuffled across processes for BatchNorm and gathered into the queue.
+    Only rank 0 writes files and shows progress.
+
+    Args:
+        slides: a validated slide table (`read_manifest` or `slides_from_folder`).
+        out_dir: ENCODER_DIR.
+        coords_dir: the tiles stage's output to reuse (default ``out_dir/tiles``); slides without
+            coords there are tiled with ``config.tiling`` first.
+        device: 'cpu', 'cuda' or 'cuda:N' (several processes: each takes cuda:LOCAL_RANK).
+        precision: 'auto', 'fp32' or 'bf16' autocast ('auto': bf16 where the device has it natively).
+        workers: DataLoader worker processes reading tiles (per process).
+        resume: continue an unfinished run from ``checkpoint.pt``.
+        overwrite: discard what ``out_dir`` holds and start again.
+
+    Raises:
+        SettingsMismatchError, OptionError: before any work (see `_plan`, `MocoConfig`).
+        MilError: no slide gave tiles, or fewer tiles than one batch.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from mil.extract.encoders import resolve_precision
+    from mil.extract.moco_data import Augment, MocoTiles, collate_tiles, plan_tiling, sample_tiles, tile_missing
+
+    if precision not in ("auto", "fp32", "bf16"):
+        raise OptionError(f"expected --precision auto, fp32 or bf16, got {precision!r} instead.")
+    if workers < 0:
+        raise OptionError(f"expected --workers >= 0, got {workers!r} instead.")
+    rank, world, device, created = _init_distributed(torch.device(device))
+    try:
+        if config.batch_size % world:
+            raise OptionError(f"expected --batch-size divisible by the {world} processes, got {config.batch_size} instead.")
+        bn_splits = config.resolve_bn_splits(world)
+        precision = resolve_precision(precision, device)
+        out = Path(out_dir)
+        coords_dir = Path(coords_dir) if coords_dir is not None else out / "tiles"
+        slides = slides.sort_values("slide_id", kind="stable").reset_index(drop=True)  # the manifest's row order does not matter
+        settings = config.settings(slides["slide_id"])
+        state, done = _plan(out, settings, config.epochs, resume, overwrite)
+        if state == "done":
+            return MocoResult("skipped", 0, pd.read_csv(out / "metrics.csv"), None, out / "encoder.pt")
+        model, prep = build_moco(config, bn_splits)  # unknown --arch fails here, before any file is written
+
+        # Coords: every process checks (same errors everywhere), rank 0 tiles what is missing, then
+        # every process draws the same seeded sample.
+        todo = plan_tiling(slides, coords_dir, config.tiling, overwrite)
+        failures: dict[str, str] = {}
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(out)
+            if overwrite:
+                for name in ("encoder.pt", "checkpoint.pt", "metrics.csv", "config.json"):
+                    (out / name).unlink(missing_ok=True)
+            coords_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(coords_dir)
+            failures = tile_missing(slides, todo, coords_dir, config.tiling, progress)
+        _barrier(world)
+        sources = sample_tiles(slides, coords_dir, config.tiles_per_slide, config.seed)
+        dataset = MocoTiles(sources)
+        if len(dataset) < config.batch_size:
+            raise MilError(
+                f"expected at least --batch-size={config.batch_size} tiles, got {len(dataset)} from {len(slides)} slides; "
+                "lower --batch-size, or add slides / tiles (--tiles-per-slide, --tissue-threshold)."
+            )
+        if config.queue > len(dataset) and rank == 0:
+            warnings.warn(f"--queue {config.queue} is larger than the {len(dataset)} tiles: a tile's own older keys "
+                          "will be among its negatives; a queue smaller than the number of tiles is advised.", stacklevel=2)
+
+        model.to(device)
+        params = [p for p in model.parameters() if p.requires_grad]  # the query encoder and its head
+        optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.sgd_momentum, weight_decay=config.weight_decay)
+        history: list[dict] = []
+        if state == "resume":
+            ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+            model.load_state_dict({k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()})
+            optimizer.load_state_dict(ckpt["optimizer"])
+            if (out / "metrics.csv").exists():
+                history = [r for r in pd.read_csv(out / "metrics.csv").to_dict("records") if r["epoch"] <= done]
+        runtime = {"device": str(device), "world_size": world, "precision": precision, "workers": workers,
+                   "bn_splits": bn_splits, "per_process_batch": config.batch_size // world}  # fmt: skip
+        if rank == 0:
+            doc = {"stage": "moco", "mil_version": mil.__version__, "settings": settings, "runtime": runtime,
+                   "preprocessing": prep, "coords_dir": str(coords_dir), "n_slides": len(slides),
+                   "n_tiles": len(dataset), "failed_slides": failures}  # fmt: skip
+            with atomic_path(out / "config.json") as tmp:
+                tmp.write_text(json.dumps(doc, indent=2) + "\n")
+
+        net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
+        augment = Augment()
+        mean = torch.tensor(prep["mean"], device=device).view(1, 3, 1, 1)  # (1, 3, 1, 1)
+        std = torch.tensor(prep["std"], device=device).view(1, 3, 1, 1)  # (1, 3, 1, 1)
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=config.seed, drop_last=True)
+        local_batch = config.batch_size // world
+        steps = min(len(sampler) // local_batch, config.steps_per_epoch or len(sampler))  # per epoch
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+        with _progress(progress and rank == 0) as bar:
+            task = bar.add_task("moco", total=steps * (config.epochs - done), loss=float("nan"), rate=0.0)
+            for epoch in range(done, config.epochs):
+                torch.manual_seed(_seed(config.seed, epoch, rank))  # augmentations, key shuffles: the same on a resumed run
+                sampler.set_epoch(epoch)
+                loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, num_workers=workers, drop_last=True, collate_fn=collate_tiles,
+                                    pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(_seed(config.seed, epoch)),
+                                    prefetch_factor=4 if workers else None)  # fmt: skip
+                bar.update(task, description=f"epoch {epoch + 1}/{config.epochs}")
+                sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss · n, correct, n
+                t0 = time.perf_counter()
+                for i, tiles in enumerate(loader):  # (n, T, T, 3) uint8, read in the workers
+                    if i >= steps:
+                        break
+                    lr = cosine_lr(config.lr, epoch * steps + i, config.epochs * steps)
+                    for g in optimizer.param_groups:
+                        g["lr"] = lr
+                    x = tiles.to(device, non_blocking=True).permute(0, 3, 1, 2).float() / 255  # (n, 3, T, T) in [0, 1]
+                    im_q = (augment(x) - mean) / std  # (n, 3, T, T) first view, normalised
+                    im_k = (augment(x) - mean) / std  # (n, 3, T, T) second view
+                    with autocast:
+                        logits, labels = net(im_q, im_k)  # (n, 1 + K), (n,)
+                    loss = F.cross_entropy(logits.float(), labels)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    n = labels.shape[0]
+                    sums[0] += loss.detach().double() * n
+                    sums[1] += (logits.detach().argmax(1) == 0).sum()  # pretext task: the positive ranks first
+                    sums[2] += n
+                    rate = (i + 1) * config.batch_size / (time.perf_counter() - t0)
+                    bar.update(task, advance=1, loss=float(sums[0] / sums[2]), rate=rate)
+                seconds = time.perf_counter() - t0
+                if world > 1:
+                    dist.all_reduce(sums)
+                loss_, acc, n_all = (float(v) for v in sums)
+                history.append({"epoch": epoch + 1, "loss": loss_ / n_all, "pretext_acc": acc / n_all, "lr": lr,
+                                "images_per_s": n_all / seconds, "seconds": seconds})  # fmt: skip
+                if rank == 0:
+                    with atomic_path(out / "metrics.csv") as tmp:
+                        pd.DataFrame(history).to_csv(tmp, index=False)
+                    save_checkpoint(out / "checkpoint.pt", model, optimizer, epoch + 1, config.arch, settings)
+        if rank == 0:
+            with atomic_path(out / "encoder.pt") as tmp:  # last: marks the run finished
+                torch.save(model.backbone_state_dict(), tmp)
+        _barrier(world)
+        return MocoResult("resumed" if state == "resume" else "trained", config.epochs - done, pd.DataFrame(history),
+                          model, out / "encoder.pt")  # fmt: skip
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def save_checkpoint(path: Path, model: MoCo, optimizer: torch.optim.Optimizer, epoch: int, arch: str, settings: dict) -> None:
+    """facebookresearch/moco's checkpoint layout (DDP's 'module.' prefix), tensors and plain types only."""
+    ckpt = {
+        "epoch": epoch,  # epochs completed
+        "arch": arch,
+        "state_dict": {f"module.{k}": v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "settings": settings,
+        "mil_version": mil.__version__,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(ckpt, tmp)
+
+
+def _progress(enabled: bool):
+    """A rich progress bar on stderr: steps, loss, images/s."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("{task.fields[rate]:,.1f} img/s"),
+               TimeElapsedColumn(), TimeRemainingColumn())  # fmt: skip
+    return Progress(*columns, console=Console(stderr=True), disable=not enabled)
