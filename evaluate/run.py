@@ -29,6 +29,7 @@ import pandas as pd
 import torch
 
 import mil
+from mil.atomic import TMP_MARKER, remove_stale_temporaries
 from mil.errors import MilError, OptionError, SettingsMismatchError
 from mil.evaluate.metrics import auc_ci, check_predictions, curve_bands, threshold_metrics
 from mil.train.data import BagDataset, FeatureSpec, resolve_feature_files
@@ -69,6 +70,7 @@ def load_run(run_dir: str | Path) -> Run:
         slides = pd.read_csv(path / "slides.csv", dtype={"slide_id": str})
     except (ValueError, pd.errors.ParserError) as e:
         raise RunError(f"{path}: expected readable config.json / splits.csv / slides.csv, got {type(e).__name__}: {e}".splitlines()[0]) from None
+    _check_run_tables(path, config, splits, slides)
     checkpoints = {f: path / "checkpoints" / f"{f}.pt" for f in dict.fromkeys(splits["fold"])}
     missing = [str(p) for p in checkpoints.values() if not p.is_file()]
     if missing:
@@ -76,12 +78,44 @@ def load_run(run_dir: str | Path) -> Run:
     return Run(path, config, splits, slides, checkpoints)
 
 
+def _check_run_tables(path: Path, config, splits: pd.DataFrame, slides: pd.DataFrame) -> None:
+    """One-line `RunError` for a run file that parses but lacks what evaluation reads."""
+    spec = config.get("feature_spec") if isinstance(config, dict) else None
+    if not isinstance(config, dict) or not isinstance(config.get("feature_dir"), str) or not isinstance(spec, dict):
+        raise RunError(f"{path / 'config.json'}: expected the config of a `mil train features` run (with feature_dir and "
+                       "feature_spec), got something else; check the path or retrain.")  # fmt: skip
+    try:
+        FeatureSpec(**spec)
+    except TypeError:
+        raise RunError(f"{path / 'config.json'}: expected a feature_spec with {', '.join(FeatureSpec.__dataclass_fields__)}, "
+                       f"got keys {sorted(spec)}; check the path or retrain.") from None  # fmt: skip
+    for name, table, cols in (("splits.csv", splits, ("fold", "set", "slide_id")), ("slides.csv", slides, ("slide_id", "label"))):
+        missing = [c for c in cols if c not in table.columns]
+        if missing:
+            raise RunError(f"{path / name}: expected columns {', '.join(cols)}, got {list(table.columns)}; check the path or retrain.")
+
+
 def load_model(path: Path) -> tuple[torch.nn.Module, dict]:
     """`mil.train.run.load_checkpoint`, with any failure turned into one `RunError` line naming the file."""
+    import pickle
+    import re
+    import warnings
+
+    from mil.features import _pickle_reason
     from mil.train.run import load_checkpoint
 
     try:
-        return load_checkpoint(path)
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols before refusing them
+            warnings.simplefilter("ignore", UserWarning)
+            return load_checkpoint(path)
+    except pickle.UnpicklingError as e:  # weights_only refused it: never suggest weights_only=False
+        m = re.search(r"GLOBAL ([\w.]+)", str(e))
+        reason = (f"it holds a pickled {m.group(1)}, which weights_only loading refuses because it could run code"
+                  if m else _pickle_reason(e))  # fmt: skip
+        raise RunError(f"{path}: expected a checkpoint written by `mil train features`, got a file that cannot be loaded "
+                       f"safely ({reason[:200]}); retrain, or use a checkpoint from a source you trust.") from None  # fmt: skip
+    except KeyError as e:
+        raise RunError(f"{path}: expected a checkpoint written by `mil train features`, got one without the key {e}; retrain.") from None
     except Exception as e:  # torch raises many types for a corrupt or foreign file
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RunError(f"{path}: expected a checkpoint written by `mil train features`, got an unreadable file ({reason[:200]}).") from None
@@ -166,7 +200,9 @@ def evaluate_run(
     pred = score_split(run, features, split, labels)
     doc = {"split": split, "run": str(run.path), "features": str(features), "mil_version": mil.__version__, **summarise(pred, n_boot, seed)}
     final = run.path / "eval" / split
-    tmp = final.parent / f".{split}.tmp-{os.getpid()}"
+    tmp = final.parent / f".{split}{TMP_MARKER}{os.getpid()}"
+    if final.parent.is_dir():
+        remove_stale_temporaries(final.parent)  # left by a killed evaluation
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:

@@ -111,12 +111,23 @@ def embed_slide(
         )
         feats.attrs["encoder"] = encoder.name
         i = 0
-        for tiles in loader:  # (B, T, T, 3) uint8, read and decoded in the workers
-            z = encoder.encode(tiles)  # (B, D) float32
-            feats[i : i + len(z)] = z.cpu().numpy()  # written as produced: memory stays bounded
-            i += len(z)
-            if on_batch is not None:
-                on_batch(len(z))
+        batches = iter(loader)
+        try:
+            for tiles in batches:  # (B, T, T, 3) uint8, read and decoded in the workers
+                z = encoder.encode(tiles)  # (B, D) float32
+                feats[i : i + len(z)] = z.cpu().numpy()  # written as produced: memory stays bounded
+                i += len(z)
+                if on_batch is not None:
+                    on_batch(len(z))
+        finally:
+            # On an error the exception's traceback keeps the iterator alive: shut its workers down
+            # now, not when a later slide's forked worker happens to garbage-collect it (torch then
+            # prints "AssertionError: can only test a child process"); close the main process's
+            # slide handle (workers=0).
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+            ds.close()
         if i != n:
             raise RuntimeError(f"{slide_id}: embedded {i} tiles, expected {n}")
         c = f.create_dataset("coords", data=ds.coords)  # (N, 2) int64

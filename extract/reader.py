@@ -12,9 +12,11 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import openslide
 from PIL import Image
 from torch.utils.data import Dataset
 
+from mil.errors import SlideError
 from mil.extract.slides import best_level, open_slide
 
 
@@ -58,7 +60,13 @@ class TileDataset(Dataset):
     def __getitem__(self, i: int) -> np.ndarray:
         slide = self._slide or self._open()
         x, y = self.coords[i]
-        region = slide.read_region((int(x), int(y)), self._level, (self._read, self._read))  # RGBA
+        try:
+            region = slide.read_region((int(x), int(y)), self._level, (self._read, self._read))  # RGBA
+        except openslide.OpenSlideError as e:  # a corrupt or truncated tile: one line naming the file and tile
+            raise SlideError(
+                f"{self.slide_path}: could not read the tile at level-0 ({int(x)}, {int(y)}) from pyramid level "
+                f"{self._level} ({' '.join(str(e).split())}); the slide file is corrupt or truncated."
+            ) from None
         if self._read != self.tile_size:
             k = self._read / self.tile_size
             # Integer factors (448 → 224) use PIL's box reduction: area-averaging and ~free.

@@ -259,9 +259,18 @@ def write_config(path: Path, config: TilingConfig, slides: pd.DataFrame) -> None
 
 
 def failed(slide_id: str, path: str | Path, error: Exception) -> SlideResult:
-    """The report row of a slide that raised: our own errors carry their message, others their type."""
-    msg = str(error) if isinstance(error, mil.MilError) else f"{path}: {type(error).__name__}: {error}"
-    return SlideResult(slide_id, "error", error=msg.replace("\n", " "))
+    """The report row of a slide that raised: our own errors carry their message, others their type.
+
+    An error raised in a DataLoader worker arrives wrapped ("Caught X in DataLoader worker process 0.
+    Original Traceback …"): only the original exception's last line is kept, never the traceback.
+    """
+    text = str(error)
+    if "Original Traceback" in text:
+        last = [line for line in text.strip().splitlines() if line.strip()][-1].strip()
+        qualified, sep, rest = last.partition(": ")
+        text = rest if sep and qualified.replace(".", "").replace("_", "").isalnum() else last
+    msg = text if isinstance(error, mil.MilError) else f"{path}: {type(error).__name__}: {text}"
+    return SlideResult(slide_id, "error", error=" ".join(msg.split()))
 
 
 def write_report(results: list[SlideResult], out_dir: Path) -> pd.DataFrame:

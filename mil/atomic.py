@@ -7,6 +7,7 @@ stages delete such leftovers (`remove_stale_temporaries`) when they next run in 
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,7 +33,7 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
-    """Delete temporary files left in `folder` by killed runs; return what was removed.
+    """Delete temporary files (or folders) left in `folder` by killed runs; return what was removed.
 
     Only files whose writer process is gone are removed, so two runs sharing a folder do not
     delete each other's work in progress.
@@ -42,7 +43,10 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
         pid = p.name.rsplit(TMP_MARKER, 1)[-1]
         if pid.isdigit() and _alive(int(pid)) and int(pid) != os.getpid():
             continue
-        p.unlink(missing_ok=True)
+        if p.is_dir() and not p.is_symlink():  # a temporary folder (e.g. `mil evaluate run`'s eval/.<split>.tmp-<pid>)
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
         removed.append(p)
     return removed
 

@@ -49,6 +49,8 @@ def check_bag(X: torch.Tensor, mask: torch.Tensor | None = None, *, input_name: 
     """
     if not isinstance(X, torch.Tensor):
         raise BagError(f"expected {input_name} to be a torch.Tensor of shape (B, N, D), got {type(X).__name__} instead.")
+    if mask is not None and not isinstance(mask, torch.Tensor):
+        raise BagError(f"expected mask to be a bool torch.Tensor of shape (B, N) or None, got {type(mask).__name__} instead.")
     if X.ndim == 2:
         X = X.unsqueeze(0)  # (1, N, D)
         mask = mask.unsqueeze(0) if mask is not None and mask.ndim == 1 else mask
@@ -66,7 +68,7 @@ def check_bag(X: torch.Tensor, mask: torch.Tensor | None = None, *, input_name: 
         if tuple(mask.shape) != (B, N):
             raise BagError(f"expected mask of shape {(B, N)} to match {input_name}, got {tuple(mask.shape)} instead.")
         mask = mask.to(device=X.device, dtype=torch.bool)  # (B, N)
-    if N == 0 or not bool(mask.any(dim=1).all()):
+    if B and (N == 0 or not bool(mask.any(dim=1).all())):  # (a batch of no bags has no empty bag to name)
         empty = [i for i in range(B) if N == 0 or not bool(mask[i].any())]
         raise BagError(f"bag {empty[0]} of the batch has no real instance (mask all False or N = 0); drop empty bags before the model.")
     return X, mask

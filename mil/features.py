@@ -267,6 +267,10 @@ def _coords_values(coords: np.ndarray, path: Path) -> np.ndarray:
                 f"{path}: expected integer level-0 pixel 'coords', got non-integral {coords.dtype} values instead "
                 "(µm coordinates?); convert them to level-0 px."
             )
+    if coords.size and coords.dtype.kind in "fu" and float(np.abs(coords).max()) >= 2.0**62:  # would wrap around in int64
+        raise FeatureFileError(
+            f"{path}: expected level-0 pixel 'coords', got values up to {float(np.abs(coords).max()):g} instead; rewrite the coords."
+        )
     return coords.astype(np.int64, copy=False)  # CLAM stores int32
 
 
@@ -343,7 +347,9 @@ def _read_pt(path: Path, *, mmap: bool) -> tuple[np.ndarray, np.ndarray, dict]:
                 raise
             obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format cannot be mapped
     except pickle.UnpicklingError as e:
-        m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        # "Unsupported global: GLOBAL x.y was not an allowed global …", or for blocked modules (os, posix,
+        # subprocess …) "Trying to load unsupported GLOBAL posix.system whose module posix is blocked".
+        m = re.search(r"GLOBAL ([\w.]+)", str(e))
         if m:
             raise FeatureFileError(
                 f"{path}: expected a tensor (or a dict of tensors), got a pickled object of type {m.group(1)} instead, "
@@ -455,7 +461,8 @@ def _as_float(features: np.ndarray, target: np.dtype | None) -> np.ndarray:
         raise FeatureFileError(f"expected numeric features, got dtype {features.dtype} instead.")  # unreachable guard
     if target is None:
         target = features.dtype if features.dtype.kind == "f" else np.dtype(np.float32)
-    return features.astype(target, copy=False)
+    with np.errstate(over="ignore"):  # beyond the target's range becomes ±inf, which `check_finite` refuses
+        return features.astype(target, copy=False)
 
 
 def _one_line(e: BaseException | str) -> str:

@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from mil.bags import BagError
 from mil.errors import OptionError
 from mil.features import FEATURE_SUFFIXES, FeatureFileError, check_finite, read_bag, read_bag_attrs
 
@@ -263,7 +264,7 @@ class BagDataset(torch.utils.data.Dataset):
             if bool(torch.isinf(view).any()):  # finite before the cast: beyond float16's range
                 raise FeatureFileError(
                     f"{p}: expected feature values within float16 range (|x| <= {_FP16_MAX:g}) to keep them in RAM, "
-                    f"got values up to {float(np.abs(bag.features).max()):g} instead; use cache='stream'."
+                    f"got values up to {float(np.abs(bag.features).max()):g} instead; use --cache stream (cache='stream')."
                 )
             views.append(view)
             start += n
@@ -336,14 +337,19 @@ def collate_bags(batch: Sequence[tuple[Tensor, int, str]]) -> tuple[Tensor, Tens
         instance; ``labels`` (B,) float32; ``ids`` the B slide ids.
 
     Raises:
-        ValueError: empty batch, or bags with different D.
+        BagError (a ValueError): empty batch, a bag that is not an (N, D) real-valued tensor, or
+            bags with different D.
     """
     if len(batch) == 0:
-        raise ValueError("expected at least one bag to collate, got an empty batch instead.")
+        raise BagError("expected at least one bag to collate, got an empty batch instead.")
+    for x, _, sid in batch:
+        if not isinstance(x, Tensor) or x.ndim != 2 or x.is_complex():
+            got = f"shape {tuple(x.shape)} dtype {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
+            raise BagError(f"expected bag {sid!r} to be an (N, D) real-valued tensor, got {got} instead.")
     d = int(batch[0][0].shape[1])
     for x, _, sid in batch:
-        if x.ndim != 2 or x.shape[1] != d:
-            raise ValueError(f"expected bag {sid!r} of shape (N, {d}), got shape {tuple(x.shape)} instead.")
+        if x.shape[1] != d:
+            raise BagError(f"expected bag {sid!r} of shape (N, {d}) like the first bag, got shape {tuple(x.shape)} instead.")
     n_max = max(int(x.shape[0]) for x, _, _ in batch)
     b = len(batch)
     X = torch.zeros(b, n_max, d, dtype=torch.float32)  # (B, Nmax, D)

@@ -136,7 +136,7 @@ def fit_fold(
     ece = create_loss("ece", reduction="sum") if annotations is not None and config.instance_loss == "ece" else None
     loader = DataLoader(train_ds, batch_size=config.batch_size, shuffle=True, generator=gen, collate_fn=collate_bags)
 
-    best = (-math.inf, math.inf)  # (val AUC, -val loss) compared lexicographically
+    best = (-math.inf, -math.inf)  # (val AUC, -val loss) compared lexicographically; the first epoch always beats it
     best_state, best_epoch, stale, history = None, 0, 0, []
     mined: dict[str, torch.Tensor] = {}  # slide_id -> hard-negative instance indices (k,)
     for epoch in range(1, config.epochs + 1):

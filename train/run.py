@@ -27,13 +27,16 @@ import pandas as pd
 import torch
 
 import mil
-from mil.atomic import atomic_path
-from mil.errors import ManifestError, SettingsMismatchError
+from mil.atomic import atomic_path, remove_stale_temporaries
+from mil.errors import ManifestError, MilError, OptionError, SettingsMismatchError
 from mil.heads import Standardized
-from mil.train.data import BagDataset, resolve_feature_files
+from mil.train.data import CACHE_MODES, BagDataset, resolve_feature_files
 from mil.train.instances import read_instance_labels
 from mil.train.loop import TrainConfig, fit_fold
 from mil.train.splits import make_splits, splits_table
+
+
+RUN_FILES = ("config.json", "slides.csv", "splits.csv", "metrics.csv", "predictions.csv", "summary.csv")
 
 
 def run_train(
@@ -62,8 +65,11 @@ def run_train(
     stored summary (``summary.attrs["skipped"] = True``); an unfinished one is trained again.
     """
     out = Path(out_dir)
+    if cache not in CACHE_MODES:  # before anything is written (BagDataset would only say so inside the first fold)
+        raise OptionError(f"expected --cache to be one of {', '.join(CACHE_MODES)}, got {cache!r} instead.")
     _check_binary(slides, config.head)
     fold_list = make_splits(slides, folds=folds, repeats=repeats, val_fraction=val_fraction, seed=config.seed)
+    _check_both_labels(slides, fold_list)
     used = sorted({s for f in fold_list for s in (*f.train, *f.val)})  # test slides are not opened
     files, spec = resolve_feature_files(slides[slides["slide_id"].isin(used)], feature_dir)
     label = dict(zip(slides["slide_id"], slides["label"]))
@@ -91,7 +97,27 @@ def run_train(
             return summary
     if out.exists() and (overwrite or (out / "config.json").exists()):
         shutil.rmtree(out)  # replaced, or an unfinished run with the same settings trained again
+    created, created_checkpoints = not out.exists(), not (out / "checkpoints").exists()
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    for folder in (out, out / "checkpoints"):  # leftovers of a run killed before its config.json was written
+        remove_stale_temporaries(folder)
+    try:
+        return _train_folds(out, slides, fold_list, files, label, spec, config, doc, cache, on_epoch, annotations)
+    except MilError:
+        # A user mistake found while training (a NaN bag read in the first fold, a bag beyond float16
+        # range …): leave no half-written run directory behind (ARCHITECTURE.md, Errors).
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        else:  # a folder that was there before: remove only what this run wrote into it
+            for name in RUN_FILES:
+                (out / name).unlink(missing_ok=True)
+            if created_checkpoints:
+                shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        raise
+
+
+def _train_folds(out, slides, fold_list, files, label, spec, config, doc, cache, on_epoch, annotations) -> pd.DataFrame:
+    """Write the run directory's files and train every fold (see `run_train`)."""
     _write_text(out / "config.json", json.dumps(doc, indent=2) + "\n")
     _write_csv(out / "slides.csv", slides[[c for c in ("slide_id", "label", "patient_id", "split") if c in slides.columns]])
     _write_csv(out / "splits.csv", splits_table(fold_list))
@@ -124,6 +150,18 @@ def _table_hash(slides: pd.DataFrame) -> str:
     """SHA-256 of the manifest columns that define a run (ids, labels, splits, patients)."""
     cols = [c for c in ("slide_id", "label", "split", "patient_id") if c in slides.columns]
     return hashlib.sha256(slides[cols].astype(str).to_csv(index=False).encode()).hexdigest()
+
+
+def _check_both_labels(slides: pd.DataFrame, fold_list) -> None:
+    """A classifier needs positive and negative training slides in every fold."""
+    label = dict(zip(slides["slide_id"], slides["label"]))
+    for fold in fold_list:
+        present = sorted({int(label[s]) for s in fold.train})
+        if len(present) < 2:
+            raise ManifestError(
+                f"expected training slides of both labels 0 and 1 in fold {fold.name}, got only label {present[0] if present else '-'} "
+                f"({len(fold.train)} slides); label both classes in the manifest."
+            )
 
 
 def _check_binary(slides: pd.DataFrame, head: str) -> None:

@@ -59,8 +59,19 @@ def _carve(slides: pd.DataFrame, fraction: float, seed: int) -> tuple[np.ndarray
             f"got {len(np.unique(groups))} instead; add slides or give a 'val' split in the manifest."
         )
     sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    rest, val = next(sgkf.split(np.zeros(len(y)), y, groups))
+    try:
+        rest, val = next(sgkf.split(np.zeros(len(y)), y, groups))
+    except ValueError:  # scikit-learn: every label has fewer slides than n_splits
+        raise OptionError(
+            f"expected at least {n_splits} training slides of one label to carve a validation set of {fraction:.0%}, "
+            f"got {_counts(y)} (label: slides); add slides, raise --val-fraction or give a 'val' split in the manifest."
+        ) from None
     return rest, val
+
+
+def _counts(y: np.ndarray) -> str:
+    values, counts = np.unique(y, return_counts=True)
+    return ", ".join(f"{int(v)}: {int(c)}" for v, c in zip(values, counts))
 
 
 def _ids(slides: pd.DataFrame, rows: np.ndarray) -> tuple[str, ...]:
@@ -86,7 +97,11 @@ def make_splits(
     """
     if not (0 < val_fraction < 1):
         raise OptionError(f"expected --val-fraction in (0, 1), got {val_fraction!r} instead.")
+    if repeats < 1 or (folds is not None and folds < 2):  # checked with or without --folds: a bad value is never ignored
+        raise OptionError(f"expected --folds >= 2 and --repeats >= 1, got folds={folds!r}, repeats={repeats!r} instead.")
     slides = slides[slides["label"].notna()].reset_index(drop=True)
+    if slides.empty:
+        raise ManifestError("expected slide labels 0/1 in the manifest's 'label' column for training, found none; label the slides.")
     if folds is None:
         split = slides["split"].astype(str)
         if not (split == "train").any():
@@ -109,6 +124,9 @@ def make_splits(
     groups = _groups(slides)
     if len(np.unique(groups)) < folds:
         raise OptionError(f"expected at least {folds} patients for {folds}-fold cross-validation, got {len(np.unique(groups))} instead.")
+    if np.bincount(y, minlength=2).max() < folds:  # scikit-learn's own check, as a one-line error
+        raise OptionError(f"expected at least {folds} slides of a label for {folds}-fold cross-validation, got {_counts(y)}; "
+                          "add slides or lower --folds.")  # fmt: skip
     out = []
     for r in range(repeats):
         sgkf = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed + r)
