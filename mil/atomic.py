@@ -32,6 +32,18 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+def write_text(path: str | Path, text: str) -> None:
+    """Write `text` to `path` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_csv(path: str | Path, df) -> None:
+    """Write a pandas DataFrame to `path` as CSV (no index) atomically."""
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
+
+
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     """Delete temporary files (or folders) left in `folder` by killed runs; return what was removed.
 

@@ -39,7 +39,7 @@ from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader, RandomSampler, Subset, WeightedRandomSampler
 
 import mil
-from mil.atomic import atomic_path, remove_stale_temporaries
+from mil.atomic import atomic_path, remove_stale_temporaries, write_csv, write_text
 from mil.bagnet import MIN_SIZE, BagNet, create_bagnet
 from mil.errors import OptionError, SettingsMismatchError
 from mil.imagesets import ImageSetDataset, ImageSetError, read_meta
@@ -307,7 +307,7 @@ def run_bagnet(
         history.append(row)
         if _best_epoch(history) == row["epoch"]:  # strictly better than every earlier epoch
             best_state = _cpu_state(net)
-        _write_csv(out / "metrics.csv", pd.DataFrame(history))
+        write_csv(out / "metrics.csv", pd.DataFrame(history))
         _save(out / "last.pt", {"epoch": epoch + 1, "model": _cpu_state(net), "optimizer": opt.state_dict(),
                                 "scheduler": {k: v for k, v in sched.state_dict().items() if k != "milestones"},
                                 "rng": torch.get_rng_state(), "history": history, "best_epoch": _best_epoch(history),
@@ -331,11 +331,11 @@ def _finish(out: Path, net: BagNet, best_state: dict, history: list[dict], doc: 
     net.load_state_dict(best_state)
     _, prob = validate(net, val_ds, config.batch_size, dev)
     s = val_ds.split
-    _write_csv(out / "predictions.csv", pd.DataFrame({"index": np.arange(len(s)), "label": s.labels.astype(int), "probability": prob, "o2i": s.o2i}))
+    write_csv(out / "predictions.csv", pd.DataFrame({"index": np.arange(len(s)), "label": s.labels.astype(int), "probability": prob, "o2i": s.o2i}))
     best = history[best_epoch - 1]
     summary = pd.DataFrame([{"best_epoch": best_epoch, "val_acc": best["val_acc"], "val_loss": best["val_loss"], "val_auc": best["val_auc"],
                              "epochs": len(history), "train_images_per_s": float(np.mean([r["train_images_per_s"] for r in history]))}])
-    _write_csv(out / "summary.csv", summary)  # written last: marks the run finished
+    write_csv(out / "summary.csv", summary)  # written last: marks the run finished
     (out / "last.pt").unlink(missing_ok=True)
     return summary
 
@@ -356,12 +356,12 @@ def _prepare_out(out: Path, doc: dict, overwrite: bool, resume: bool) -> pd.Data
             return summary
         if resume and (out / "last.pt").exists():
             remove_stale_temporaries(out)
-            _write_text(out / "config.json", json.dumps(doc, indent=2) + "\n")  # the runtime of this attempt
+            write_text(out / "config.json", json.dumps(doc, indent=2) + "\n")  # the runtime of this attempt
             return torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     if out.exists() and (overwrite or (out / "config.json").exists()):
         shutil.rmtree(out)  # replaced, or an unfinished run started over
     out.mkdir(parents=True, exist_ok=True)
-    _write_text(out / "config.json", json.dumps(doc, indent=2) + "\n")
+    write_text(out / "config.json", json.dumps(doc, indent=2) + "\n")
     return None
 
 
@@ -394,13 +394,3 @@ def _cpu_state(net: torch.nn.Module) -> dict:
 def _save(path: Path, obj: dict) -> None:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-
-
-def _write_csv(path: Path, df: pd.DataFrame) -> None:
-    with atomic_path(path) as tmp:
-        df.to_csv(tmp, index=False)
-
-
-def _write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)

@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 
 import mil
-from mil.atomic import atomic_path, remove_stale_temporaries
+from mil.atomic import atomic_path, remove_stale_temporaries, write_csv, write_text
 from mil.errors import ManifestError, MilError, OptionError, SettingsMismatchError
 from mil.heads import Standardized
 from mil.train.data import CACHE_MODES, BagDataset, resolve_feature_files
@@ -118,9 +118,9 @@ def run_train(
 
 def _train_folds(out, slides, fold_list, files, label, spec, config, doc, cache, on_epoch, annotations) -> pd.DataFrame:
     """Write the run directory's files and train every fold (see `run_train`)."""
-    _write_text(out / "config.json", json.dumps(doc, indent=2) + "\n")
-    _write_csv(out / "slides.csv", slides[[c for c in ("slide_id", "label", "patient_id", "split") if c in slides.columns]])
-    _write_csv(out / "splits.csv", splits_table(fold_list))
+    write_text(out / "config.json", json.dumps(doc, indent=2) + "\n")
+    write_csv(out / "slides.csv", slides[[c for c in ("slide_id", "label", "patient_id", "split") if c in slides.columns]])
+    write_csv(out / "splits.csv", splits_table(fold_list))
 
     def dataset(ids: tuple[str, ...]) -> BagDataset:
         return BagDataset([files[s] for s in ids], [int(label[s]) for s in ids], cache=cache, slide_ids=list(ids))
@@ -140,9 +140,9 @@ def _train_folds(out, slides, fold_list, files, label, spec, config, doc, cache,
         preds.append(res.val_predictions.assign(fold=fold.name))
         best = res.history[res.best_epoch - 1]
         summary.append({"fold": fold.name, "best_epoch": res.best_epoch, "val_auc": best["val_auc"], "threshold": res.threshold})
-        _write_csv(out / "metrics.csv", pd.DataFrame(metrics))  # after every fold: progress survives a crash
-    _write_csv(out / "predictions.csv", pd.concat(preds, ignore_index=True)[["fold", "slide_id", "label", "probability"]])
-    _write_csv(out / "summary.csv", pd.DataFrame(summary))  # written last: marks the run finished
+        write_csv(out / "metrics.csv", pd.DataFrame(metrics))  # after every fold: progress survives a crash
+    write_csv(out / "predictions.csv", pd.concat(preds, ignore_index=True)[["fold", "slide_id", "label", "probability"]])
+    write_csv(out / "summary.csv", pd.DataFrame(summary))  # written last: marks the run finished
     return pd.DataFrame(summary)
 
 
@@ -183,13 +183,3 @@ def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, dict]:
         model = Standardized(model, torch.zeros(ckpt["in_dim"]), torch.ones(ckpt["in_dim"]))
     model.load_state_dict(ckpt["state_dict"])
     return model.eval(), ckpt
-
-
-def _write_csv(path: Path, df: pd.DataFrame) -> None:
-    with atomic_path(path) as tmp:
-        df.to_csv(tmp, index=False)
-
-
-def _write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)

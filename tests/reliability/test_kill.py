@@ -62,7 +62,7 @@ def assert_whole_feature_files(out) -> None:
                 assert f["features"].shape[0] == f["coords"].shape[0] and "feature_settings" in f.attrs, p
 
 
-def kill_features(features_ref, tmp_path, n: int, seed: int) -> None:
+def check_killed_features(features_ref, tmp_path, n: int, seed: int) -> None:
     manifest, ref, wall = features_ref
     rng = random.Random(seed)
     ids = pd.read_csv(manifest)["slide_id"].tolist()
@@ -80,7 +80,7 @@ def kill_features(features_ref, tmp_path, n: int, seed: int) -> None:
         shutil.rmtree(out)
 
 
-def kill_training(train_ref, tmp_path, n: int, seed: int) -> None:
+def check_killed_training(train_ref, tmp_path, n: int, seed: int) -> None:
     manifest, ref, wall = train_ref
     rng = random.Random(seed)
     feature_dir = manifest.parent
@@ -97,21 +97,21 @@ def kill_training(train_ref, tmp_path, n: int, seed: int) -> None:
 
 
 def test_killed_feature_extraction_reruns_to_identical_features(features_ref, tmp_path):
-    kill_features(features_ref, tmp_path, n=3, seed=0)
+    check_killed_features(features_ref, tmp_path, n=3, seed=0)
 
 
 def test_killed_training_reruns_to_an_identical_run(train_ref, tmp_path):
-    kill_training(train_ref, tmp_path, n=3, seed=0)
+    check_killed_training(train_ref, tmp_path, n=3, seed=0)
 
 
 @pytest.mark.slow
 def test_killed_feature_extraction_ten_times(features_ref, tmp_path):
-    kill_features(features_ref, tmp_path, n=10, seed=1)
+    check_killed_features(features_ref, tmp_path, n=10, seed=1)
 
 
 @pytest.mark.slow
 def test_killed_training_ten_times(train_ref, tmp_path):
-    kill_training(train_ref, tmp_path, n=10, seed=1)
+    check_killed_training(train_ref, tmp_path, n=10, seed=1)
 
 
 def test_training_removes_temporaries_of_a_run_killed_before_its_config(train_ref, tmp_path):
