@@ -44,6 +44,13 @@ bench: $(BIN)/mil
 	$(BIN)/python benchmarks/extract_throughput.py
 	$(BIN)/python benchmarks/precision_agreement.py
 	$(BIN)/python benchmarks/extract_memory.py
+	$(BIN)/python benchmarks/musk.py
+	$(BIN)/python benchmarks/needle_bags.py
+	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/heatmap.py
+	$(BIN)/python benchmarks/moco.py
+	$(BIN)/python benchmarks/reliability.py
+	$(BIN)/python benchmarks/o2i_study.py
 
 clean:
 	rm -rf $(DEMO) build dist *.egg-info
