@@ -42,12 +42,37 @@ def _root(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point. Exits 0 on success, 1 when some slides failed, 2 on a user mistake."""
+    """Console-script entry point. Exits 0 on success, 1 when some slides failed, 2 on a user mistake.
+
+    Every user mistake — a `MilError` from a stage, or a command-line error that click finds (an
+    unknown option, ``--epochs abc``) — is printed as one line and exits with status 2.
+    """
     try:
-        app(args=argv)  # standalone mode: usage errors print click's message and exit 2
+        rc = app(args=argv, standalone_mode=False)  # returns exit codes instead of calling sys.exit
     except MilError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
+    except Exception as e:
+        if type(e).__name__ == "Abort":  # click's Abort (EOF at a prompt)
+            typer.echo("Aborted.", err=True)
+            sys.exit(1)
+        if not _is_click_error(e):
+            raise
+        if type(e).__name__ == "NoArgsIsHelpError":  # `mil train` alone: its help, as in standalone mode
+            e.show()
+            sys.exit(e.exit_code)
+        ctx = getattr(e, "ctx", None)
+        where = f"{ctx.command_path}: " if ctx is not None else ""
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        typer.echo(f"error: {where}{e.format_message()}{hint}", err=True)
+        sys.exit(e.exit_code)
+    if isinstance(rc, int) and rc != 0:  # typer.Exit(code), e.g. 1 when some slides failed
+        sys.exit(rc)
+
+
+def _is_click_error(e: Exception) -> bool:
+    """A click `ClickException` (usage errors, bad parameters), from click or Typer's vendored copy."""
+    return any(c.__name__ == "ClickException" for c in type(e).__mro__) and hasattr(e, "format_message")
 
 
 if __name__ == "__main__":

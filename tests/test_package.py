@@ -71,3 +71,19 @@ def test_stage_exports_encoder_registry_lazily():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "True", "True"]  # `mil extract tiles` does not pay for importing timm
+
+
+def test_command_line_mistakes_are_one_line_with_exit_status_2():
+    """Errors click finds (bad option type, unknown option or command) read like the stages' own errors."""
+    from tests.conftest import invoke_mil
+
+    for args, culprit in [
+        (["train", "features", "x", "--manifest", "m", "--out", "o", "--epochs", "abc"], "--epochs"),
+        (["train", "features", "x", "--manifest", "m", "--out", "o", "--bogus"], "--bogus"),
+        (["bogus"], "bogus"),
+    ]:
+        r = invoke_mil(*args)
+        assert r.returncode == 2, (args, r)
+        lines = [line for line in r.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and culprit in lines[0], (args, r.stderr)
+    assert invoke_mil("--version").returncode == 0
