@@ -60,12 +60,21 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
+    a = parse(argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(a.threads)
+    try:
+        return study(a)
+    finally:
+        torch.set_num_threads(threads)  # a caller's (e.g. the test session's) thread count is left as it was
+
+
+def study(a: argparse.Namespace) -> pd.DataFrame:
+    """Make the image sets, train every run, evaluate and plot (see the module docstring)."""
     from mil.evaluate.o2i import evaluate_o2i
     from mil.extract.needles import run_needles
     from mil.train.bagnet import BagNetTrainConfig, run_bagnet
 
-    a = parse(argv)
-    torch.set_num_threads(a.threads)
     canvases = [int(c) for c in a.canvases.split(",")]
     poolings, seeds = a.poolings.split(","), [int(s) for s in a.seeds.split(",")]
     work = a.work_dir

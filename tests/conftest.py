@@ -16,6 +16,17 @@ import pytest
 MIL = [sys.executable, "-m", "mil.cli"]
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Benchmarks run in-process by smoke tests set torch's thread count; later tests must not inherit it
+    (an in-process reference run with 1 thread and a subprocess rerun with 2 differ in the last bits)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def run_mil(*args: str, cwd: str | Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run the real `mil` command in a subprocess (exit codes and stderr as a user sees them)."""
     env = dict(os.environ, COLUMNS="200", NO_COLOR="1")
