@@ -9,13 +9,11 @@ say what a folder holds (leftover temporaries, a snapshot to compare before/afte
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import signal
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import h5py
@@ -23,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from mil.atomic import TMP_MARKER
+from tests.conftest import invoke_mil
 
 SLIDE_SIZE = 2048
 D = 16  # feature dim of the synthetic bags
@@ -52,19 +51,7 @@ def cli_env() -> dict:
     return dict(os.environ, COLUMNS="200", NO_COLOR="1")
 
 
-def invoke(*args) -> subprocess.CompletedProcess:
-    """Run `mil` in this process (as tests/conftest.py's `invoke_mil`): exit code, stdout, stderr."""
-    from mil.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
-        warnings.simplefilter("always")
-        try:
-            main([str(a) for a in args])
-            rc = 0
-        except SystemExit as e:
-            rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    return subprocess.CompletedProcess(args, rc, out.getvalue(), err.getvalue())
+invoke = invoke_mil  # `mil` in this process: exit code, stdout, stderr (tests/conftest.py)
 
 
 def run(*args, timeout: float = 600) -> subprocess.CompletedProcess:
