@@ -50,6 +50,8 @@ bench: $(BIN)/mil
 	$(BIN)/python benchmarks/heatmap.py
 	$(BIN)/python benchmarks/moco.py
 	$(BIN)/python benchmarks/reliability.py
+	$(BIN)/python benchmarks/bagnet_norm.py
+	$(BIN)/python benchmarks/bagnet_step.py
 	$(BIN)/python benchmarks/o2i_study.py
 
 clean:

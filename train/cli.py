@@ -97,6 +97,7 @@ def bagnet(
     rf: Annotated[int, typer.Option(help="Receptive field: 9, 33 or 177.")] = 33,
     pooling: Annotated[str, typer.Option(help="Pooling over positions: max, mean, logsumexp, attention, gated_attention.")] = "max",
     width: Annotated[float, typer.Option(help="Channel multiplier (embedding 2048·width).")] = 1.0,
+    norm: Annotated[str, typer.Option(help="Normalisation layers: in_aff (the paper's affine InstanceNorm), in, or bn (BatchNorm).")] = "in_aff",
     epochs: Annotated[int, typer.Option(help="Epochs (LR ×0.1 at 80, 120, 160 of 200, scaled).")] = 200,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     accumulate: Annotated[int, typer.Option(help="Forward passes per optimizer step (effective batch = batch size × accumulate).")] = 1,
@@ -112,7 +113,7 @@ def bagnet(
     """Train a BagNet end to end on an image set; select the epoch on validation accuracy (test split unread)."""
     from mil.train.bagnet import BagNetTrainConfig, run_bagnet
 
-    config = BagNetTrainConfig(rf=rf, pooling=pooling, width=width, epochs=epochs, batch_size=batch_size, accumulate=accumulate,
+    config = BagNetTrainConfig(rf=rf, pooling=pooling, width=width, norm=norm, epochs=epochs, batch_size=batch_size, accumulate=accumulate,
                                lr=lr, max_train=max_train, seed=seed)  # fmt: skip
     with _BagNetProgress(epochs, enabled=progress) as bar:
         summary = run_bagnet(data, out, config, device=device, workers=workers, overwrite=overwrite, resume=resume,

@@ -208,6 +208,20 @@ def test_rerun_skips_and_other_settings_are_refused(toy, tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--overwrite" in r.stderr
 
 
+def test_norm_option_builds_batchnorm_and_is_recorded(toy, tmp_path):
+    r = invoke_mil("train", "bagnet", toy, "--out", tmp_path / "run", "--rf", 9, "--width", 0.0625, "--epochs", 1, "--batch-size", 16,
+                   "--max-train", 16, "--norm", "bn", "--device", "cpu", "--no-progress")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    doc = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert doc["train"]["norm"] == "bn" and doc["bagnet"]["norm"] == "bn"
+    net, _ = load_bagnet_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    kinds = {type(m).__name__ for m in net.modules()}
+    assert "BatchNorm2d" in kinds and "InstanceNorm2d" not in kinds
+    net.eval()
+    x = torch.rand(3, 1, 32, 32)  # (B, 1, H, W)
+    assert torch.isfinite(net(x)).all() and torch.allclose(net(x[:1]), net(x)[:1], atol=1e-5)  # eval mode: running statistics, per-image
+
+
 def test_the_test_split_is_never_read(toy, tmp_path):
     data = tmp_path / "set"
     shutil.copytree(toy, data)
@@ -228,6 +242,7 @@ def test_the_test_split_is_never_read(toy, tmp_path):
     ("ok", ["--rf", "5"], "rf"),
     ("ok", ["--max-train", "1000"], "--max-train <="),
     ("ok", ["--pooling", "median"], "pooling"),
+    ("ok", ["--norm", "layer"], "norm"),
 ])  # fmt: skip
 def test_user_mistakes_exit_2_with_one_line(toy, tmp_path, setup, args, needle):
     data = tmp_path / "set"
