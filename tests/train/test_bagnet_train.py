@@ -102,7 +102,7 @@ def test_learns_the_toy_task_and_writes_the_run_directory(toy, tmp_path):
     assert metrics.loc[metrics["val_acc"] == top, "val_loss"].min() == metrics["val_loss"][best - 1]  # ties → lower loss
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["train"] == {"rf": 9, "pooling": "max", "width": 0.125, "epochs": 8, "batch_size": 16, "accumulate": 1,
-                            "lr": 1e-3, "max_train": None, "seed": 0}  # fmt: skip
+                            "lr": 1e-3, "max_train": None, "seed": 0, "norm": "in_aff"}  # fmt: skip
     assert cfg["imageset"]["generator"] == "toy" and cfg["milestones"] == [3, 5, 6] and cfg["n_train"] == 64
     assert cfg["runtime"] == {"device": "cpu", "workers": 0}
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
@@ -162,8 +162,9 @@ def _strip(df: pd.DataFrame) -> pd.DataFrame:
     return df.drop(columns=["train_images_per_s", "seconds"])
 
 
-def test_resume_after_a_kill_ends_identical_to_a_straight_run(toy, tmp_path):
-    cfg = BagNetTrainConfig(epochs=4, max_train=32, **TINY)
+@pytest.mark.parametrize("norm", ["in_aff", "bn"])
+def test_resume_after_a_kill_ends_identical_to_a_straight_run(toy, tmp_path, norm):
+    cfg = BagNetTrainConfig(epochs=4, max_train=32, norm=norm, **TINY)
     run_bagnet(toy, tmp_path / "straight", cfg, device="cpu")
 
     class Killed(Exception):
