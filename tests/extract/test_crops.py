@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -173,3 +175,20 @@ def test_level_mpp_matches_the_equivalent_level(made, cohort, tmp_path):
     args[i + 1] = 0.1  # finer than level 0
     r = invoke_mil(*args[:-3], "--out", tmp_path / "fine", "--no-progress")
     assert r.returncode == 2 and "--level-mpp" in r.stderr
+
+
+def test_bagnet_trains_and_evaluates_on_rgb_crops(made, tmp_path):
+    """The nCAMELYON path end to end: 3-channel crops → `mil train bagnet` → `mil evaluate o2i` (on val: this set has no test)."""
+    run = tmp_path / "run"
+    r = invoke_mil("train", "bagnet", made["out"], "--out", run, "--rf", 9, "--width", 0.0625, "--epochs", 1, "--batch-size", 8,
+                   "--lr", 1e-3, "--seed", 0, "--device", "cpu", "--no-progress")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert json.loads((run / "config.json").read_text())["bagnet"]["in_chans"] == 3
+    r = invoke_mil("evaluate", "o2i", run, "--out", tmp_path / "o2i.png", "--split", "val", "--n-boot", 20, "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads((run / "eval" / "val" / "metrics.json").read_text())
+    val = read_split(made["out"], "val")
+    assert doc["n"] == len(val) and doc["n_positive"] == int(val.labels.sum()) and 0 <= doc["accuracy"] <= 1
+    assert 0 < doc["loc_ap"] <= 1 and doc["loc_ap_n"] == doc["n_positive"]
+    assert LO <= doc["o2i"] <= HI  # the median lesion fraction of the positive crops
+    assert (tmp_path / "o2i.png").stat().st_size > 10_000
