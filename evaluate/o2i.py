@@ -92,15 +92,20 @@ def localisation_ap(saliency: np.ndarray, bbox, image_size: tuple[int, int], str
 def load_bagnet_run(run_dir: str | Path) -> tuple[dict, Path]:
     """``(config.json, checkpoint path)`` of a finished `mil train bagnet` run; `O2IRunError` otherwise."""
     path = Path(run_dir)
-    for name in ("config.json", "checkpoint.pt"):
+
+    def require(name: str) -> None:
         if not (path / name).is_file():
             raise O2IRunError(f"{path / name}: expected a finished run directory of `mil train bagnet`, got no {name}; check the path or finish training.")
+
+    require("config.json")
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise O2IRunError(f"{path / 'config.json'}: expected JSON, could not read it ({e}).") from None
     if config.get("stage") != "train_bagnet":
         raise O2IRunError(f"{path}: expected a run of `mil train bagnet`, got a {config.get('stage', 'unknown')!r} run instead; use `mil evaluate run` for it.")
+    require("checkpoint.pt")
+    require("summary.csv")  # written last: the run is finished
     return config, path / "checkpoint.pt"
 
 
@@ -109,6 +114,9 @@ def score_run(run_dir: str | Path, data: str | Path | None = None, split: str = 
     """Score `split` of a run's image set (or of `data`) and write ``RUN_DIR/eval/<split>/``; return metrics.json's content."""
     if split not in SPLITS:
         raise OptionError(f"expected --split to be one of {', '.join(SPLITS)}, got {split!r} instead.")
+    for name, value in (("batch-size", batch_size), ("n-boot", n_boot)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise OptionError(f"expected --{name} >= 1, got {value!r} instead.")
     config, ckpt_path = load_bagnet_run(run_dir)
     folder = Path(data) if data is not None else Path(config["data"])
     dev = resolve_device(device)

@@ -428,6 +428,10 @@ def run_needles(
     labels = sorted(set(np.concatenate([s.labels for s in splits.values()]).tolist()))
     if target not in labels:
         raise OptionError(f"expected --target to be one of the classes {labels}, got {target} instead.")
+    size = max(max(s.objects.shape[1:]) for s in splits.values())
+    for canvas, _, _ in todo:  # make_needles checks this too, but only once the folder exists
+        if canvas < size:
+            raise OptionError(f"expected --canvas of at least the object size {size}, got {canvas} instead.")
     caps = dict(zip(SPLITS, first["max_per_split"] or (None,) * 3))
     totals = {}  # canvases per split: 2 · min(duplicates · #targets, cap // 2)
     for split in SPLITS:

@@ -1,0 +1,190 @@
+"""The bad-input matrix for the O2I commands (`extract needles`, `extract crops`, `train bagnet`,
+`evaluate o2i`): each bad option, image set or run directory gives exit status 2 and one `error:`
+line naming the culprit, no traceback, and writes nothing (see test_bad_inputs.py for the rules).
+
+Each case is ``case(o2i, tmp) -> (argv, watched folder, culprit)``; `o2i` holds a tiny needle image
+set (scikit-learn digits, 32² canvases) and a finished one-epoch BagNet run on it, made once.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import pytest
+
+from tests.reliability.cases import invoke, snapshot
+from tests.reliability.test_bad_inputs import check_refusal
+
+
+@dataclass
+class O2ICtx:
+    data: Path  # image set: canvas_32 of `extract needles --source sklearn-digits`
+    run: Path  # a finished `train bagnet` run on `data`
+
+
+TINY_NET = ["--rf", "9", "--width", "0.0625", "--batch-size", "8", "--lr", "1e-3", "--device", "cpu", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def o2i(tmp_path_factory) -> O2ICtx:
+    root = tmp_path_factory.mktemp("bad_inputs_o2i")
+    r = invoke("extract", "needles", "--source", "sklearn-digits", "--target", "3", "--canvas", "32", "--max-per-split", "16,8,8",
+               "--out", root / "sets", "--no-progress")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    data = root / "sets" / "canvas_32"
+    r = invoke("train", "bagnet", data, "--out", root / "run", "--epochs", "1", *TINY_NET)
+    assert r.returncode == 0, r.stderr
+    return O2ICtx(data, root / "run")
+
+
+def copy_set(o2i: O2ICtx, tmp: Path) -> Path:
+    d = tmp / "set"
+    shutil.copytree(o2i.data, d)
+    return d
+
+
+def copy_run(o2i: O2ICtx, tmp: Path) -> Path:
+    d = tmp / "run"
+    shutil.copytree(o2i.run, d, ignore=shutil.ignore_patterns("eval"))
+    return d
+
+
+def _needles(o2i, tmp):
+    return ["extract", "needles", "--source", "sklearn-digits", "--target", "3", "--canvas", "32", "--max-per-split", "16,8,8",
+            "--out", tmp / "out", "--no-progress"], tmp / "out"  # fmt: skip
+
+
+def _bagnet(o2i, tmp, data=None):
+    return ["train", "bagnet", data or o2i.data, "--out", tmp / "out", "--epochs", "1", *TINY_NET], tmp / "out"
+
+
+def _o2i(o2i, tmp, run=None):
+    d = run or copy_run(o2i, tmp)
+    return ["evaluate", "o2i", d, "--out", tmp / "plot" / "o2i.png", "--device", "cpu", "--n-boot", "10"], tmp / "plot"
+
+
+CASES: dict[str, callable] = {}
+
+
+def case(name):
+    def register(fn):
+        CASES[name] = fn
+        return fn
+
+    return register
+
+
+# Options out of range: (command builder, [(option, value, culprit or None for the option itself)])
+OPTIONS = {
+    "extract needles": (_needles, [
+        ("--canvas", "8", None), ("--canvas", "abc", None), ("--target", "11", None), ("--duplicates", "0", None),
+        ("--max-per-split", "16,8", None), ("--clutter-density", "-1", None), ("--source", "bogus", None),
+        ("--idx-dir", "/no/such/idx", "/no/such/idx")]),
+    "train bagnet": (_bagnet, [
+        ("--rf", "5", "rf"), ("--pooling", "bogus", "pooling"), ("--norm", "gn", "norm"), ("--width", "0", "width"),
+        ("--epochs", "0", None), ("--accumulate", "0", None), ("--lr", "0", None), ("--max-train", "1000", None),
+        ("--device", "tpu", None), ("--workers", "-1", None)]),
+    "evaluate o2i": (_o2i, [
+        ("--split", "bogus", None), ("--group-by", "colour", None), ("--n-boot", "0", None), ("--batch-size", "0", None),
+        ("--data", "/no/such/set", "/no/such/set")]),
+}  # fmt: skip
+for _cmd, (_build, _opts) in OPTIONS.items():
+    for _opt, _value, _culprit in _opts:
+        case(f"{_cmd}/option:{_opt} {_value}")(
+            lambda o2i, tmp, b=_build, o=_opt, v=_value, c=_culprit: ([*(x := b(o2i, tmp))[0], o, v], x[1], c or o)
+        )
+
+
+@case("extract needles/idx:not_idx")
+def _(o2i, tmp):
+    idx = tmp / "idx"
+    idx.mkdir()
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (idx / name).write_bytes(b"not an idx file at all")
+    argv, out = _needles(o2i, tmp)
+    argv = [a for a in argv if a not in ("--source", "sklearn-digits")]
+    return [*argv, "--idx-dir", idx], out, "train-images-idx3-ubyte"
+
+
+@case("extract crops/manifest:missing")
+def _(o2i, tmp):
+    return (["extract", "crops", "--manifest", tmp / "nope.csv", "--masks", tmp, "--size", "64", "--out", tmp / "out", "--no-progress"],
+            tmp / "out", "nope.csv")  # fmt: skip
+
+
+@case("train bagnet/data:not_an_image_set")
+def _(o2i, tmp):
+    (tmp / "empty").mkdir()
+    return (*_bagnet(o2i, tmp, tmp / "empty"), "empty")
+
+
+@case("train bagnet/data:missing_val")
+def _(o2i, tmp):
+    d = copy_set(o2i, tmp)
+    (d / "val.h5").unlink()
+    return (*_bagnet(o2i, tmp, d), "val.h5")
+
+
+@case("train bagnet/data:truncated_train")
+def _(o2i, tmp):
+    d = copy_set(o2i, tmp)
+    raw = (d / "train.h5").read_bytes()
+    (d / "train.h5").write_bytes(raw[: len(raw) // 3])
+    return (*_bagnet(o2i, tmp, d), "train.h5")
+
+
+@case("train bagnet/data:one_class")
+def _(o2i, tmp):
+    d = copy_set(o2i, tmp)
+    with h5py.File(d / "train.h5", "r+") as f:
+        f["labels"][...] = 0
+    return (*_bagnet(o2i, tmp, d), "train.h5")
+
+
+@case("evaluate o2i/run dir:unfinished")
+def _(o2i, tmp):
+    d = copy_run(o2i, tmp)
+    (d / "summary.csv").unlink()
+    return (*_o2i(o2i, tmp, d), str(d.name))
+
+
+@case("evaluate o2i/run dir:not_a_bagnet_run")
+def _(o2i, tmp):
+    (tmp / "empty").mkdir()
+    return (*_o2i(o2i, tmp, tmp / "empty"), "empty")
+
+
+@case("evaluate o2i/run dir:config_not_json")
+def _(o2i, tmp):
+    d = copy_run(o2i, tmp)
+    (d / "config.json").write_text("{not json")
+    return (*_o2i(o2i, tmp, d), "config.json")
+
+
+@case("evaluate o2i/run dir:checkpoint_garbage")
+def _(o2i, tmp):
+    d = copy_run(o2i, tmp)
+    (d / "checkpoint.pt").write_bytes(b"garbage")
+    return (*_o2i(o2i, tmp, d), "checkpoint.pt")
+
+
+@case("evaluate o2i/run dir:image_set_gone")
+def _(o2i, tmp):
+    d = copy_run(o2i, tmp)
+    doc = json.loads((d / "config.json").read_text())
+    doc["data"] = str(tmp / "gone")
+    (d / "config.json").write_text(json.dumps(doc))
+    return (*_o2i(o2i, tmp, d), "gone")
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_o2i_input_is_refused_in_one_line_and_writes_nothing(o2i, tmp_path, name):
+    argv, watched, culprit = CASES[name](o2i, tmp_path)
+    before = snapshot(watched)
+    r = invoke(*argv)
+    problems = check_refusal(r, culprit, before, snapshot(watched))
+    assert not problems, f"{name}: {problems}\nstderr: {r.stderr}"
