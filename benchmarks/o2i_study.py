@@ -2,7 +2,7 @@
 pooling holds up best at the smallest ratio? (Pawlowski et al., *Needles in Haystacks*, Fig. 4/7.)
 
     python benchmarks/o2i_study.py [--work-dir bench_out/o2i] [--canvases 64,96,128]
-        [--poolings mean,max,attention] [--seeds 0,1] [--max-train 2048] [--epochs 8] [--width 0.125]
+        [--poolings mean,max,attention] [--seeds 0,1] [--max-train 2048] [--epochs 6] [--width 0.125]
         [--norm bn] [--lr 1e-3] [--target 1]
         [--idx-dir /usr/share/datasets/fashion-mnist | --source sklearn-digits] [--quick]
 
@@ -14,11 +14,11 @@ Everything goes through the project's own code, as a user would run it:
 2. `mil train bagnet` (`run_bagnet`) for every canvas × pooling × seed: the paper's optimiser and
    schedule (RMSprop, ×0.1 at 40/60/80 % of the run), but a reduced width, training set and length,
    so a larger learning rate (1e-3) and BatchNorm instead of the paper's affine InstanceNorm (with
-   InstanceNorm, 2,048 images and a few epochs stay near chance even at 19 % O2I; BatchNorm reaches
-   0.85 validation accuracy in 6 epochs — see the README), so that the study fits in about 45
-   minutes on 2 CPU cores; the epoch is selected on validation accuracy. One torch thread per
-   process: run the canvases in two processes side by side (see the README) — two threads per
-   process on a busy 2-core machine were 4× slower;
+   InstanceNorm, 2,048 images at 19 % O2I stay near chance for 5 epochs, BatchNorm does not —
+   `benchmarks/bagnet_norm.py`), so that the study fits in about an hour on 2 CPU cores; the
+   epoch is selected on validation accuracy. One torch thread per process: run the seeds in two
+   processes side by side (see the README), each process trains every canvas × pooling for its seed;
+   start the second once the first has printed "ready" (the image sets are made once);
 3. `mil evaluate o2i` (`evaluate_o2i`) on the test split: accuracy, AUC and localisation AP against
    O2I, mean ± sd over seeds, one line per pooling → ``WORK/o2i.png`` and ``WORK/o2i.csv``.
 Finished image sets and runs are skipped on a rerun (the stages' own rule), so an interrupted
@@ -49,13 +49,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-train", type=int, default=2048)
     p.add_argument("--n-val", type=int, default=300)
     p.add_argument("--n-test", type=int, default=600)
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--target", type=int, default=1)
     p.add_argument("--idx-dir", type=Path, default=None, help="MNIST-format IDX folder (default: Fashion-MNIST if installed)")
     p.add_argument("--source", default=None, help="'sklearn-digits' for a fully offline run")
-    p.add_argument("--lr", type=float, default=1e-3, help="the paper's 5e-5 is for 200 epochs; an 8-epoch run needs more")
-    p.add_argument("--threads", type=int, default=1, help="torch threads; run canvases in parallel processes instead")
+    p.add_argument("--lr", type=float, default=1e-3, help="the paper's 5e-5 is for 200 epochs; a 6-epoch run needs more")
+    p.add_argument("--threads", type=int, default=1, help="torch threads; run seeds in parallel processes instead")
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny sets, 1 epoch, one seed")
     a = p.parse_args(argv)
     if a.quick:

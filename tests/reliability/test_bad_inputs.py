@@ -411,10 +411,15 @@ def check_refusal(result, culprit: str, before, after) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_bad_input_is_refused_in_one_line_and_writes_nothing(ctx, tmp_path, name):
-    argv, watched, culprit = CASES[name](ctx, tmp_path)
+def try_case(build, ctx, tmp: Path) -> tuple[list[str], str]:
+    """Run the case `build(ctx, tmp) -> (argv, watched, culprit)`; return what is wrong with its refusal and its stderr."""
+    argv, watched, culprit = build(ctx, tmp)
     before = snapshot(watched)
     r = invoke(*argv)
-    problems = check_refusal(r, culprit, before, snapshot(watched))
-    assert not problems, f"{name}: {problems}\nstderr: {r.stderr}"
+    return check_refusal(r, culprit, before, snapshot(watched)), r.stderr
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_input_is_refused_in_one_line_and_writes_nothing(ctx, tmp_path, name):
+    problems, stderr = try_case(CASES[name], ctx, tmp_path)
+    assert not problems, f"{name}: {problems}\nstderr: {stderr}"
