@@ -26,14 +26,14 @@ class O2ICtx:
     run: Path  # a finished `train bagnet` run on `data`
 
 
+NEEDLES = ["extract", "needles", "--source", "sklearn-digits", "--target", "3", "--canvas", "32", "--max-per-split", "16,8,8", "--no-progress"]
 TINY_NET = ["--rf", "9", "--width", "0.0625", "--batch-size", "8", "--lr", "1e-3", "--device", "cpu", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
 def o2i(tmp_path_factory) -> O2ICtx:
     root = tmp_path_factory.mktemp("bad_inputs_o2i")
-    r = invoke("extract", "needles", "--source", "sklearn-digits", "--target", "3", "--canvas", "32", "--max-per-split", "16,8,8",
-               "--out", root / "sets", "--no-progress")  # fmt: skip
+    r = invoke(*NEEDLES, "--out", root / "sets")
     assert r.returncode == 0, r.stderr
     data = root / "sets" / "canvas_32"
     r = invoke("train", "bagnet", data, "--out", root / "run", "--epochs", "1", *TINY_NET)
@@ -54,8 +54,7 @@ def copy_run(o2i: O2ICtx, tmp: Path) -> Path:
 
 
 def _needles(o2i, tmp):
-    return ["extract", "needles", "--source", "sklearn-digits", "--target", "3", "--canvas", "32", "--max-per-split", "16,8,8",
-            "--out", tmp / "out", "--no-progress"], tmp / "out"  # fmt: skip
+    return [*NEEDLES, "--out", tmp / "out"], tmp / "out"
 
 
 def _bagnet(o2i, tmp, data=None):
@@ -142,40 +141,39 @@ def _(o2i, tmp):
     return (*_bagnet(o2i, tmp, d), "train.h5")
 
 
-@case("evaluate o2i/run dir:unfinished")
-def _(o2i, tmp):
-    d = copy_run(o2i, tmp)
-    (d / "summary.csv").unlink()
-    return (*_o2i(o2i, tmp, d), str(d.name))
+def _point_data_elsewhere(d: Path) -> None:
+    doc = json.loads((d / "config.json").read_text())
+    doc["data"] = str(d.parent / "gone")
+    (d / "config.json").write_text(json.dumps(doc))
+
+
+# Broken copies of the finished run for `evaluate o2i`: kind → (how to break the copy, what the error names)
+RUN_BREAKS = {
+    "unfinished": (lambda d: (d / "summary.csv").unlink(), "summary.csv"),  # killed between checkpoint and summary
+    "config_not_json": (lambda d: (d / "config.json").write_text("{not json"), "config.json"),
+    "checkpoint_garbage": (lambda d: (d / "checkpoint.pt").write_bytes(b"garbage"), "checkpoint.pt"),
+    "image_set_gone": (_point_data_elsewhere, "gone"),
+}
+
+
+def _broken_run(kind: str):
+    def build(o2i, tmp):
+        breaker, culprit = RUN_BREAKS[kind]
+        d = copy_run(o2i, tmp)
+        breaker(d)
+        return (*_o2i(o2i, tmp, d), culprit)
+
+    return build
+
+
+for _kind in RUN_BREAKS:
+    case(f"evaluate o2i/run dir:{_kind}")(_broken_run(_kind))
 
 
 @case("evaluate o2i/run dir:not_a_bagnet_run")
 def _(o2i, tmp):
     (tmp / "empty").mkdir()
     return (*_o2i(o2i, tmp, tmp / "empty"), "empty")
-
-
-@case("evaluate o2i/run dir:config_not_json")
-def _(o2i, tmp):
-    d = copy_run(o2i, tmp)
-    (d / "config.json").write_text("{not json")
-    return (*_o2i(o2i, tmp, d), "config.json")
-
-
-@case("evaluate o2i/run dir:checkpoint_garbage")
-def _(o2i, tmp):
-    d = copy_run(o2i, tmp)
-    (d / "checkpoint.pt").write_bytes(b"garbage")
-    return (*_o2i(o2i, tmp, d), "checkpoint.pt")
-
-
-@case("evaluate o2i/run dir:image_set_gone")
-def _(o2i, tmp):
-    d = copy_run(o2i, tmp)
-    doc = json.loads((d / "config.json").read_text())
-    doc["data"] = str(tmp / "gone")
-    (d / "config.json").write_text(json.dumps(doc))
-    return (*_o2i(o2i, tmp, d), "gone")
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
