@@ -14,7 +14,8 @@ Output folder, ``ENCODER_DIR``::
                      "module.queue", "module.queue_ptr"}, "optimizer", "settings", "mil_version"}
                     (facebookresearch/moco's layout; `--weights` loads it too)
     metrics.csv     epoch, loss, pretext_acc, lr, images_per_s, seconds
-    config.json     every resolved option ("settings" decide reruns; "runtime" does not)
+    config.json     every resolved option ("settings" decide reruns, among them the manifest
+                    splits trained on; "runtime" does not) and the slide ids used
     tiles/          coords of every slide from the tiles stage (unless --coords-dir)
 
 ``encoder.pt`` is written last: it exists only when every epoch has run.
@@ -43,6 +44,7 @@ import mil
 from mil.atomic import atomic_path, remove_stale_temporaries
 from mil.errors import MilError, OptionError, SettingsMismatchError
 from mil.extract.tiles import TilingConfig
+from mil.manifest import SPLITS
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,6 +219,7 @@ class MocoConfig:
     bn_splits: int = 0  # 0: auto
     seed: int = 0
     tiling: TilingConfig = field(default_factory=TilingConfig)
+    splits: tuple[str, ...] | str | None = None  # manifest splits trained on ("train,val" too); None: every split but test
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "queue", "dim"):
@@ -238,12 +241,20 @@ class MocoConfig:
             )
         if self.bn_splits < 0:
             raise OptionError(f"expected --bn-splits >= 1 (or 0 for auto), got {self.bn_splits!r} instead.")
+        if self.splits is not None:  # "train,val" or ("train", "val") → ("train", "val")
+            given = [s.strip() for s in (self.splits.split(",") if isinstance(self.splits, str) else self.splits)]
+            if not given or any(s not in SPLITS for s in given):
+                raise OptionError(
+                    f"expected --splits to be a comma-separated list of {', '.join(SPLITS)}, got {','.join(given)!r} instead."
+                )
+            object.__setattr__(self, "splits", tuple(s for s in SPLITS if s in given))  # canonical order, no repeats
 
     def settings(self, slide_ids) -> dict:
         """JSON-ready settings of a run on these slides (as they read back from config.json)."""
         from mil.extract.moco_data import Augment
 
         d = asdict(self) | {"tiling": self.tiling.as_dict(), "augmentation": Augment().as_dict(),
+                            "splits": list(self.splits) if self.splits is not None else "all but test",
                             "slides_sha256": hashlib.sha256("\n".join(map(str, slide_ids)).encode()).hexdigest()}  # fmt: skip
         return json.loads(json.dumps(d))
 
@@ -257,6 +268,29 @@ class MocoConfig:
                 f"per process), got {splits} instead."
             )
         return splits
+
+
+def select_splits(slides: pd.DataFrame, splits: tuple[str, ...] | None) -> pd.DataFrame:
+    """The rows of `slides` that MoCo trains on: those whose ``split`` is in `splits`, or, with
+    ``splits=None``, every row but the test split's (rows without a split are kept; a table without
+    a split column keeps every row). Warns when the test split is chosen.
+
+    Raises:
+        OptionError: the selection leaves no slide.
+    """
+    split = slides["split"].fillna("").astype(str) if "split" in slides.columns else pd.Series("", index=slides.index)
+    keep = split.isin(splits) if splits is not None else split != "test"
+    if not keep.any():
+        found = ", ".join(f"{n} {k or 'without a split'}" for k, n in split.value_counts().items()) or "no slides"
+        want = ",".join(splits) if splits is not None else "(default: every split but test)"
+        raise OptionError(f"expected --splits {want} to select at least one slide, got none of the manifest's ({found}) instead.")
+    if splits is not None and "test" in splits:
+        warnings.warn(
+            f"--splits includes test: the test split's {int((split == 'test').sum())} slides are included in self-supervised "
+            "pretraining, so an evaluation on them with this encoder is not independent.",
+            stacklevel=2,
+        )
+    return slides[keep]
 
 
 @dataclass
@@ -377,7 +411,8 @@ def run_moco(
     Only rank 0 writes files and shows progress.
 
     Args:
-        slides: a validated slide table (`read_manifest` or `slides_from_folder`).
+        slides: a validated slide table (`read_manifest` or `slides_from_folder`); only the rows of
+            ``config.splits`` are used (default: every split but test; see `select_splits`).
         out_dir: ENCODER_DIR.
         coords_dir: the tiles stage's output to reuse (default ``out_dir/tiles``); slides without
             coords there are tiled with ``config.tiling`` first.
@@ -401,6 +436,7 @@ def run_moco(
         raise OptionError(f"expected --precision auto, fp32 or bf16, got {precision!r} instead.")
     if workers < 0:
         raise OptionError(f"expected --workers >= 0, got {workers!r} instead.")
+    slides = select_splits(slides, config.splits)  # never the test split unless asked for
     rank, world, device, created = _init_distributed(torch.device(device))
     try:
         if config.batch_size % world:
@@ -456,6 +492,7 @@ def run_moco(
         if rank == 0:
             doc = {"stage": "moco", "mil_version": mil.__version__, "settings": settings, "runtime": runtime,
                    "preprocessing": prep, "coords_dir": str(coords_dir), "n_slides": len(slides),
+                   "slide_ids": slides["slide_id"].astype(str).tolist(),
                    "n_tiles": len(dataset), "failed_slides": failures}  # fmt: skip
             with atomic_path(out / "config.json") as tmp:
                 tmp.write_text(json.dumps(doc, indent=2) + "\n")

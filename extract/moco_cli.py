@@ -28,6 +28,7 @@ def moco(
     tiles_per_slide: Annotated[Optional[int], typer.Option(help="Tiles drawn per slide (seeded); default: all.")] = None,
     steps_per_epoch: Annotated[Optional[int], typer.Option(help="At most this many steps per epoch; default: a full pass.")] = None,
     bn_splits: Annotated[int, typer.Option(help="BatchNorm groups per process and step; 0: auto (1 with several processes, else batch/32, at most 8).")] = 0,
+    splits: Annotated[Optional[str], typer.Option(help="Manifest splits to pretrain on, comma-separated (train,val,test); default: every split but test (slides without a split included).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the initial weights, the tile sample, the order and the augmentations.")] = 0,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes reading and augmenting tiles (per process).")] = 4,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N (with torchrun: each process takes cuda:LOCAL_RANK).")] = "auto",
@@ -58,7 +59,7 @@ def moco(
     config = MocoConfig(
         arch=arch, epochs=epochs, batch_size=batch_size, queue=queue, momentum=momentum, temperature=temperature,
         lr=lr, dim=dim, tiles_per_slide=tiles_per_slide, steps_per_epoch=steps_per_epoch, bn_splits=bn_splits,
-        seed=seed, tiling=tiling,
+        seed=seed, tiling=tiling, splits=splits,
     )  # fmt: skip
     slides = load_slides(input_path, slides_root)
     rank0 = int(os.environ.get("RANK", "0")) == 0

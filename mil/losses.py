@@ -262,7 +262,8 @@ class GradLibraLoss(nn.Module):
     """Gradient-rebalanced sigmoid loss for long-tailed classes: EQL v2 (verified) times a per-sample hardness term.
 
     A reconstruction from the abstract, not the paper's formula: Grad-Libra (Liu et al., MICCAI 2022) has no public
-    code and its body was unavailable (methods.md §3). What this computes, with p = σ(z), one-hot y, ``(M, C)``::
+    code and its body was unavailable (methods.md §3). What this computes, with p = σ(z), one-hot y, ``(M, C)``, where
+    target C (background) is an all-zero row of y, as in EQL v2 (its one-hot of C + 1 columns minus the last)::
 
         g_ij   = |p_ij − y_ij|                       per-element gradient magnitude of BCE w.r.t. the logit
         r_j    = G⁺_j / (G⁻_j + 1e-10)               accumulated positive / negative gradient of class j   (EQL v2)
@@ -276,9 +277,10 @@ class GradLibraLoss(nn.Module):
 
     State: like EQL v2's code, statistics are updated in ``forward`` from the analytic gradient under no_grad (no
     backward hook), after the weights of this batch were read, and only in training mode: ``G⁺_j += Σ_i |∂L/∂z_ij| y_ij``,
-    ``G⁻_j += Σ_i |∂L/∂z_ij| (1 − y_ij)`` with ``|∂L/∂z| = w·h·g``. At the first step all weights are 1 and h = 1,
-    so the loss equals ``BCEWithLogits(reduction="sum") / M``; it stays ≈ that while r_j ≳ 1.3 (balanced gradients).
-    Buffers are per process (EQL v2 all-reduces them under DDP; we do not).
+    ``G⁻_j += Σ_i |∂L/∂z_ij| (1 − y_ij)`` with ``|∂L/∂z| = w·h·g``; background rows only add to G⁻ (and ḡ⁻) of every
+    class. At the first step all weights are 1 and h = 1, so the loss equals ``BCEWithLogits(reduction="sum") / M``; it
+    stays ≈ that while r_j ≳ 1.3 (balanced gradients). Buffers are per process (EQL v2 all-reduces them under DDP; we
+    do not).
 
     Args:
         num_classes: C. gamma, mu, alpha: EQL v2's mapping (12, 0.8, 4). beta: hardness exponent (0 disables it).
@@ -325,16 +327,17 @@ class GradLibraLoss(nn.Module):
         self.steps += 1
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Args: logits ``(M, C)``; targets ``(M,)`` integer classes in [0, C). Returns: scalar."""
+        """Args: logits ``(M, C)``; targets ``(M,)`` integer classes in [0, C], C = background. Returns: scalar."""
         logits = _check_scores(logits, "logits", (2,))  # (M, C)
         if logits.shape[1] != self.num_classes or logits.shape[0] == 0:
             raise ValueError(f"expected logits of shape (M >= 1, {self.num_classes}), got {tuple(logits.shape)} instead.")
         if not isinstance(targets, torch.Tensor) or targets.is_floating_point() or targets.shape != logits.shape[:1]:
             got = f"{tuple(targets.shape)} {targets.dtype}" if isinstance(targets, torch.Tensor) else type(targets).__name__
             raise ValueError(f"expected integer targets of shape ({logits.shape[0]},), got {got} instead.")
-        if bool(((targets < 0) | (targets >= self.num_classes)).any()):
-            raise ValueError(f"expected targets in [0, {self.num_classes}), got values {targets.unique().tolist()} instead.")
-        y = F.one_hot(targets.long(), self.num_classes).to(logits.dtype)  # (M, C)
+        if bool(((targets < 0) | (targets > self.num_classes)).any()):
+            raise ValueError(f"expected targets in [0, {self.num_classes}] ({self.num_classes} = background), "
+                             f"got values {targets.unique().tolist()} instead.")
+        y = F.one_hot(targets.long(), self.num_classes + 1)[:, :-1].to(logits.dtype)  # (M, C) background: all-zero row
         with torch.no_grad():
             g = (torch.sigmoid(logits) - y).abs()  # (M, C) |∂BCE/∂z|
             pos_w, neg_w = self.class_weights()  # (C,), (C,)

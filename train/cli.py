@@ -24,17 +24,23 @@ def features(
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 2e-4,
     weight_decay: Annotated[float, typer.Option(help="Adam weight decay.")] = 1e-4,
     batch_size: Annotated[int, typer.Option(help="Bags per step (padded with a mask).")] = 1,
-    ranking_weight: Annotated[float, typer.Option(help="Weight of the MI ranking loss (0 = off).")] = 0.0,
-    rank_k: Annotated[int, typer.Option(help="Top-k instances per bag in the ranking loss.")] = 10,
-    rank_margin: Annotated[float, typer.Option(help="Margin of the ranking loss.")] = 1.0,
-    hard_negatives: Annotated[bool, typer.Option("--hard-negatives", help="Mine hard negative instances after a warm-up and refresh them.")] = False,
-    neg_ratio: Annotated[float, typer.Option(help="Fraction of all negative-bag instances kept as hard negatives.")] = 0.2,
+    recipe: Annotated[str, typer.Option(help="Loss recipe: bce (bag BCE), or hnm-wsi (the HNM-WSI authors' MIL loss: 0.5 bag + 0.5 max-instance BCE + 0.1 ranking, hard negatives). Options below override its parts.")] = "bce",
+    bag_weight: Annotated[Optional[float], typer.Option(help="Weight of the bag BCE (DSMIL: its bag branch). Default: the recipe's.")] = None,
+    max_instance_weight: Annotated[Optional[float], typer.Option(help="Weight of the BCE on the largest instance score. Default: the recipe's (DSMIL 0.5).")] = None,
+    ranking_weight: Annotated[Optional[float], typer.Option(help="Weight of the MI ranking loss (0 = off); on, every batch holds both classes. Default: the recipe's.")] = None,
+    rank_k: Annotated[Optional[int], typer.Option(help="Top-k instances per bag in the ranking loss (default 10).")] = None,
+    rank_margin: Annotated[Optional[float], typer.Option(help="Margin of the ranking loss (default 1).")] = None,
+    hard_negatives: Annotated[Optional[bool], typer.Option("--hard-negatives/--no-hard-negatives", help="Mine hard negative instances after a warm-up and refresh them (default: the recipe's).", show_default=False)] = None,
+    neg_ratio: Annotated[Optional[float], typer.Option(help="Fraction of all negative-bag instances kept as hard negatives (default 0.2).")] = None,
     hnm_warmup: Annotated[int, typer.Option(help="Epochs before the first mining.")] = 5,
     hnm_every: Annotated[int, typer.Option(help="Epochs between refreshes of the mined set.")] = 5,
-    hnm_weight: Annotated[float, typer.Option(help="Weight of the instance loss on mined hard negatives.")] = 1.0,
+    hnm_bank: Annotated[Optional[int], typer.Option(help="Mined negatives of the whole training set added to each ranking step's negative top-k pool (default 10).")] = None,
+    hnm_instance_weight: Annotated[float, typer.Option(help="Opt-in: instance BCE on mined negatives (target 0) and pseudo-positives (1).")] = 0.0,
+    pos_ratio: Annotated[float, typer.Option(help="Pseudo-positives for --hnm-instance-weight: top fraction of confident positive-bag tiles.")] = 0.2,
     instance_labels: Annotated[Optional[Path], typer.Option(help="CSV of annotated tiles (slide_id, x, y, label) for an instance loss beside the bag loss.")] = None,
     instance_loss: Annotated[str, typer.Option(help="Instance loss for --instance-labels: ece (exclusive cross-entropy) or bce.")] = "ece",
     instance_weight: Annotated[float, typer.Option(help="Weight of the instance loss.")] = 1.0,
+    ece_schedule_epochs: Annotated[Optional[int], typer.Option(help="ECE's annealing (the reference's 200-epoch schedule) stretched to this many epochs; default --epochs.")] = None,
     standardize: Annotated[bool, typer.Option("--standardize", help="Standardise features with the training bags' per-feature mean and sd (kept in the checkpoint).")] = False,
     cache: Annotated[str, typer.Option(help="auto | ram | stream: keep bags in RAM as float16, or read them per step.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of splits, initialisation and shuffling.")] = 0,
@@ -47,12 +53,13 @@ def features(
     from mil.train.run import run_train
 
     config = TrainConfig(head=head, epochs=epochs, patience=patience, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
-                         seed=seed, ranking_weight=ranking_weight, rank_k=rank_k, rank_margin=rank_margin,
-                         hard_negatives=hard_negatives, neg_ratio=neg_ratio, hnm_warmup=hnm_warmup,
-                         hnm_every=hnm_every, hnm_weight=hnm_weight, instance_loss=instance_loss,
-                         instance_weight=instance_weight, standardize=standardize)  # fmt: skip
+                         seed=seed, recipe=recipe, bag_weight=bag_weight, max_instance_weight=max_instance_weight,
+                         ranking_weight=ranking_weight, rank_k=rank_k, rank_margin=rank_margin, hard_negatives=hard_negatives,
+                         neg_ratio=neg_ratio, hnm_warmup=hnm_warmup, hnm_every=hnm_every, hnm_bank=hnm_bank,
+                         hnm_instance_weight=hnm_instance_weight, pos_ratio=pos_ratio, instance_loss=instance_loss,
+                         instance_weight=instance_weight, ece_schedule_epochs=ece_schedule_epochs, standardize=standardize)  # fmt: skip
     slides = read_manifest(manifest, require_labels=False, check_files=False)
-    with _EpochProgress(epochs, enabled=progress, mined=hard_negatives) as on_epoch:
+    with _EpochProgress(epochs, enabled=progress, mined=config.hard_negatives) as on_epoch:
         summary = run_train(feature_dir, slides, out, config, folds=folds, repeats=repeats, val_fraction=val_fraction,
                             cache=cache, overwrite=overwrite, on_epoch=on_epoch, instance_labels=instance_labels)  # fmt: skip
     if summary.attrs.get("skipped"):

@@ -1,11 +1,11 @@
 """Fitting one MIL head on one fold: epochs, validation, early stopping, threshold.
 
 Model selection (best epoch, early stopping) and the decision threshold use the validation
-set only; the fold's test slides are not seen here. The bag loss is BCE with ``pos_weight``
-from the training labels; with ``ranking_weight > 0`` the multiple-instance ranking loss is
-added on the positive × negative bag pairs of each batch; with hard-negative mining the mined
-instances get an instance BCE towards 0; with sparse tile annotations (`mil.train.instances`)
-an instance loss (``ece`` or ``bce``) is added.
+set only; the fold's test slides are not seen here. The loss of a step is `mil.train.objective`'s:
+a named recipe (``bce`` or ``hnm-wsi``) of bag BCE, max-instance BCE and the MI ranking loss,
+with hard negatives mined on a schedule (`mil.train.mining`) and, with sparse tile annotations
+(`mil.train.instances`), an instance loss (``ece`` or ``bce``). When the ranking loss is on,
+every batch holds both classes (`mil.train.sampling`; batch size 1 = the seed's bag pairs).
 """
 
 from __future__ import annotations
@@ -23,15 +23,21 @@ from torch.utils.data import DataLoader
 
 from mil.errors import OptionError
 from mil.heads import Standardized, create_head
-from mil.losses import create_loss
 from mil.train.data import BagDataset, collate_bags, feature_stats
-from mil.train.instances import InstanceLabels, instance_targets
-from mil.train.mining import mine_hard_negatives
+from mil.train.instances import InstanceLabels
+from mil.train.mining import MinedSet, mine_hard_negatives
+from mil.train.objective import Objective, recipe_defaults
+from mil.train.sampling import BalancedBatchSampler
+
+LOSS_PARTS = ("bag", "max_instance", "ranking", "hnm_instance", "instance")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Every option of the fit; written to the run's config.json."""
+    """Every option of the fit; written, resolved, to the run's config.json.
+
+    Loss options left None are filled from ``recipe`` (`mil.train.objective.RECIPES`).
+    """
 
     head: str = "abmil"
     head_kwargs: dict = field(default_factory=dict)
@@ -39,39 +45,56 @@ class TrainConfig:
     patience: int = 10  # epochs without a better validation AUC before stopping
     lr: float = 2e-4
     weight_decay: float = 1e-4
-    batch_size: int = 1  # bags per step
+    batch_size: int = 1  # bags per step (with the ranking loss, 1 = one positive + one negative bag)
     seed: int = 0
-    ranking_weight: float = 0.0  # > 0 adds the MI ranking loss
-    rank_k: int = 10
-    rank_margin: float = 1.0
-    hard_negatives: bool = False  # mine hard negative instances (needs instance scores: every head has them)
-    neg_ratio: float = 0.2  # fraction of all negative-bag instances kept as hard negatives
+    recipe: str = "bce"  # "bce" or "hnm-wsi": fills the loss options below that are None
+    bag_weight: float | None = None  # BCE on the bag logit (DSMIL: its bag branch)
+    max_instance_weight: float | None = None  # BCE on the bag's largest instance score
+    ranking_weight: float | None = None  # > 0 adds the MI ranking loss
+    rank_k: int | None = None
+    rank_margin: float | None = None
+    hard_negatives: bool | None = None  # mine hard negative instances of the training bags
+    neg_ratio: float | None = None  # fraction of all negative-bag instances kept as hard negatives
     hnm_warmup: int = 5  # epochs before the first mining
     hnm_every: int = 5  # epochs between refreshes
-    hnm_weight: float = 1.0  # weight of the instance BCE on mined hard negatives (target 0)
+    hnm_bank: int | None = None  # mined negatives (any training bag) added to each ranking step's negative top-k pool
+    hnm_instance_weight: float = 0.0  # opt-in: instance BCE, mined negatives -> 0 and pseudo-positives -> 1
+    pos_ratio: float = 0.2  # pseudo-positives: top fraction of the confident positive-bag instances
     instance_loss: str = "ece"  # with instance labels: "ece" (exclusive cross-entropy) or "bce" (annotated tiles only)
     instance_weight: float = 1.0  # weight of the instance loss
+    ece_schedule_epochs: int | None = None  # ECE's 200-epoch annealing stretched to this many epochs (None: --epochs)
     standardize: bool = False  # standardise features with the training bags' per-feature mean and sd
 
     def __post_init__(self) -> None:
+        for name, value in recipe_defaults(self.recipe, self.head).items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
         for name in ("epochs", "patience", "batch_size", "rank_k", "hnm_every"):
             if getattr(self, name) < 1:
                 raise OptionError(f"expected --{name.replace('_', '-')} >= 1, got {getattr(self, name)!r} instead.")
-        if not (0 < self.neg_ratio <= 1) or self.hnm_warmup < 0 or self.hnm_weight < 0:
+        if not (0 < self.neg_ratio <= 1) or not (0 < self.pos_ratio <= 1) or self.hnm_warmup < 0 or self.hnm_bank < 0:
             raise OptionError(
-                f"expected --neg-ratio in (0, 1], --hnm-warmup >= 0 and --hnm-weight >= 0, got "
-                f"{self.neg_ratio!r}, {self.hnm_warmup!r}, {self.hnm_weight!r} instead."
+                f"expected --neg-ratio and --pos-ratio in (0, 1], --hnm-warmup >= 0 and --hnm-bank >= 0, got "
+                f"{self.neg_ratio!r}, {self.pos_ratio!r}, {self.hnm_warmup!r}, {self.hnm_bank!r} instead."
             )
         if self.instance_loss not in ("ece", "bce") or not (self.instance_weight >= 0):
             raise OptionError(
                 f"expected --instance-loss ece or bce and --instance-weight >= 0, got {self.instance_loss!r} and "
                 f"{self.instance_weight!r} instead."
             )
-        if not (self.lr > 0) or self.weight_decay < 0 or self.ranking_weight < 0:
-            raise OptionError(
-                f"expected --lr > 0, --weight-decay >= 0 and --ranking-weight >= 0, got "
-                f"{self.lr!r}, {self.weight_decay!r}, {self.ranking_weight!r} instead."
-            )
+        if self.ece_schedule_epochs is not None and self.ece_schedule_epochs < 1:
+            raise OptionError(f"expected --ece-schedule-epochs >= 1, got {self.ece_schedule_epochs!r} instead.")
+        if not (self.lr > 0) or self.weight_decay < 0:
+            raise OptionError(f"expected --lr > 0 and --weight-decay >= 0, got {self.lr!r} and {self.weight_decay!r} instead.")
+        weights = {n: getattr(self, n) for n in ("bag_weight", "max_instance_weight", "ranking_weight", "hnm_instance_weight")}
+        bad = [n for n, w in weights.items() if not (w >= 0)]
+        if bad or not any(w > 0 for w in weights.values()):
+            name = bad[0] if bad else "bag_weight"
+            raise OptionError(f"expected loss weights >= 0 with one of them > 0, got --{name.replace('_', '-')} "
+                              f"{weights[name]!r} ({', '.join(f'{k}={v}' for k, v in weights.items())}) instead.")  # fmt: skip
+        if self.hnm_instance_weight > 0 and not self.hard_negatives:
+            raise OptionError("expected --hard-negatives with --hnm-instance-weight > 0 (it trains the mined tiles), "
+                              "got no mining instead.")  # fmt: skip
 
 
 @dataclass
@@ -79,8 +102,9 @@ class FoldResult:
     state_dict: dict
     best_epoch: int
     threshold: float  # Youden's J on validation predictions of the selected model
-    history: list[dict]  # one row per epoch: epoch, train_loss, val_loss, val_auc, n_hard_negatives
+    history: list[dict]  # one row per epoch: epoch, losses (total and by part), val_loss, val_auc, n_hard_negatives
     val_predictions: pd.DataFrame  # slide_id, label, probability
+    mined: MinedSet | None = None  # hard negatives of the training bags under the selected model (mining on)
 
 
 @torch.inference_mode()
@@ -118,7 +142,8 @@ def fit_fold(
     """Train `config.head` on `train_ds`, select the epoch on `val_ds`.
 
     With `annotations` (sparse tile labels, `mil.train.instances`), ``config.instance_loss`` on the
-    instance scores is added to the bag loss with weight ``config.instance_weight``.
+    instance scores is added to the bag loss with weight ``config.instance_weight``. With mining on,
+    the hard negatives of the selected model are mined once more and returned (``FoldResult.mined``).
     """
     torch.manual_seed(config.seed)
     model = create_head(config.head, in_dim=in_dim, **config.head_kwargs)
@@ -126,54 +151,41 @@ def fit_fold(
         model = Standardized(model, *feature_stats(train_ds))
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     labels = np.asarray(train_ds.labels)
-    pos_weight = float((labels == 0).sum() / max((labels == 1).sum(), 1))
-    bce = create_loss("bce", pos_weight=pos_weight)
-    ranking = create_loss("ranking", k=config.rank_k, margin=config.rank_margin) if config.ranking_weight > 0 else None
+    objective = Objective(config, float((labels == 0).sum() / max((labels == 1).sum(), 1)), annotations, config.seed)
     gen = torch.Generator().manual_seed(config.seed)
-    ece_gen = torch.Generator().manual_seed(config.seed + 1)  # background subsampling of the ECE loss
-    # ECE summed and divided by the number of labelled tiles (not all tiles), so that before its unannotated
-    # background terms are phased in (epoch ~50) it equals the "bce" option on the labelled tiles.
-    ece = create_loss("ece", reduction="sum") if annotations is not None and config.instance_loss == "ece" else None
-    loader = DataLoader(train_ds, batch_size=config.batch_size, shuffle=True, generator=gen, collate_fn=collate_bags)
+    if config.ranking_weight > 0:  # every batch needs a positive and a negative bag
+        loader = DataLoader(train_ds, batch_sampler=BalancedBatchSampler(labels, config.batch_size, gen), collate_fn=collate_bags)
+    else:
+        loader = DataLoader(train_ds, batch_size=config.batch_size, shuffle=True, generator=gen, collate_fn=collate_bags)
+
+    def mine(m: torch.nn.Module) -> MinedSet:
+        pos_ratio = config.pos_ratio if config.hnm_instance_weight > 0 else None
+        bank = 20_000 if config.ranking_weight > 0 and config.hnm_bank > 0 else 0  # cap of the bank's features in RAM
+        return mine_hard_negatives(m, train_ds, config.neg_ratio, pos_ratio=pos_ratio, bank_max=bank)
 
     best = (-math.inf, -math.inf)  # (val AUC, -val loss) compared lexicographically; the first epoch always beats it
     best_state, best_epoch, stale, history = None, 0, 0, []
-    mined: dict[str, torch.Tensor] = {}  # slide_id -> hard-negative instance indices (k,)
+    mined = MinedSet()
     for epoch in range(1, config.epochs + 1):
         if config.hard_negatives and epoch > config.hnm_warmup and (epoch - config.hnm_warmup - 1) % config.hnm_every == 0:
-            mined = mine_hard_negatives(model, train_ds, config.neg_ratio)
-        if ece is not None:
-            ece.set_epoch(epoch - 1)  # the reference anneals from epoch 0
+            mined = mine(model)
+        objective.set_epoch(epoch)
         model.train()
-        losses = []
+        losses, parts, ranked = [], {k: [] for k in LOSS_PARTS}, []
         for X, mask, y, ids in loader:  # X (B, N, D), mask (B, N), y (B,)
-            out = model(X, mask)
-            loss = bce(out.logits, y)
-            s = out.instance_scores  # (B, N)
-            hard = _hard_mask(ids, mined, mask)  # (B, N) True = mined hard negative
-            if hard.any():  # mined negatives as instance targets of 0
-                loss = loss + config.hnm_weight * bce_instances(s[hard], torch.zeros_like(s[hard]))
-            if annotations is not None:
-                t = instance_targets(ids, y, mask, annotations)  # (B, N) 1 / 0 known, -1 unannotated
-                known = t >= 0  # (B, N) labelled tiles
-                if ece is not None:
-                    inst = ece(s, t, mask=mask, generator=ece_gen) / known.sum().clamp_min(1)
-                else:
-                    inst = bce_instances(s[known], t[known].float()) if known.any() else s.new_zeros(())
-                loss = loss + config.instance_weight * inst
-            if ranking is not None and (y == 1).any() and (y == 0).any():
-                pos, neg = y == 1, y == 0  # (B,)
-                # Negative side: the bag's hard negatives when it has any (else all its instances).
-                neg_mask = torch.where(hard[neg].any(1, keepdim=True), hard[neg], mask[neg])  # (Q, N)
-                loss = loss + config.ranking_weight * ranking(s[pos], mask[pos], s[neg], neg_mask)
+            loss, step_parts = objective(model, model(X, mask), mask, y, ids, mined)
             opt.zero_grad()
             loss.backward()
             opt.step()
             losses.append(loss.item())
+            for k in LOSS_PARTS:  # a part missing from a step counts as 0 (e.g. ranking without a pair)
+                parts[k].append(step_parts.get(k, 0.0))
+            ranked.append("ranking" in step_parts)  # the step held a (positive, negative) pair
         pred = predict(model, val_ds)
         val_loss = float(log_loss(pred["label"], pred["probability"], labels=[0, 1]))
         row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": val_loss, "val_auc": _auc(pred),
-               "n_hard_negatives": int(sum(len(v) for v in mined.values()))}  # fmt: skip
+               "n_hard_negatives": len(mined), **{f"loss_{k}": float(np.mean(v)) for k, v in parts.items()},
+               "ranking_steps": float(np.mean(ranked))}  # fmt: skip
         history.append(row)
         if on_epoch is not None:
             on_epoch(row)
@@ -186,19 +198,5 @@ def fit_fold(
                 break
     model.load_state_dict(best_state)
     val_pred = predict(model, val_ds)
-    return FoldResult(best_state, best_epoch, youden_threshold(val_pred), history, val_pred)
-
-
-def bce_instances(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean BCE of instance logits ``(M,)`` against targets ``(M,)``."""
-    return torch.nn.functional.binary_cross_entropy_with_logits(scores, targets)
-
-
-def _hard_mask(ids: list[str], mined: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-    """``(B, N)`` bool: True at the mined hard-negative instances of each bag of the batch."""
-    hard = torch.zeros_like(mask)  # (B, N)
-    for b, sid in enumerate(ids):
-        if sid in mined:
-            hard[b, mined[sid]] = True
-    return hard & mask  # (B, N)
-
+    final = mine(model) if config.hard_negatives else None  # the selected model's hard negatives, for export
+    return FoldResult(best_state, best_epoch, youden_threshold(val_pred), history, val_pred, final)

@@ -1,44 +1,117 @@
 """Hard-negative mining (Huang et al., MICCAI 2024; methods.md §1.3), on instance features.
 
 Score every instance of every negative training bag with the current model and keep, globally
-over bags, the top ``neg_ratio`` fraction by instance score: the negative instances the model
-finds most tumour-like. The training loop refreshes the set every few epochs after a warm-up
-and uses it twice: as instance targets of 0, and as the negative side of the ranking loss.
+over bags, the top ``neg_ratio`` fraction by instance score (the authors' ``neg_ratio`` quantile
+over all patches of normal slides): the negative instances the model finds most tumour-like.
+With ``pos_ratio``, pseudo-positives are picked as the authors' self-paced positives are: among
+positive-bag instances with σ(score) > 0.3, the top ``pos_ratio`` fraction.
+
+The training loop (`mil.train.loop`) refreshes the set on a schedule and uses it where the
+seed's pipeline does: as extra negatives of the ranking loss (a bank of mined instances scored
+in each step's forward pass) and, per fold, exported to ``hard_negatives/<fold>.csv`` for the
+encoder fine-tuning that the paper runs on them. A two-sided instance BCE on mined negatives
+and pseudo-positives is an opt-in (``--hnm-instance-weight``), not the seed's MIL loss.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from pathlib import Path
+
 import numpy as np
+import pandas as pd
 import torch
 
+from mil.atomic import write_csv
 from mil.errors import OptionError
+from mil.features import read_bag
 from mil.train.data import BagDataset
+
+PSEUDO_LABEL_THRESHOLD = 0.3  # θ of the authors' pseudo-label binarisation (methods.md §1.2)
+
+
+@dataclass
+class MinedSet:
+    """The mined instances of one refresh.
+
+    Attributes:
+        negatives: ``{slide_id: LongTensor (k,)}`` hard-negative instance indices of negative bags.
+        scores: ``{slide_id: FloatTensor (k,)}`` their instance scores (logits) when mined.
+        positives: ``{slide_id: LongTensor (r,)}`` pseudo-positive indices of positive bags (``pos_ratio`` only).
+        bank: ``(M, D)`` float32 features of the mined negatives (the highest-scoring ``bank_max``).
+        threshold: the global score quantile that negatives had to reach.
+    """
+
+    negatives: dict[str, torch.Tensor] = field(default_factory=dict)
+    scores: dict[str, torch.Tensor] = field(default_factory=dict)
+    positives: dict[str, torch.Tensor] = field(default_factory=dict)
+    bank: torch.Tensor | None = None
+    threshold: float = float("nan")
+
+    def __len__(self) -> int:
+        return int(sum(len(v) for v in self.negatives.values()))
 
 
 @torch.inference_mode()
-def mine_hard_negatives(model: torch.nn.Module, ds: BagDataset, neg_ratio: float) -> dict[str, torch.Tensor]:
-    """Instance indices of the hard negatives of each negative bag of `ds`.
+def mine_hard_negatives(model: torch.nn.Module, ds: BagDataset, neg_ratio: float, *, pos_ratio: float | None = None,
+                        bank_max: int = 0) -> MinedSet:  # fmt: skip
+    """Hard negatives (and optionally pseudo-positives) of the bags of `ds` under `model`.
 
     Args:
         model: a head returning ``instance_scores (B, N)``.
         ds: the training bags.
         neg_ratio: fraction of all negative-bag instances to keep, in (0, 1].
-
-    Returns:
-        ``{slide_id: LongTensor (k,)}`` for negative bags with at least one mined instance.
+        pos_ratio: fraction of the confident (σ > 0.3) positive-bag instances kept as pseudo-positives; None = none.
+        bank_max: keep the features of at most this many mined negatives (highest scores first) in ``bank``.
     """
     if not (0 < neg_ratio <= 1):
         raise OptionError(f"expected --neg-ratio in (0, 1], got {neg_ratio!r} instead.")
     model.eval()
-    scores: dict[str, torch.Tensor] = {}
+    neg: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # slide_id -> (scores (N,), X (N, D))
+    pos: dict[str, torch.Tensor] = {}  # slide_id -> scores (N,)
     for i in range(len(ds)):
         X, y, sid = ds[i]  # (N, D)
+        s = model(X[None]).instance_scores[0].float()  # (N,)
         if y == 0:
-            scores[sid] = model(X[None]).instance_scores[0].float()  # (N,)
-    if not scores:
-        return {}
-    everything = torch.cat(list(scores.values()))  # (M,) all negative instances
-    # Global threshold: the (1 - neg_ratio) quantile over every negative instance of every bag.
-    t = float(np.quantile(everything.numpy(), 1.0 - neg_ratio))
-    mined = {sid: torch.nonzero(s >= t).flatten() for sid, s in scores.items()}  # (k,) per bag
-    return {sid: idx for sid, idx in mined.items() if idx.numel()}
+            neg[sid] = (s, X)
+        elif pos_ratio is not None:
+            pos[sid] = s
+    out = MinedSet()
+    if neg:
+        everything = torch.cat([s for s, _ in neg.values()])  # (M,) all negative instances
+        # Global threshold: the (1 - neg_ratio) quantile over every negative instance of every bag.
+        out.threshold = float(np.quantile(everything.numpy(), 1.0 - neg_ratio))
+        for sid, (s, _) in neg.items():
+            idx = torch.nonzero(s >= out.threshold).flatten()  # (k,)
+            if idx.numel():
+                out.negatives[sid], out.scores[sid] = idx, s[idx]
+        if bank_max > 0 and out.negatives:
+            feats = torch.cat([neg[sid][1][idx].float() for sid, idx in out.negatives.items()])  # (M, D)
+            order = torch.cat(list(out.scores.values())).argsort(descending=True)[:bank_max]  # (≤ bank_max,)
+            out.bank = feats[order]  # (≤ bank_max, D)
+    if pos:
+        confident = {sid: torch.nonzero(torch.sigmoid(s) > PSEUDO_LABEL_THRESHOLD).flatten() for sid, s in pos.items()}
+        pooled = torch.cat([pos[sid][idx] for sid, idx in confident.items()])  # (M+,)
+        if pooled.numel():
+            t = float(np.quantile(pooled.numpy(), 1.0 - pos_ratio))
+            for sid, idx in confident.items():
+                keep = idx[pos[sid][idx] >= t]  # (r,)
+                if keep.numel():
+                    out.positives[sid] = keep
+    return out
+
+
+def export_hard_negatives(mined: MinedSet, files: dict[str, Path], path: Path) -> None:
+    """Write ``slide_id, tile_index, x, y, score`` of every mined negative (CSV, highest score first).
+
+    The coordinates are the feature file's level-0 ``coords`` of the tile, so the tiles can be read
+    again from the slide (the encoder fine-tuning of the HNM-WSI loop works on these tiles).
+    """
+    rows = []
+    for sid, idx in mined.negatives.items():
+        xy = read_bag(files[sid]).coords[idx.numpy()]  # (k, 2) level-0 px (zeros for files without coords)
+        rows.append(pd.DataFrame({"slide_id": sid, "tile_index": idx.numpy(), "x": xy[:, 0], "y": xy[:, 1],
+                                  "score": mined.scores[sid].numpy()}))  # fmt: skip
+    cols = ["slide_id", "tile_index", "x", "y", "score"]
+    table = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=cols)
+    write_csv(path, table.sort_values("score", ascending=False, kind="stable")[cols])

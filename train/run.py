@@ -3,9 +3,11 @@
     RUN_DIR/config.json          every resolved option, the feature spec, seed, code version, instance-label counts
     RUN_DIR/slides.csv           slide_id, label, patient_id, split of every manifest slide (labels for `mil evaluate`)
     RUN_DIR/splits.csv           fold, set (train/val/test), slide_id
-    RUN_DIR/metrics.csv          fold, epoch, train_loss, val_loss, val_auc
+    RUN_DIR/metrics.csv          fold, epoch, train_loss, val_loss, val_auc, n_hard_negatives, loss_<part>, ranking_steps
     RUN_DIR/checkpoints/<fold>.pt  self-describing: head name + kwargs + in_dim + feature spec + threshold
     RUN_DIR/predictions.csv      validation predictions of each fold's selected model
+    RUN_DIR/hard_negatives/<fold>.csv  with mining: slide_id, tile_index, x, y, score of the training bags' hard
+                                 negatives under the fold's selected model (for the encoder fine-tuning)
     RUN_DIR/summary.csv          fold, best_epoch, val_auc, threshold; written last (the run is finished)
 
 Only the train and validation slides of each fold are opened: for a run on the manifest's
@@ -33,6 +35,7 @@ from mil.heads import Standardized
 from mil.train.data import CACHE_MODES, BagDataset, resolve_feature_files
 from mil.train.instances import read_instance_labels
 from mil.train.loop import TrainConfig, fit_fold
+from mil.train.mining import export_hard_negatives
 from mil.train.splits import make_splits, splits_table
 
 
@@ -113,6 +116,7 @@ def run_train(
                 (out / name).unlink(missing_ok=True)
             if created_checkpoints:
                 shutil.rmtree(out / "checkpoints", ignore_errors=True)
+            shutil.rmtree(out / "hard_negatives", ignore_errors=True)
         raise
 
 
@@ -136,6 +140,9 @@ def _train_folds(out, slides, fold_list, files, label, spec, config, doc, cache,
                 "state_dict": res.state_dict}  # fmt: skip
         with atomic_path(out / "checkpoints" / f"{fold.name}.pt") as tmp:
             torch.save(ckpt, tmp)
+        if res.mined is not None:
+            (out / "hard_negatives").mkdir(exist_ok=True)
+            export_hard_negatives(res.mined, files, out / "hard_negatives" / f"{fold.name}.csv")
         metrics += [{"fold": fold.name, **row} for row in res.history]
         preds.append(res.val_predictions.assign(fold=fold.name))
         best = res.history[res.best_epoch - 1]

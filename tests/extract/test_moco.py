@@ -391,6 +391,68 @@ def test_too_few_tiles_for_one_batch(tmp_path, slides):
         run_moco(slides, tmp_path / "o", MocoConfig(**FAST | {"batch_size": 64, "queue": 64, "tiles_per_slide": 10}), workers=0, progress=False)
 
 
+# ---- which manifest splits are trained on ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def split_cohort(cohort, tmp_path_factory):
+    """The two-slide cohort's manifest with its second slide moved to the test split."""
+    table = read_manifest(cohort)[["slide_id", "path", "label", "split", "patient_id"]]
+    table.loc[1, "split"] = "test"
+    path = tmp_path_factory.mktemp("moco_splits") / "manifest.csv"
+    table.to_csv(path, index=False)
+    return path, table.loc[0, "slide_id"], table.loc[1, "slide_id"]
+
+
+def test_default_leaves_the_test_split_out_of_pretraining(tmp_path, split_cohort):
+    manifest, train_id, test_id = split_cohort
+    out = tmp_path / "enc"
+    r = invoke(manifest, "--out", out, "--epochs", "1", *CLI_FAST)
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["n_slides"] == 1 and cfg["settings"]["splits"] == "all but test"
+    assert cfg["slide_ids"] == [train_id]
+    assert {p.stem for p in (out / "tiles").glob("*.h5")} == {train_id}  # the test slide was not even tiled
+    assert "warning" not in r.stderr
+    # other splits are other settings: refused on a rerun, like any other setting
+    r = invoke(manifest, "--out", out, "--epochs", "1", "--splits", "train,val,test", *CLI_FAST)
+    assert r.returncode == 2 and "splits='all but test'" in r.stderr and "--overwrite" in r.stderr, r.stderr
+
+
+def test_splits_with_test_warn_that_evaluation_is_not_independent(tmp_path, split_cohort):
+    manifest, train_id, test_id = split_cohort
+    out = tmp_path / "enc"
+    r = invoke(manifest, "--out", out, "--epochs", "1", "--splits", "train,val,test", *CLI_FAST)
+    assert r.returncode == 0, r.stderr
+    assert "warning: --splits includes test" in r.stderr and "not independent" in r.stderr
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["settings"]["splits"] == ["train", "val", "test"] and sorted(cfg["slide_ids"]) == sorted([train_id, test_id])
+    assert MocoConfig(splits="test, train,train").splits == ("train", "test")  # canonical order, as recorded
+
+
+def test_slides_without_a_split_are_kept_by_default():
+    from mil.extract.moco import select_splits
+
+    table = pd.DataFrame({"slide_id": ["a", "b", "c", "d"], "split": ["train", "", "test", "val"]})
+    assert select_splits(table, None)["slide_id"].tolist() == ["a", "b", "d"]
+    assert select_splits(table, ("train",))["slide_id"].tolist() == ["a"]
+    assert select_splits(table.drop(columns="split"), None)["slide_id"].tolist() == ["a", "b", "c", "d"]  # a folder of slides
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("train,tset", "expected --splits to be a comma-separated list of train, val, test, got 'train,tset' instead"),
+        ("", "expected --splits to be a comma-separated list of train, val, test, got '' instead"),
+        ("val", "expected --splits val to select at least one slide, got none"),  # the cohort has no val slide
+    ],
+)
+def test_bad_splits_exit_2_with_one_line_and_write_nothing(tmp_path, split_cohort, value, message):
+    r = invoke(split_cohort[0], "--out", tmp_path / "o", "--splits", value, *CLI_FAST)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
 # ---- two processes --------------------------------------------------------------------------------
 
 DDP_SCRIPT = """

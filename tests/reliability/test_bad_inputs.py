@@ -319,7 +319,9 @@ OPTIONS = {
     "train": (lambda ctx, tmp: _train(ctx, tmp, ctx.bags), [
         ("--epochs", "0"), ("--lr", "-1"), ("--lr", "nan"), ("--neg-ratio", "2"), ("--folds", "1"), ("--val-fraction", "1.5"),
         ("--cache", "bogus"), ("--head", "bogus"), ("--batch-size", "0"), ("--patience", "0"), ("--repeats", "0"),
-        ("--instance-loss", "xx"), ("--weight-decay", "-1"), ("--rank-k", "0"), ("--hnm-every", "0"), ("--folds", "30")]),
+        ("--instance-loss", "xx"), ("--weight-decay", "-1"), ("--rank-k", "0"), ("--hnm-every", "0"), ("--folds", "30"),
+        ("--recipe", "bogus"), ("--ranking-weight", "-1"), ("--bag-weight", "-1"), ("--hnm-bank", "-1"), ("--pos-ratio", "0"),
+        ("--ece-schedule-epochs", "0")]),
     "evaluate run": (lambda ctx, tmp: ((["evaluate", "run", d := copy_run(ctx, tmp)]), d), [
         ("--n-boot", "0"), ("--split", "bogus"), ("--features", "/no/such/folder")]),
     "evaluate compare": (lambda ctx, tmp: ((["evaluate", "compare", ctx.run, d := copy_run(ctx, tmp, keep_eval=True)]), d), [

@@ -36,11 +36,20 @@ def bags(tmp_path, values, labels):
 
 def test_top_fraction_is_global_over_negative_bags(tmp_path):
     ds = bags(tmp_path, [[0, 1, 2, 3, 4], [10, 11, 12, 13, 14], [100, 101, 102, 103, 104]], [0, 0, 1])
-    mined = mine_hard_negatives(FirstFeature(), ds, neg_ratio=0.3)
+    mined = mine_hard_negatives(FirstFeature(), ds, neg_ratio=0.3, bank_max=2)
     # 10 negative instances, top 30 % = the three largest: all in bag b1; the positive bag is ignored
-    assert set(mined) == {"b1"} and sorted(mined["b1"].tolist()) == [2, 3, 4]
+    assert set(mined.negatives) == {"b1"} and sorted(mined.negatives["b1"].tolist()) == [2, 3, 4]
+    assert mined.scores["b1"].tolist() == [12, 13, 14] and len(mined) == 3
+    assert mined.bank[:, 0].tolist() == [14, 13]  # the highest-scoring features, at most bank_max
     everything = mine_hard_negatives(FirstFeature(), ds, neg_ratio=1.0)
-    assert sum(len(v) for v in everything.values()) == 10
+    assert len(everything) == 10 and everything.bank is None
+
+
+def test_pseudo_positives_are_the_top_confident_tiles_of_positive_bags(tmp_path):
+    # positive bag scores: sigmoid > 0.3 for scores > -0.85; of the confident 4, the top half
+    ds = bags(tmp_path, [[-5, -1, 0, 1, 2, 3], [0, 1]], [1, 0])
+    mined = mine_hard_negatives(FirstFeature(), ds, neg_ratio=0.5, pos_ratio=0.5)
+    assert sorted(mined.positives["b0"].tolist()) == [4, 5] and "b1" not in mined.positives
 
 
 def test_bad_ratio(tmp_path):

@@ -56,7 +56,8 @@ def test_learns_and_writes_the_run_directory(tmp_path):
     splits = pd.read_csv(run / "splits.csv")
     assert set(splits["set"]) == {"train", "val", "test"}
     metrics = pd.read_csv(run / "metrics.csv")
-    assert list(metrics.columns) == ["fold", "epoch", "train_loss", "val_loss", "val_auc", "n_hard_negatives"]
+    assert list(metrics.columns)[:6] == ["fold", "epoch", "train_loss", "val_loss", "val_auc", "n_hard_negatives"]
+    assert {"loss_bag", "loss_ranking", "ranking_steps"} <= set(metrics.columns)
     preds = pd.read_csv(run / "predictions.csv")
     assert set(preds["slide_id"]) == set(splits.query("set == 'val'")["slide_id"])  # validation only
     model, ckpt = load_checkpoint(run / "checkpoints" / "split.pt")
