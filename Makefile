@@ -13,7 +13,7 @@ $(BIN)/mil: pyproject.toml
 	touch $@
 
 ## demo: the whole pipeline on a synthetic cohort whose positive slides carry a small planted lesion:
-# extract (tiles + features) -> train abmil, and abmil + hard negatives + ranking loss -> evaluate -> compare -> heatmap.
+# extract (tiles + features) -> train abmil, and abmil with the HNM-WSI loss recipe -> evaluate -> compare -> heatmap.
 # Random encoder weights: nothing can be downloaded here. Use --weights imagenet or a MoCo checkpoint on real data.
 # Every step skips work already done, so a second `make demo` only prints the results again.
 DEMO_TRAIN := --manifest $(DEMO)/slides/manifest.csv --epochs 40 --patience 15 --lr 1e-3 --seed 0 --no-progress
@@ -23,7 +23,7 @@ demo: $(BIN)/mil
 		--encoder resnet18 --weights none --batch-size 32 --workers 2 --target-mpp 0.5 --tile-size 224
 	$(BIN)/mil train features $(DEMO)/features $(DEMO_TRAIN) --out $(DEMO)/runs/abmil
 	$(BIN)/mil train features $(DEMO)/features $(DEMO_TRAIN) --out $(DEMO)/runs/abmil_hnm \
-		--hard-negatives --neg-ratio 0.05 --hnm-warmup 5 --hnm-every 5 --ranking-weight 0.5 --batch-size 4
+		--recipe hnm-wsi
 	$(BIN)/mil evaluate run $(DEMO)/runs/abmil
 	$(BIN)/mil evaluate run $(DEMO)/runs/abmil_hnm
 	$(BIN)/mil evaluate compare $(DEMO)/runs/abmil $(DEMO)/runs/abmil_hnm

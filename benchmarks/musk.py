@@ -1,7 +1,10 @@
 """Classical MIL benchmark on the real MUSK1/MUSK2 data (Ilse et al. 2018 protocol), through our own code.
 
     python benchmarks/musk.py [--datasets musk1,musk2] [--folds 10 --repeats 5] [--epochs 100 --patience 15]
-                              [--seed 0] [--work-dir DIR] [--out table.csv] [--quick]
+                              [--methods abmil,gated_abmil] [--seed 0] [--work-dir DIR] [--out table.csv] [--quick]
+
+``--methods`` names heads, optionally with a loss recipe: ``abmil,abmil+hnm-wsi,dsmil,dsmil+hnm-wsi``
+runs the HNM-WSI recipe beside the plain heads on the same folds.
 
 Per data set: `import_csv` → one feature file per bag; `run_train` with `abmil` and `gated_abmil`
 (bag-level stratified 10-fold CV × 5 repeats, a validation set carved from each fold's training
@@ -163,18 +166,20 @@ def run_dataset(name: str, work: Path, args: argparse.Namespace, has_torchmil: b
     bags = {s: mil.read_bag(p).features.astype(np.float32) for s, p in zip(slides["slide_id"], slides["path"])}  # (N, D)
     labels = {s: int(v) for s, v in zip(slides["slide_id"], slides["label"])}
     out, splits = [], None
-    for head in ("abmil", "gated_abmil"):
+    for method in args.methods.split(","):
+        head, _, recipe = method.strip().partition("+")
         t0 = time.perf_counter()
-        cfg = TrainConfig(head=head, head_kwargs=HEAD_KWARGS, epochs=args.epochs, patience=args.patience, lr=LR,
-                          weight_decay=WEIGHT_DECAY, seed=args.seed, standardize=True)  # fmt: skip
-        run_dir = work / name / head
+        kwargs = HEAD_KWARGS if head in ("abmil", "gated_abmil") else {}
+        cfg = TrainConfig(head=head, head_kwargs=kwargs, epochs=args.epochs, patience=args.patience, lr=LR,
+                          weight_decay=WEIGHT_DECAY, seed=args.seed, standardize=True, recipe=recipe or "bce")  # fmt: skip
+        run_dir = work / name / method.strip()
         run_train(work / name / "bags", slides, run_dir, cfg, folds=args.folds, repeats=args.repeats, val_fraction=0.2,
                   cache="ram", overwrite=True)  # fmt: skip
         s = read_splits(run_dir)
-        assert splits is None or s == splits, "both heads must see the same folds (same seed)"
+        assert splits is None or s == splits, "every method must see the same folds (same seed)"
         splits = s
-        out.append(summarize(name, head, mil_head_folds(run_dir, splits, bags, labels), time.perf_counter() - t0))
-        print(f"  {name} {head}: {out[-1]['seconds']} s", flush=True)
+        out.append(summarize(name, method.strip(), mil_head_folds(run_dir, splits, bags, labels), time.perf_counter() - t0))
+        print(f"  {name} {method.strip()}: {out[-1]['seconds']} s", flush=True)
     t0 = time.perf_counter()
     out.append(summarize(name, "meanpool_logreg", [logreg_fold(bags, labels, sp) for sp in splits.values()], time.perf_counter() - t0))
     if has_torchmil:
@@ -204,6 +209,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap.add_argument("--epochs", type=int, default=100)
     ap.add_argument("--patience", type=int, default=15)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--methods", default="abmil,gated_abmil", help="heads, optionally head+recipe (e.g. dsmil+hnm-wsi)")
     ap.add_argument("--work-dir", type=Path, default=None, help="keep imported bags and run dirs here (default: a tempdir)")
     ap.add_argument("--out", type=Path, default=None, help="write the table as CSV")
     ap.add_argument("--quick", action="store_true", help="smoke run: 3 folds, 1 repeat, 5 epochs")

@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/musk.py: quick mode on MUSK1 through import, training and every baseline."""
+"""Smoke test of benchmarks/musk.py: quick mode on MUSK1 through import, training (plain heads and the hnm-wsi recipe) and every baseline."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ def test_musk_quick_has_every_method(tmp_path: Path) -> None:
     musk = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(musk)
     out = tmp_path / "table.csv"
-    table = musk.main(["--quick", "--datasets", "musk1", "--data-dir", str(DATA), "--work-dir", str(tmp_path / "work"), "--out", str(out)])
-    methods = {"abmil", "gated_abmil", "meanpool_logreg"} | ({"torchmil_abmil"} if importlib.util.find_spec("torchmil") else set())
+    table = musk.main(["--quick", "--datasets", "musk1", "--data-dir", str(DATA), "--work-dir", str(tmp_path / "work"), "--out", str(out),
+                        "--methods", "abmil,gated_abmil,dsmil+hnm-wsi"])
+    methods = {"abmil", "gated_abmil", "dsmil+hnm-wsi", "meanpool_logreg"} | ({"torchmil_abmil"} if importlib.util.find_spec("torchmil") else set())
     assert set(table["method"]) == methods and set(table["dataset"]) == {"musk1"}
     assert (table["n_folds"] == 3).all()
     for col in ("acc@0.5", "acc@val_thr", "auc"):

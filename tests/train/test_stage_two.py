@@ -73,7 +73,7 @@ def test_mining_alone_adds_no_loss(tmp_path):
     base = dict(epochs=4, lr=1e-3, batch_size=2, seed=0, hnm_warmup=1, hnm_every=1)
     plain = fit_fold(tr, va, D, TrainConfig(**base))
     mined = fit_fold(tr, va, D, TrainConfig(**base, hard_negatives=True, neg_ratio=0.2))
-    assert [r["n_hard_negatives"] for r in mined.history][1:] and all(r["n_hard_negatives"] > 0 for r in mined.history[1:])
+    assert mined.history[0]["n_hard_negatives"] == 0 and all(r["n_hard_negatives"] > 0 for r in mined.history[1:])
     assert states_equal(plain.state_dict, mined.state_dict)
     assert [r["train_loss"] for r in plain.history] == [r["train_loss"] for r in mined.history]
     # the opt-in two-sided instance BCE does change training
@@ -99,21 +99,17 @@ def test_ranking_negative_side_is_the_top_k_of_every_real_instance():
 def test_mined_bank_joins_the_negative_pool():
     """With a bank, mined negatives of other bags are scored in the step and compete for the negative top-k."""
     head = create_head("maxpool", in_dim=3)
-    torch.nn.init.zeros_(head.instance_mlp[1].weight)
+    torch.nn.init.zeros_(head.instance_mlp[1].weight)  # every tile scores the output bias
     cfg = TrainConfig(head="maxpool", ranking_weight=1.0, bag_weight=0.0, rank_k=1, rank_margin=0.0, hnm_bank=5)
     obj = Objective(cfg, pos_weight=1.0, annotations=None, seed=0)
-    X = torch.randn(2, 4, 3)  # (B, N, D)
-    out = head(X)
-    with torch.no_grad():
-        head.instance_mlp[1].bias.fill_(0.0)
-    out = type("Out", (), {"instance_scores": torch.tensor([[1.0, 0, 0, 0], [0.5, 0, 0, 0]]), "logits": torch.zeros(2)})()
-    bank = MinedSet(bank=torch.randn(7, 3))  # scored 0 by the zeroed head: below the negative bag's 0.5, no effect
-    _, parts = obj(head, out, torch.ones(2, 4, dtype=torch.bool), torch.tensor([1.0, 0.0]), ["p", "n"], bank)
-    assert parts["ranking"] == pytest.approx(0.0)
-    with torch.no_grad():
-        head.instance_mlp[1].bias.fill_(2.0)  # now every banked tile scores 2 > the positive's 1
-    _, parts = obj(head, out, torch.ones(2, 4, dtype=torch.bool), torch.tensor([1.0, 0.0]), ["p", "n"], bank)
-    assert parts["ranking"] == pytest.approx(1.0)  # relu(0 - 1 + 2)
+    s = torch.tensor([[1.0, 0, 0, 0], [0.5, 0, 0, 0]])  # (B, N) positive bag's top 1.0, negative bag's top 0.5
+    out = type("Out", (), {"instance_scores": s, "logits": torch.zeros(2)})()
+    mask, y, bank = torch.ones(2, 4, dtype=torch.bool), torch.tensor([1.0, 0.0]), MinedSet(bank=torch.randn(7, 3))
+    for bias, expected in ((0.0, 0.0), (2.0, 1.0)):  # banked tiles score 0 (below the bag's 0.5), then 2 (above 1.0)
+        with torch.no_grad():
+            head.instance_mlp[1].bias.fill_(bias)
+        _, parts = obj(head, out, mask, y, ["p", "n"], bank)
+        assert parts["ranking"] == pytest.approx(expected)  # relu(0 − 1 + max(0.5, bank))
 
 
 # ---------------------------------------------------------------------------------------------- defect 3

@@ -1,0 +1,25 @@
+"""Smoke test of benchmarks/needle_bags.py: quick mode trains every arm, reports the mined set, reruns skip."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_needle_bags_quick(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("needle_bags_benchmark", REPO / "benchmarks" / "needle_bags.py")
+    nb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(nb)
+    out = tmp_path / "out"
+    results = nb.main(["--quick", "--jobs", "1", "--out", str(out)])
+    assert set(results["arm"]) == set(nb.DEFAULT_ARMS) and len(results) == len(nb.DEFAULT_ARMS)
+    for col in ("bag_auc", "instance_auc", "witness_vs_mimic_auc"):
+        assert results[col].between(0, 1).all(), results[col]
+    mining = results[results["arm"].str.contains("hnm-wsi")]
+    assert (mining["mined"] > 0).all() and mining["mined_mimic_share"].between(0, 1).all()
+    assert {"results.csv", "metrics.csv", "pairs.csv", "needle_bags.png"} <= {p.name for p in out.iterdir()}
+    curves = (out / "metrics.csv").read_text()
+    again = nb.main(["--quick", "--jobs", "1", "--out", str(out)])  # every run is in results.csv: nothing trained
+    assert len(again) == len(results) and (out / "metrics.csv").read_text() == curves
