@@ -198,5 +198,6 @@ def fit_fold(
                 break
     model.load_state_dict(best_state)
     val_pred = predict(model, val_ds)
-    final = mine(model) if config.hard_negatives else None  # the selected model's hard negatives, for export
+    # The selected model's hard negatives, for export (no bank: nothing trains on them any more).
+    final = mine_hard_negatives(model, train_ds, config.neg_ratio) if config.hard_negatives else None
     return FoldResult(best_state, best_epoch, youden_threshold(val_pred), history, val_pred, final)

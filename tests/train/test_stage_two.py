@@ -189,3 +189,33 @@ def test_recipe_hnm_wsi_from_the_cli_exports_hard_negatives(tmp_path):
     assert hard["score"].is_monotonic_decreasing
     r = invoke_mil("train", "features", tmp_path, "--manifest", m, "--out", tmp_path / "bad", "--recipe", "hnm")
     assert r.returncode == 2 and "--recipe" in r.stderr and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("layout", ["clam", "trident"])
+def test_recipe_on_clam_and_trident_feature_folders(tmp_path, layout):
+    """`--recipe hnm-wsi` trains on CLAM's h5_files (no attrs, int32 coords) and TRIDENT's .hdf5 files; the
+    exported hard negatives carry the files' own tile coordinates."""
+    import h5py
+
+    rng = np.random.default_rng(0)
+    folder, rows, coords = tmp_path / ("h5_files" if layout == "clam" else "features_uni_v1"), [], {}
+    folder.mkdir()
+    for i in range(16):
+        X = rng.normal(size=(30, 8)).astype(np.float32)
+        X[:3, 0] += 4.0 * (i % 2)
+        xy = np.stack([np.arange(30) * 256 + i, np.full(30, 512 * i)], 1)
+        coords[f"s{i}"] = xy
+        with h5py.File(folder / f"s{i}{'.h5' if layout == 'clam' else '.hdf5'}", "w") as f:
+            f["features"] = X
+            f["coords"] = xy.astype(np.int32 if layout == "clam" else np.int64)
+            if layout == "trident":
+                f["coords"].attrs.update(patch_size=256, patch_size_level0=512, level0_magnification=40, target_magnification=20)
+        rows.append({"slide_id": f"s{i}", "path": f"slides/s{i}.svs", "label": i % 2, "split": "test" if i % 8 == 0 else "train"})
+    pd.DataFrame(rows).to_csv(tmp_path / "labels.csv", index=False)
+    r = invoke_mil("train", "features", folder, "--manifest", tmp_path / "labels.csv", "--out", tmp_path / "run",
+                   "--recipe", "hnm-wsi", "--epochs", "2", "--hnm-warmup", "0", "--no-progress")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    hard = pd.read_csv(tmp_path / "run" / "hard_negatives" / "split.csv")
+    assert len(hard) > 0
+    for sid, i, x, y in hard[["slide_id", "tile_index", "x", "y"]].itertuples(index=False):
+        assert (x, y) == tuple(coords[sid][i])
