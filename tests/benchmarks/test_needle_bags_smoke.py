@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.benchmarks import load_benchmark
+
 
 
 def test_needle_bags_quick(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("needle_bags_benchmark", REPO / "benchmarks" / "needle_bags.py")
-    nb = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(nb)
+    nb = load_benchmark("needle_bags")
     out = tmp_path / "out"
     results = nb.main(["--quick", "--jobs", "1", "--out", str(out)])
     assert set(results["arm"]) == set(nb.DEFAULT_ARMS) and len(results) == len(nb.DEFAULT_ARMS)

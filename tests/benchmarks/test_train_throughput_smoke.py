@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.benchmarks import load_benchmark
+
 
 
 def test_train_throughput_quick_has_every_mode(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("train_throughput_benchmark", REPO / "benchmarks" / "train_throughput.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("train_throughput")
     work = tmp_path / "work"
     table = bench.main(["--quick", "--work-dir", str(work)])
     assert list(table["mode"]) == ["plain", "ram", "stream", "stream-small"]
