@@ -16,7 +16,7 @@ $(BIN)/mil: pyproject.toml
 # extract (tiles + features) -> train abmil, and abmil with the HNM-WSI loss recipe -> evaluate -> compare -> heatmap.
 # Random encoder weights: nothing can be downloaded here. Use --weights imagenet or a MoCo checkpoint on real data.
 # Every step skips work already done, so a second `make demo` only prints the results again.
-DEMO_TRAIN := --manifest $(DEMO)/slides/manifest.csv --epochs 40 --patience 15 --lr 1e-3 --seed 0 --no-progress
+DEMO_TRAIN := --manifest $(DEMO)/slides/manifest.csv --epochs 40 --patience 15 --seed 0 --no-progress
 demo: $(BIN)/mil
 	$(BIN)/mil extract synthetic $(DEMO)/slides --n-slides 40 --size 8192 --seed 0 --lesion-fraction $(DEMO_LESION)
 	$(BIN)/mil extract features $(DEMO)/slides/manifest.csv --out $(DEMO)/features \

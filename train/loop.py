@@ -43,7 +43,7 @@ class TrainConfig:
     head_kwargs: dict = field(default_factory=dict)
     epochs: int = 50
     patience: int = 10  # epochs without a better validation AUC before stopping
-    lr: float = 2e-4
+    lr: float = 1e-3  # defaults of lr and standardize: benchmarks/defaults.py (docs/defaults.md)
     weight_decay: float = 1e-4
     batch_size: int = 1  # bags per step (with the ranking loss, 1 = one positive + one negative bag)
     seed: int = 0
@@ -63,7 +63,7 @@ class TrainConfig:
     instance_loss: str = "ece"  # with instance labels: "ece" (exclusive cross-entropy) or "bce" (annotated tiles only)
     instance_weight: float = 1.0  # weight of the instance loss
     ece_schedule_epochs: int | None = None  # ECE's 200-epoch annealing stretched to this many epochs (None: --epochs)
-    standardize: bool = False  # standardise features with the training bags' per-feature mean and sd
+    standardize: bool = True  # standardise features with the training bags' per-feature mean and sd
 
     def __post_init__(self) -> None:
         for name, value in recipe_defaults(self.recipe, self.head).items():

@@ -63,7 +63,7 @@ def case(tmp_path_factory):
         rows.append({"slide_id": f"b{i}", "path": "x", "label": i % 2, "split": "val" if i >= 4 else "train"})
     pd.DataFrame(rows).to_csv(root / "train.csv", index=False)
     slides = read_manifest(root / "train.csv", check_files=False)
-    run_train(feats, slides, root / "run", TrainConfig(head_kwargs={"hidden_dim": 1, "attn_dim": 1}, epochs=1))
+    run_train(feats, slides, root / "run", TrainConfig(head_kwargs={"hidden_dim": 1, "attn_dim": 1}, epochs=1, standardize=False))  # hand-set weights below act on raw features
     ckpt_path = root / "run" / "checkpoints" / "split.pt"
     ckpt = torch.load(ckpt_path, weights_only=True)
     sd = {k: torch.zeros_like(v) for k, v in ckpt["state_dict"].items()}
