@@ -168,7 +168,7 @@ def slide_auc(feature_dir: Path, slides: pd.DataFrame, runs: Path, seeds: int, e
 
     aucs = []
     for seed in range(seeds):
-        config = TrainConfig(head="abmil", epochs=epochs, patience=5, lr=1e-3, seed=seed)
+        config = TrainConfig(head="abmil", epochs=epochs, patience=5, lr=1e-3, seed=seed, standardize=False)  # raw features: what the encoder gives
         run_train(feature_dir, slides, runs / f"seed{seed}", config, folds=5, overwrite=True)
         doc, _ = evaluate_run(runs / f"seed{seed}", n_boot=200, seed=seed)
         aucs.append(doc["auc"]["auc"])

@@ -224,7 +224,7 @@ def run_mode(mode: str, work: Path, n_bags: int, n_val: int, epochs: int, thread
             res["train_loss"].append(row["train_loss"])
             res["val_auc"].append(row["val_auc"])
 
-        cfg = TrainConfig(head="abmil", epochs=epochs, patience=epochs + 1, batch_size=1, seed=seed)
+        cfg = TrainConfig(head="abmil", epochs=epochs, patience=epochs + 1, batch_size=1, seed=seed, standardize=False)  # as measured
         fit_fold(train_ds, val_ds, train_ds.feature_dim, cfg, on_epoch=on_epoch)
         if len(val_starts) < len(ends) - 1:
             raise RuntimeError("fit_fold no longer reads validation item 0 first: the epoch timing here must be revised")
