@@ -1,7 +1,7 @@
 """Controlled study: do the seed's ranking loss and hard-negative mining help a MIL head find rare witnesses?
 
     python benchmarks/needle_bags.py [--witness 0.1,0.01,0.001] [--seeds 5] [--bags 120] [--bag-size 1000]
-                                     [--epochs 30] [--jobs 2] [--out DIR] [--quick]
+                                     [--epochs 30] [--no-standardize] [--jobs 2] [--out DIR] [--quick]
 
 Synthetic feature bags (D = 32, instances ~ N(0, I)) written as real feature files and trained through
 `run_train`. Built so that **hard negatives are separable at instance level but confusable at bag level**:
@@ -120,7 +120,8 @@ def run_job(job: dict) -> list[dict]:
         for arm in job["arms"]:
             t0 = time.perf_counter()
             cfg = TrainConfig(epochs=job["epochs"], patience=job["patience"], lr=job["lr"], batch_size=1, seed=job["seed"],
-                              hnm_warmup=job["hnm_warmup"], hnm_every=job["hnm_every"], **job["arms"][arm])  # fmt: skip
+                              standardize=job["standardize"], hnm_warmup=job["hnm_warmup"], hnm_every=job["hnm_every"],
+                              **job["arms"][arm])  # fmt: skip
             run = root / arm.replace(" ", "_")
             run_train(root, slides, run, cfg)
             row = {"witness": job["witness"], "seed": job["seed"], "arm": arm, **test_scores(run, root, kinds)}
@@ -196,6 +197,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap.add_argument("--patience", type=int, default=10)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--arms", default=",".join(DEFAULT_ARMS))
+    ap.add_argument("--no-standardize", action="store_true", help="train on the raw features (use another --out)")
     ap.add_argument("--jobs", type=int, default=2, help="processes (one thread each)")
     ap.add_argument("--out", type=Path, default=Path("needle_bags_out"))
     ap.add_argument("--quick", action="store_true", help="smoke run: 10 % witnesses, 1 seed, 24 bags of 100, 3 epochs")
@@ -217,7 +219,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             todo = [a for a in arms if (round(w, 6), seed, a) not in have]
             if todo:
                 jobs.append(dict(witness=w, seed=seed, arms={a: ARMS[a] for a in todo}, bags=args.bags, bag_size=args.bag_size, shift=args.shift,
-                                 epochs=args.epochs, patience=args.patience, lr=args.lr, hnm_warmup=warm, hnm_every=every))  # fmt: skip
+                                 epochs=args.epochs, patience=args.patience, lr=args.lr, hnm_warmup=warm, hnm_every=every,
+                                 standardize=not args.no_standardize))  # fmt: skip
     t0 = time.perf_counter()
     if args.jobs > 1 and len(jobs) > 1:  # worker processes import this file as a module: run it as a script
         pool = mp.get_context("spawn").Pool(min(args.jobs, len(jobs)))
