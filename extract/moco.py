@@ -270,29 +270,6 @@ class MocoConfig:
         return splits
 
 
-def select_splits(slides: pd.DataFrame, splits: tuple[str, ...] | None) -> pd.DataFrame:
-    """The rows of `slides` that MoCo trains on: those whose ``split`` is in `splits`, or, with
-    ``splits=None``, every row but the test split's (rows without a split are kept; a table without
-    a split column keeps every row). Warns when the test split is chosen.
-
-    Raises:
-        OptionError: the selection leaves no slide.
-    """
-    split = slides["split"].fillna("").astype(str) if "split" in slides.columns else pd.Series("", index=slides.index)
-    keep = split.isin(splits) if splits is not None else split != "test"
-    if not keep.any():
-        found = ", ".join(f"{n} {k or 'without a split'}" for k, n in split.value_counts().items()) or "no slides"
-        want = ",".join(splits) if splits is not None else "(default: every split but test)"
-        raise OptionError(f"expected --splits {want} to select at least one slide, got none of the manifest's ({found}) instead.")
-    if splits is not None and "test" in splits:
-        warnings.warn(
-            f"--splits includes test: the test split's {int((split == 'test').sum())} slides are included in self-supervised "
-            "pretraining, so an evaluation on them with this encoder is not independent.",
-            stacklevel=2,
-        )
-    return slides[keep]
-
-
 @dataclass
 class MocoResult:
     """What `run_moco` did: status 'trained' | 'resumed' | 'skipped', and the trained model."""
@@ -412,7 +389,7 @@ def run_moco(
 
     Args:
         slides: a validated slide table (`read_manifest` or `slides_from_folder`); only the rows of
-            ``config.splits`` are used (default: every split but test; see `select_splits`).
+            ``config.splits`` are used (default: every split but test; see `moco_data.select_splits`).
         out_dir: ENCODER_DIR.
         coords_dir: the tiles stage's output to reuse (default ``out_dir/tiles``); slides without
             coords there are tiled with ``config.tiling`` first.
@@ -430,7 +407,7 @@ def run_moco(
     from torch.utils.data import DataLoader, DistributedSampler
 
     from mil.extract.encoders import resolve_precision
-    from mil.extract.moco_data import Augment, MocoTiles, collate_tiles, plan_tiling, sample_tiles, tile_missing
+    from mil.extract.moco_data import Augment, MocoTiles, collate_tiles, plan_tiling, sample_tiles, select_splits, tile_missing
 
     if precision not in ("auto", "fp32", "bf16"):
         raise OptionError(f"expected --precision auto, fp32 or bf16, got {precision!r} instead.")

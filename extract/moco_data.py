@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from mil.errors import SettingsMismatchError
+from mil.errors import OptionError, SettingsMismatchError
 from mil.extract.reader import TileDataset
 from mil.extract.tiles import TilingConfig, check_existing, failed, tile_slide
 
@@ -228,3 +228,26 @@ class MocoTiles(Dataset):
 
 def collate_tiles(batch: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(batch))  # (B, T, T, 3) uint8
+
+
+def select_splits(slides: pd.DataFrame, splits: tuple[str, ...] | None) -> pd.DataFrame:
+    """The rows of `slides` that MoCo trains on: those whose ``split`` is in `splits`, or, with
+    ``splits=None``, every row but the test split's (rows without a split are kept; a table without
+    a split column keeps every row). Warns when the test split is chosen.
+
+    Raises:
+        OptionError: the selection leaves no slide.
+    """
+    split = slides["split"].fillna("").astype(str) if "split" in slides.columns else pd.Series("", index=slides.index)
+    keep = split.isin(splits) if splits is not None else split != "test"
+    if not keep.any():
+        found = ", ".join(f"{n} {k or 'without a split'}" for k, n in split.value_counts().items()) or "no slides"
+        want = ",".join(splits) if splits is not None else "(default: every split but test)"
+        raise OptionError(f"expected --splits {want} to select at least one slide, got none of the manifest's ({found}) instead.")
+    if splits is not None and "test" in splits:
+        warnings.warn(
+            f"--splits includes test: the test split's {int((split == 'test').sum())} slides are included in self-supervised "
+            "pretraining, so an evaluation on them with this encoder is not independent.",
+            stacklevel=2,
+        )
+    return slides[keep]

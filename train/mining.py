@@ -67,28 +67,34 @@ def mine_hard_negatives(model: torch.nn.Module, ds: BagDataset, neg_ratio: float
     if not (0 < neg_ratio <= 1):
         raise OptionError(f"expected --neg-ratio in (0, 1], got {neg_ratio!r} instead.")
     model.eval()
-    neg: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # slide_id -> (scores (N,), X (N, D))
+    neg: dict[str, torch.Tensor] = {}  # slide_id -> scores (N,)
+    cand: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # slide_id -> (indices, features) of its top bank_max tiles
     pos: dict[str, torch.Tensor] = {}  # slide_id -> scores (N,)
     for i in range(len(ds)):
         X, y, sid = ds[i]  # (N, D)
         s = model(X[None]).instance_scores[0].float()  # (N,)
         if y == 0:
-            neg[sid] = (s, X)
+            neg[sid] = s
+            if bank_max > 0:  # the bank's global top bank_max lies within each bag's own top bank_max
+                idx = s.topk(min(bank_max, len(s))).indices  # (≤ bank_max,)
+                cand[sid] = (idx, X[idx].float())  # (k,), (k, D)
         elif pos_ratio is not None:
             pos[sid] = s
     out = MinedSet()
     if neg:
-        everything = torch.cat([s for s, _ in neg.values()])  # (M,) all negative instances
+        everything = torch.cat(list(neg.values()))  # (M,) all negative instances
         # Global threshold: the (1 - neg_ratio) quantile over every negative instance of every bag.
         out.threshold = float(np.quantile(everything.numpy(), 1.0 - neg_ratio))
-        for sid, (s, _) in neg.items():
+        for sid, s in neg.items():
             idx = torch.nonzero(s >= out.threshold).flatten()  # (k,)
             if idx.numel():
                 out.negatives[sid], out.scores[sid] = idx, s[idx]
-        if bank_max > 0 and out.negatives:
-            feats = torch.cat([neg[sid][1][idx].float() for sid, idx in out.negatives.items()])  # (M, D)
-            order = torch.cat(list(out.scores.values())).argsort(descending=True)[:bank_max]  # (≤ bank_max,)
-            out.bank = feats[order]  # (≤ bank_max, D)
+        if cand:
+            keep = [(neg[sid][idx], X) for sid, (idx, X) in cand.items()]  # candidates' scores (k,), features (k, D)
+            scores, feats = torch.cat([k for k, _ in keep]), torch.cat([X for _, X in keep])  # (K,), (K, D)
+            mined = scores >= out.threshold  # (K,) only mined tiles enter the bank
+            order = scores[mined].argsort(descending=True)[:bank_max]  # (≤ bank_max,)
+            out.bank = feats[mined][order] if order.numel() else None  # (≤ bank_max, D)
     if pos:
         confident = {sid: torch.nonzero(torch.sigmoid(s) > PSEUDO_LABEL_THRESHOLD).flatten() for sid, s in pos.items()}
         pooled = torch.cat([pos[sid][idx] for sid, idx in confident.items()])  # (M+,)

@@ -431,7 +431,7 @@ def test_splits_with_test_warn_that_evaluation_is_not_independent(tmp_path, spli
 
 
 def test_slides_without_a_split_are_kept_by_default():
-    from mil.extract.moco import select_splits
+    from mil.extract.moco_data import select_splits
 
     table = pd.DataFrame({"slide_id": ["a", "b", "c", "d"], "split": ["train", "", "test", "val"]})
     assert select_splits(table, None)["slide_id"].tolist() == ["a", "b", "d"]
