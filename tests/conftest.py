@@ -1,4 +1,9 @@
-"""Shared fixtures: small synthetic slides made on the fly, and a runner for the `mil` command."""
+"""Shared fixtures: small synthetic slides made on the fly, and a runner for the `mil` command.
+
+Under CI (the ``CI`` environment variable set, as `.ci/run` does):
+- Hypothesis runs derandomised (profile ``ci``): the same examples on every run;
+- a skipped test fails the run: a skip there hides a missing dependency or data set.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +17,31 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import settings
 
 MIL = [sys.executable, "-m", "mil.cli"]
+IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
+
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if IN_CI:
+    settings.load_profile("ci")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session, exitstatus):
+    """Under CI, skips turn a passing run into a failing one (each is listed by `-ra` with its reason)."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter else []
+    if IN_CI and skipped and exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    skipped = terminalreporter.stats.get("skipped", [])
+    if IN_CI and skipped:
+        terminalreporter.write_line(
+            f"error: {len(skipped)} test(s) skipped under CI, which counts as a failure: install what the skip "
+            "reason names (pip install -e '.[dev,workflow]', ../shared/data or $MIL_SHARED_DATA)", red=True)
 
 
 @pytest.fixture(autouse=True)
@@ -60,7 +88,8 @@ def slide_factory(tmp_path_factory):
     """make(name, size=4096, mpp=0.25, fmt='tiff', tissue=None) -> path of a synthetic slide.
 
     `tissue` is a bool mask at 16 level-0 px per pixel; by default one centred ellipse.
-    Slides are cached per argument set for the whole session.
+    Slides are cached per argument set (the mask included) for the whole session; each set gets a
+    folder of its own, so a slide's file name is always `<name>.<fmt>`.
     """
     from mil.extract.synthetic import write_slide
 
@@ -68,13 +97,15 @@ def slide_factory(tmp_path_factory):
     cache: dict = {}
 
     def make(name: str, size: int = 4096, mpp: float | None = 0.25, fmt: str = "tiff", tissue: np.ndarray | None = None):
-        key = (name, size, mpp, fmt)
+        key = (name, size, mpp, fmt, None if tissue is None else (tissue.shape, tissue.tobytes()))
         if key in cache:
             return cache[key]
+        folder = root / str(len(cache))  # one folder per argument set: same-named slides never overwrite
+        folder.mkdir()
         n = size // 16
         if tissue is None:
             tissue = ellipse_mask(n, n, n * 0.5, n * 0.5, n * 0.3, n * 0.4)
-        path = write_slide(root / f"{name}.{fmt}", tissue, None, width=size, height=size, mpp=mpp, fmt=fmt, seed=1)
+        path = write_slide(folder / f"{name}.{fmt}", tissue, None, width=size, height=size, mpp=mpp, fmt=fmt, seed=1)
         cache[key] = Path(path)
         return cache[key]
 

