@@ -219,7 +219,8 @@ def _h5_datasets(f: h5py.File, path: Path) -> tuple[h5py.Dataset, h5py.Dataset |
             else "; write features as an (N, D) dataset named 'features' (CLAM/TRIDENT layout)"
         )
         raise FeatureFileError(f"{path}: expected an (N, D) dataset named 'features', got {got} instead{hint}.")
-    coords = f.get("coords")
+    # `f["coords"]`, not `f.get`: get() returns None for an object whose header fails its checksum
+    coords = f["coords"] if "coords" in f else None
     if coords is not None and not isinstance(coords, h5py.Dataset):
         raise FeatureFileError(f"{path}: expected 'coords' to be an (N, 2) dataset, got a group instead; rewrite the file.")
     return obj, coords
@@ -301,12 +302,13 @@ def _check_numeric(dtype: np.dtype, path: Path) -> None:
 
 
 def _plain(attrs: h5py.AttributeManager) -> dict:
-    """h5py attrs as plain Python values (JSON-friendly), skipping unreadable ones."""
+    """h5py attrs as plain Python values (JSON-friendly), skipping those of a type h5py cannot map
+    (an OSError — HDF5 could not read the bytes: corruption — propagates to the caller)."""
     out = {}
     for key in attrs.keys():
         try:
             value = attrs[key]
-        except (OSError, TypeError, ValueError):  # an attr type h5py cannot map; not worth failing the read
+        except (TypeError, ValueError):  # an attr type h5py cannot map; not worth failing the read
             continue
         out[key] = _plain_value(value)
     return out

@@ -226,18 +226,21 @@ def test_empty_bag(tmp_path, suffix):
 
 
 def test_read_bag_attrs_is_metadata_only(tmp_path):
-    """On a 2.6 GB bag (allocated lazily, never written) attrs come back at once."""
+    """Features and coords stored in external raw files that do not exist: reading any value fails (read_bag), so
+    read_bag_attrs answering proves it reads no feature or coords data, whatever the size of the bag."""
     p = tmp_path / "big.h5"
     n, d = 1_000_000, 768
     with h5py.File(p, "w") as f:
-        f.create_dataset("features", shape=(n, d), dtype=np.float32, chunks=(1024, d))  # no data written
-        c = f.create_dataset("coords", shape=(n, 2), dtype=np.int64, chunks=(65536, 2))
-        c.attrs.update(COORD_ATTRS)
+        for name, shape, dtype in (("features", (n, d), np.float32), ("coords", (n, 2), np.int64)):
+            f.create_dataset(name, shape=shape, dtype=dtype, external=[(str(tmp_path / f"no_{name}.bin"), 0, h5py.h5f.UNLIMITED)])
+        f["coords"].attrs.update(COORD_ATTRS)
         f.attrs.update(FILE_ATTRS | {"feature_dim": d})
     attrs = read_bag_attrs(p)
     assert attrs["n_instances"] == n and attrs["feature_dim"] == d
     assert attrs["format"] == "mil" and attrs["slide_id"] == "slide-01" and attrs["patch_size_level0"] == 512
     assert set(COORD_ATTRS) | set(FILE_ATTRS) <= set(attrs)
+    with pytest.raises(FeatureFileError, match="unable to open external raw data file"):
+        read_bag(p)
 
 
 def test_read_bag_attrs_matches_read_bag(tmp_path):
@@ -330,36 +333,6 @@ def test_torch_file_named_h5_gets_a_hint(tmp_path):
     torch.save(torch.zeros(2, 2), p)
     with pytest.raises(FeatureFileError, match="rename it to .pt"):
         read_bag(p)
-
-
-@pytest.mark.parametrize("fraction", [0.1, 0.5, 0.9, 0.99])
-def test_truncated_h5(tmp_path, fraction):
-    features, coords = arrays(n=200, d=16)
-    good = write_ours(tmp_path / "good.h5", features, coords)
-    data = good.read_bytes()
-    p = tmp_path / "cut.h5"
-    p.write_bytes(data[: int(len(data) * fraction)])
-    for fn in (read_bag, read_bag_attrs):
-        with pytest.raises(FeatureFileError, match="truncated or corrupt") as err:
-            fn(p)
-        assert_one_line_naming(err, p)
-
-
-def test_corrupt_h5_never_escapes_as_another_error(tmp_path):
-    """Random byte flips in the metadata: either a valid read or a FeatureFileError, nothing else."""
-    features, coords = arrays(n=50, d=4)
-    data = bytearray(write_ours(tmp_path / "good.h5", features, coords, chunks=False).read_bytes())
-    rng = np.random.default_rng(0)
-    p = tmp_path / "bad.h5"
-    for _ in range(60):
-        bad = bytearray(data)
-        for j in rng.integers(0, min(len(bad), 4000), size=3):
-            bad[j] = int(rng.integers(0, 256))
-        p.write_bytes(bytes(bad))
-        try:
-            read_bag(p)
-        except FeatureFileError as e:
-            assert "\n" not in str(e)
 
 
 PT_ERRORS = [
