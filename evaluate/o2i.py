@@ -109,17 +109,19 @@ def load_bagnet_run(run_dir: str | Path) -> tuple[dict, Path]:
     return config, path / "checkpoint.pt"
 
 
-def score_run(run_dir: str | Path, data: str | Path | None = None, split: str = "test", device: str = "cpu",
-              batch_size: int = 32, n_boot: int = 1000, seed: int = 0) -> dict:
-    """Score `split` of a run's image set (or of `data`) and write ``RUN_DIR/eval/<split>/``; return metrics.json's content."""
+def _check_options(split: str, batch_size: int, n_boot: int) -> None:
     if split not in SPLITS:
         raise OptionError(f"expected --split to be one of {', '.join(SPLITS)}, got {split!r} instead.")
     for name, value in (("batch-size", batch_size), ("n-boot", n_boot)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise OptionError(f"expected --{name} >= 1, got {value!r} instead.")
+
+
+def _load_run(run_dir: str | Path, data: str | Path | None, split: str, dev, read_data: bool = True
+              ) -> tuple[dict, Path, object, dict, ImageSetDataset | None]:
+    """What scoring a run needs, each part checked: ``(config, image-set folder, net, checkpoint, dataset or None)``."""
     config, ckpt_path = load_bagnet_run(run_dir)
     folder = Path(data) if data is not None else Path(config["data"])
-    dev = resolve_device(device)
     try:
         net, ckpt = load_bagnet_checkpoint(ckpt_path, dev)
     except MilError:
@@ -127,7 +129,15 @@ def score_run(run_dir: str | Path, data: str | Path | None = None, split: str = 
     except Exception as e:  # torch raises many types for a corrupt or foreign file
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise O2IRunError(f"{ckpt_path}: expected a checkpoint of `mil train bagnet`, got an unreadable file ({reason[:200]}).") from None
-    ds = ImageSetDataset(folder, split)
+    return config, folder, net, ckpt, ImageSetDataset(folder, split) if read_data else None
+
+
+def score_run(run_dir: str | Path, data: str | Path | None = None, split: str = "test", device: str = "cpu",
+              batch_size: int = 32, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Score `split` of a run's image set (or of `data`) and write ``RUN_DIR/eval/<split>/``; return metrics.json's content."""
+    _check_options(split, batch_size, n_boot)
+    dev = resolve_device(device)
+    config, folder, net, ckpt, ds = _load_run(run_dir, data, split, dev)
     s = ds.split
     positives = np.flatnonzero((s.labels == 1) & (s.bbox[:, 0] >= 0))  # (P,)
     logits, maps = predict_images(net, ds, batch_size, dev, saliency_for=positives)  # (n,), {row: (h, w)}
@@ -231,9 +241,15 @@ def evaluate_o2i(run_dirs: list[str | Path], out: str | Path, data: str | Path |
         raise OptionError(f"expected --out to end in .png, got {out.name!r} instead.")
     if not run_dirs:
         raise OptionError("expected at least one run directory, got none.")
-    resolve_group_by([], group_by)  # a bad --group-by fails before any scoring
-    for r in run_dirs:  # every run checked before any is scored
-        load_bagnet_run(r)
+    resolve_group_by([], group_by)  # a bad option fails before any scoring
+    _check_options(split, batch_size, n_boot)
+    resolve_device(device)
+    read = set()  # every run loaded (config, checkpoint, image set, each set once) and dropped before any is scored and written
+    for r in run_dirs:
+        folder = _load_run(r, data, split, "cpu", read_data=False)[1]
+        if folder.resolve() not in read:
+            ImageSetDataset(folder, split)
+            read.add(folder.resolve())
     docs = [score_run(r, data, split, device, batch_size, n_boot, seed) for r in run_dirs]
     points = o2i_points(docs, group_by)
     out.parent.mkdir(parents=True, exist_ok=True)

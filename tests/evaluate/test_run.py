@@ -85,15 +85,49 @@ def test_cross_validated_run_scores_every_held_out_slide_once(runs, tmp_path):
         assert f["threshold"] == ckpt["threshold"]
 
 
+def _slide_auc(run, split="test") -> tuple[float, pd.Series]:
+    """AUC of a run's eval/<split>/predictions.csv computed here with scikit-learn (one probability per slide)."""
+    pred = pd.read_csv(run / "eval" / split / "predictions.csv", dtype={"slide_id": str})
+    per_slide = pred.groupby("slide_id").agg(label=("label", "first"), probability=("probability", "mean"))
+    return roc_auc_score(per_slide["label"], per_slide["probability"]), per_slide["label"]
+
+
+def _compare_lines(stdout: str) -> dict[str, str]:
+    """`evaluate compare` output: {run path: its line}."""
+    return {line.split(": AUC ")[0]: line for line in stdout.splitlines() if ": AUC " in line}
+
+
+NUM = r"([+-]?\d\.\d{3})"
+
+
 def test_compare_gives_a_paired_test(runs, tmp_path):
+    """The printed AUCs and ΔAUC = AUC(run) − AUC(first run) agree with scikit-learn on the two predictions.csv files;
+    the first run is the reference (no ΔAUC on its line), and swapping the order flips the sign."""
+    import re
+
     a, b = copy_run(runs, "a", tmp_path), copy_run(runs, "b", tmp_path)
     r = invoke_mil("evaluate", "compare", a, b)
     assert r.returncode == 2 and "evaluate run" in r.stderr  # not evaluated yet
     for run in (a, b):
         assert invoke_mil("evaluate", "run", run, "--n-boot", "50").returncode == 0
-    r = invoke_mil("evaluate", "compare", a, b, "--n-boot", "300")
-    assert r.returncode == 0, r.stderr
-    assert "ΔAUC" in r.stdout and "p = " in r.stdout
+    (auc_a, labels), (auc_b, _) = _slide_auc(a), _slide_auc(b)
+    assert abs(auc_a - auc_b) > 0.01, (auc_a, auc_b)  # the runs differ, so the sign of ΔAUC is visible at 3 decimals
+    for ref, other, auc_ref, auc_other in ((a, b, auc_a, auc_b), (b, a, auc_b, auc_a)):
+        r = invoke_mil("evaluate", "compare", ref, other, "--n-boot", "300")
+        assert r.returncode == 0, r.stderr
+        lines = _compare_lines(r.stdout)
+        assert list(lines) == [str(ref), str(other)], r.stdout  # the reference first
+        assert "ΔAUC" not in lines[str(ref)]
+        m = re.fullmatch(rf".*: AUC {NUM} \[{NUM}, {NUM}\]", lines[str(ref)])
+        assert m and float(m[1]) == pytest.approx(auc_ref, abs=5e-4) and float(m[2]) <= float(m[1]) <= float(m[3]), lines[str(ref)]
+        m = re.fullmatch(rf".*: AUC {NUM} \[{NUM}, {NUM}\]   vs first: ΔAUC {NUM} \[{NUM}, {NUM}\]  p = (\S+)", lines[str(other)])
+        assert m, lines[str(other)]
+        assert float(m[1]) == pytest.approx(auc_other, abs=5e-4)
+        diff = float(m[4])
+        assert diff == pytest.approx(auc_other - auc_ref, abs=5e-4) and np.sign(diff) == np.sign(auc_other - auc_ref)
+        assert float(m[5]) <= diff <= float(m[6])  # the paired interval holds the point estimate
+        assert 0.00333 <= float(m[7]) <= 1.0  # at least 1 / n_boot, printed to 3 significant digits
+        assert f"{len(labels)} slides, paired stratified bootstrap, 300 resamples" in r.stdout
     cv = copy_run(runs, "cv", tmp_path)
     assert invoke_mil("evaluate", "run", cv, "--n-boot", "50").returncode == 0
     r = invoke_mil("evaluate", "compare", a, cv)

@@ -128,11 +128,49 @@ def test_bag_view_is_consistent_with_the_logits():
         assert torch.allclose(out.logits, mx(x), atol=1e-6)
 
 
+def bagnet_params_from_spec(kernel3, width=1.0, in_chans=1, compensate=True) -> int:
+    """Parameters of the authors' BagNet (Pawlowski et al. 2020, `model/model.py`; methods.md §5.3), counted by hand.
+
+    Stem: 1×1 conv in_chans → 64w and 3×3 conv 64w → 64w, no biases, one affine norm (2 per channel). Stages of
+    [3, 4, 6, 3] bottlenecks, planes 64w·{1, 2, 4, 8}, expansion 4: 1×1 c_in → planes, k×k planes → mid
+    (mid = planes for 3×3, 2.5·planes for a compensated 1×1), 1×1 mid → 4·planes, each conv followed by an
+    affine norm; the first block of each stage changes the channels, so it has a 1×1 projection shortcut with
+    its norm. Then max pooling (no parameters) and Linear(2048w, 1) with bias.
+    """
+    base = round(64 * width)
+    total = in_chans * base + base * base * 9 + 2 * base  # stem
+    c = base
+    for s, (n_blocks, k3) in enumerate(zip((3, 4, 6, 3), kernel3)):
+        planes = base * 2**s
+        c_out = 4 * planes
+        for b in range(n_blocks):
+            k = 3 if b < k3 else 1
+            mid = int(2.5 * planes) if k == 1 and compensate else planes
+            total += c * planes + 2 * planes  # 1×1 reduce + norm
+            total += planes * mid * k * k + 2 * mid  # middle conv + norm
+            total += mid * c_out + 2 * c_out  # 1×1 expand + norm
+            if b == 0:
+                total += c * c_out + 2 * c_out  # projection shortcut + norm
+            c = c_out
+    return total + c + 1  # classifier
+
+
 def test_compensation_evens_out_the_parameter_count():
-    n = {rf: sum(p.numel() for p in create_bagnet(rf=rf, width=1.0).parameters()) for rf in (9, 33)}
-    assert n == {9: 22_929_857, 33: 23_091_393}  # within 0.7 % of each other
+    """Counts derived from the architecture (not copied from the code), and what compensation is for: the 2.5×
+    wider 1×1 middle convs give rf 9 (two 3×3 blocks) about the parameters of rf 33 (four 3×3 blocks)."""
+    kernel3 = {9: (1, 1, 0, 0), 33: (1, 1, 1, 1), 177: (3, 4, 6, 3)}  # 3×3 middle convs per stage (methods.md §5.3)
+    n = {rf: sum(p.numel() for p in create_bagnet(rf=rf, width=1.0).parameters()) for rf in (9, 33, 177)}
+    assert n == {rf: bagnet_params_from_spec(kernel3[rf]) for rf in (9, 33, 177)}
+    assert n[177] == bagnet_params_from_spec((3, 4, 6, 3), compensate=False)  # all 3×3: compensation never applies
+    # rf 177 is ResNet-50 (torchvision: 25,557,032 parameters, 23,508,032 without its 1000-class fc) with another
+    # stem (1×1 + 3×3 conv from 1 channel instead of 7×7 from 3) and a one-logit classifier
+    assert n[177] == 23_508_032 - 3 * 64 * 49 + (64 + 64 * 64 * 9) + 2049
+    assert 0.99 < n[9] / n[33] < 1.0  # within 1 % of each other
     plain = sum(p.numel() for p in create_bagnet(rf=9, width=1.0, compensate=False).parameters())
+    assert plain == bagnet_params_from_spec(kernel3[9], compensate=False)
     assert plain < 0.8 * n[33]  # without compensation rf 9 would have far fewer parameters
+    half = sum(p.numel() for p in create_bagnet(rf=33, width=0.5, in_chans=3).parameters())
+    assert half == bagnet_params_from_spec(kernel3[33], width=0.5, in_chans=3)
 
 
 def test_registry_config_and_options():

@@ -138,15 +138,43 @@ def test_logsumexp_lies_between_mean_and_max_and_interpolates():
     assert torch.allclose(Z1[0], X[0].exp().mean(0).log(), atol=1e-5)
 
 
-def test_attention_matches_ilse_formula_and_gating_adds_a_branch():
-    torch.manual_seed(0)
-    pool = create_pooling("attention", dim=D, attn_dim=8)
-    X = torch.randn(1, 5, D)
-    Z, a = pool(X)
-    expected = torch.softmax(pool.w(torch.tanh(pool.V(X[0]))).squeeze(-1), dim=0)  # (N,)
-    assert torch.allclose(a[0], expected, atol=1e-6) and torch.allclose(Z[0], expected @ X[0], atol=1e-5)
-    gated = create_pooling("gated_attention", dim=D, attn_dim=8)
-    assert pool.U is None and gated.U is not None
+def ilse_by_hand(pool, h: torch.Tensor, gated: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ilse et al. (2018), written out from the module's weights in float64 for one bag ``h (n, D)``:
+    ``a = softmax_n( w^T (tanh(V h_n + b_V) [⊙ sigmoid(U h_n + b_U)]) + b_w )``, ``z = Σ_n a_n h_n``."""
+    h = h.double()
+    W = {k: v.detach().double() for k, v in pool.state_dict().items()}
+    hidden = torch.tanh(h @ W["V.weight"].T + W["V.bias"])  # (n, attn_dim)
+    if gated:
+        hidden = hidden * torch.sigmoid(h @ W["U.weight"].T + W["U.bias"])  # (n, attn_dim)
+    logits = hidden @ W["w.weight"][0] + W["w.bias"][0]  # (n,)
+    a = torch.exp(logits - logits.max())
+    a = a / a.sum()  # (n,)
+    return (a[:, None] * h).sum(0), a  # (D,), (n,)
+
+
+@pytest.mark.parametrize("name", ["attention", "gated_attention"])
+def test_attention_matches_ilse_formula_with_and_without_padding(name):
+    """Each bag's weights and pooled embedding equal the formula over its real instances only, whatever the padding."""
+    gated = name == "gated_attention"
+    pool = make_pool(name)
+    assert (pool.U is not None) == gated
+    with torch.no_grad():  # a gate far from constant, so dropping or misplacing it changes the result
+        for layer in [pool.V, pool.w] + ([pool.U] if gated else []):
+            layer.weight.mul_(3.0)
+    torch.manual_seed(1)
+    bags = [torch.randn(n, D) for n in LENGTHS]
+    for garbage in GARBAGE:
+        X, mask = padded_batch(bags, garbage)
+        Z, a = pool(X, mask)  # (B, D), (B, N)
+        for i, h in enumerate(bags):
+            z_ref, a_ref = ilse_by_hand(pool, h, gated)
+            n = len(h)
+            torch.testing.assert_close(a[i, :n].double(), a_ref, atol=1e-6, rtol=1e-5)
+            assert (a[i, n:] == 0).all()
+            torch.testing.assert_close(Z[i].double(), z_ref, atol=1e-5, rtol=1e-5)
+    if gated:  # the gate matters: without it the weights of the longest bag differ clearly
+        _, a_plain = ilse_by_hand(pool, bags[-1], gated=False)
+        assert (a_plain - ilse_by_hand(pool, bags[-1], gated=True)[1]).abs().max() > 1e-2
 
 
 def test_attention_dropout_is_active_in_training_only():

@@ -2,18 +2,23 @@
 
 Everything here is small on purpose (slides of 2,048² px, bags of 10–40 × 16 features) so the
 suite runs on a 2-core machine: bad slide batches, slide and feature-bag cohorts, a runner of
-the real `mil` executable that can be killed with SIGKILL at a chosen moment, and helpers that
-say what a folder holds (leftover temporaries, a snapshot to compare before/after a command).
+the real `mil` executable that is killed with SIGKILL inside its work (after a marker of started
+work appears in its output folder, before the work is complete), and helpers that say what a
+folder holds (leftover temporaries, a snapshot to compare before/after a command).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -59,38 +64,153 @@ def run(*args, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(mil_command(*args), capture_output=True, text=True, timeout=timeout, env=cli_env())
 
 
-def run_and_kill(args: list, delay: float, *, timeout: float = 600) -> tuple[bool, float]:
-    """Start `mil ARGS`, SIGKILL it after `delay` seconds (if still running); return (killed, seconds run).
+POLL_S = 0.02  # how often a watched run's output folder is looked at
 
-    The process runs in a session of its own; after the SIGKILL of the main process, any worker
-    processes it had started (DataLoader readers) are killed too, by its process group.
+
+@dataclass(frozen=True)
+class WorkState:
+    """What a run left in its output folder: `parts` of the work written (whole files or temporaries),
+    whether the work is `complete` (every output a finished run makes, so a kill then interrupted nothing)."""
+
+    parts: int
+    complete: bool
+    text: str
+
+
+@dataclass(frozen=True)
+class Watched:
+    """One watched run of `mil`: its exit status (``-9`` when killed), when the marker of started work
+    appeared (seconds from the start; None if never seen) and when it ended or was killed."""
+
+    returncode: int
+    marker_s: float | None
+    end_s: float
+    stderr: str
+
+    @property
+    def window_s(self) -> float:
+        """Seconds from the marker of started work to the end of the run."""
+        return self.end_s - (self.marker_s if self.marker_s is not None else self.end_s)
+
+
+@dataclass(frozen=True)
+class Kill:
+    """A SIGKILL aimed inside the work (`kill_inside`): the last attempt, and what it left."""
+
+    signalled: bool  # the process was running when SIGKILL was sent and died of it
+    state: WorkState
+    at_s: float  # seconds from the start to the signal (or to the exit, when it finished first)
+    after_marker_s: float | None  # of which after the marker of started work appeared
+    attempts: int
+    stderr: str
+
+    @property
+    def interrupted(self) -> bool:
+        """The kill landed inside the work: the process was alive, some of its output existed, not all of it."""
+        return self.signalled and self.state.parts > 0 and not self.state.complete
+
+    def describe(self) -> str:
+        after = "marker never seen" if self.after_marker_s is None else f"{self.after_marker_s:.2f} s after the marker"
+        how = "killed" if self.signalled else "not killed (finished or crashed first)"
+        tail = f"; stderr: {self.stderr[-300:]}" if not self.signalled and self.stderr.strip() else ""
+        return f"{how} at {self.at_s:.1f} s ({after}, attempt {self.attempts}) → {self.state.text}{tail}"
+
+
+def watch(args: list, out: str | Path, started: Callable[[Path], bool], *, kill_after: float | None = None,
+          poll: float = POLL_S, timeout: float = 600) -> Watched:  # fmt: skip
+    """Start `mil ARGS` in a session of its own and look at `out` every `poll` seconds until `started(out)`.
+
+    With `kill_after`, SIGKILL the whole process group (the command and any DataLoader workers) that many
+    seconds after the marker, if it is still running; without, let it finish. A run that ends before the
+    marker appears is not killed (``marker_s`` None).
     """
-    t0 = time.monotonic()
-    proc = subprocess.Popen(mil_command(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cli_env(),
-                            start_new_session=True)  # fmt: skip
-    try:
-        proc.wait(timeout=delay)
-        return False, time.monotonic() - t0
-    except subprocess.TimeoutExpired:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=timeout)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)  # orphaned workers of the killed process (its own group)
-        return True, time.monotonic() - t0
+    out = Path(out)
+    with tempfile.TemporaryFile("w+") as err:
+        t0 = time.monotonic()
+        proc = subprocess.Popen(mil_command(*args), stdout=subprocess.DEVNULL, stderr=err, env=cli_env(),
+                                start_new_session=True)  # fmt: skip
+        try:
+            marker = None
+            while proc.poll() is None and time.monotonic() - t0 < timeout:
+                if started(out):
+                    marker = time.monotonic() - t0
+                    break
+                time.sleep(poll)
+            if marker is not None and kill_after is not None:
+                deadline = t0 + marker + kill_after
+                while proc.poll() is None and (left := deadline - time.monotonic()) > 0:
+                    time.sleep(min(poll, left))
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=timeout)
+            end = time.monotonic() - t0
+        finally:
+            if proc.poll() is None:  # timed out, or this process was interrupted: leave nothing running
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)  # workers the dead command left behind (its own group)
+        err.seek(0)
+        return Watched(proc.returncode, marker, end, err.read())
 
 
-def kill_during(args: list, delay: float, out: str | Path, *, retries: int = 3) -> tuple[bool, float]:
-    """`run_and_kill`, retried with half the delay (after removing `out`) when the command finished
-    before the signal (machine load varies): return (killed, the delay that was used)."""
-    import shutil
+def kill_inside(args: list, out: str | Path, *, started: Callable[[Path], bool], state: Callable[[Path], WorkState],
+                extra: float, retries: int = 3) -> Kill:  # fmt: skip
+    """SIGKILL `mil ARGS` `extra` seconds after `started(out)` first holds, and say what it left (`state(out)`).
 
-    for _ in range(retries + 1):
-        killed, _ = run_and_kill(args, delay)
-        if killed:
-            return True, delay
+    A kill that did not interrupt work (the command finished first, or left its work complete) is
+    retried after removing `out`, with half the extra delay each time; the last attempt is returned
+    either way, so a caller asserting `Kill.interrupted` never passes on a kill that missed.
+    """
+    out = Path(out)
+    for attempt in range(1, retries + 2):
+        w = watch(args, out, started, kill_after=extra)
+        after = None if w.marker_s is None else w.end_s - w.marker_s
+        kill = Kill(w.returncode == -signal.SIGKILL, state(out), w.end_s, after, attempt, w.stderr)
+        if kill.interrupted or attempt == retries + 1:
+            return kill
         shutil.rmtree(out, ignore_errors=True)
-        delay /= 2
-    return False, delay
+        extra /= 2
+
+
+def features_started(out: Path) -> bool:
+    """Marker of started extraction: a slide's first file (coords, or the temporary of one) in `out`."""
+    return any(out.glob("*.h5")) or any(out.glob(f".*.h5{TMP_MARKER}*"))
+
+
+def feature_state(out: str | Path, n_slides: int) -> WorkState:
+    """What a killed `mil extract features` left: feature files, coords-only files, temporaries; complete
+    when every slide has its feature file."""
+    out = Path(out)
+    if not out.exists():
+        return WorkState(0, False, "nothing yet")
+    feats = coords = 0
+    for p in out.glob("*.h5"):
+        with h5py.File(p, "r") as f:
+            feats, coords = feats + ("features" in f), coords + ("features" not in f)
+    tmp = leftovers(out)
+    parts = feats + coords + sum(".h5" + TMP_MARKER in p.name for p in tmp)
+    text = f"{feats}/{n_slides} feature files, {coords} coords-only, {len(tmp)} temporaries"
+    return WorkState(parts, feats == n_slides, text)
+
+
+def training_started(out: Path) -> bool:
+    """Marker of started training: `splits.csv`, the last file written before fold 0 trains."""
+    return (out / "splits.csv").exists()
+
+
+def run_state(out: str | Path, n_folds: int) -> WorkState:
+    """What a killed `mil train features` left; complete when every fold's checkpoint exists."""
+    out = Path(out)
+    if not out.exists():
+        return WorkState(0, False, "nothing yet")
+    names = ("config.json", "slides.csv", "splits.csv", "metrics.csv", "predictions.csv")
+    files = [n for n in names if (out / n).exists()]
+    ckpts = list((out / "checkpoints").glob("*.pt")) if (out / "checkpoints").exists() else []
+    rows = len(pd.read_csv(out / "metrics.csv")) if (out / "metrics.csv").exists() else 0
+    summary = "summary.csv" if (out / "summary.csv").exists() else "no summary"
+    text = f"{len(ckpts)}/{n_folds} fold checkpoints, {rows} metrics rows, {summary}, {len(leftovers(out))} temporaries"
+    return WorkState(len(files) + len(ckpts), len(ckpts) == n_folds, text)
 
 
 # ----------------------------------------------------------------------------------------------

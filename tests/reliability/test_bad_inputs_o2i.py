@@ -2,8 +2,11 @@
 `evaluate o2i`): each bad option, image set or run directory gives exit status 2 and one `error:`
 line naming the culprit, no traceback, and writes nothing (see test_bad_inputs.py for the rules).
 
-Each case is ``case(o2i, tmp) -> (argv, watched folder, culprit)``; `o2i` holds a tiny needle image
+Each case is ``case(o2i, tmp) -> (argv, output folder, culprit)``; `o2i` holds a tiny needle image
 set (scikit-learn digits, 32² canvases) and a finished one-epoch BagNet run on it, made once.
+"Writes nothing" is checked on the whole case folder `tmp`, files and folders alike: it holds the
+output folder and every input copied for the case, so a run directory's ``eval/<split>/`` (which
+`evaluate o2i` writes for each run in turn) is watched as well as the plot folder.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import h5py
 import pytest
 
 from tests.reliability.cases import invoke
-from tests.reliability.test_bad_inputs import try_case
+from tests.reliability.test_bad_inputs import check_refusal
 
 
 @dataclass
@@ -47,8 +50,8 @@ def copy_set(o2i: O2ICtx, tmp: Path) -> Path:
     return d
 
 
-def copy_run(o2i: O2ICtx, tmp: Path) -> Path:
-    d = tmp / "run"
+def copy_run(o2i: O2ICtx, tmp: Path, name: str = "run") -> Path:
+    d = tmp / name
     shutil.copytree(o2i.run, d, ignore=shutil.ignore_patterns("eval"))
     return d
 
@@ -61,9 +64,10 @@ def _bagnet(o2i, tmp, data=None):
     return ["train", "bagnet", data or o2i.data, "--out", tmp / "out", "--epochs", "1", *TINY_NET], tmp / "out"
 
 
-def _o2i(o2i, tmp, run=None):
+def _o2i(o2i, tmp, run=None, first=()):
+    """`evaluate o2i` on the run directories `first` (valid runs scored before it), then `run` (default: a valid copy)."""
     d = run or copy_run(o2i, tmp)
-    return ["evaluate", "o2i", d, "--out", tmp / "plot" / "o2i.png", "--device", "cpu", "--n-boot", "10"], tmp / "plot"
+    return ["evaluate", "o2i", *first, d, "--out", tmp / "plot" / "o2i.png", "--device", "cpu", "--n-boot", "10"], tmp / "plot"
 
 
 CASES: dict[str, callable] = {}
@@ -156,18 +160,22 @@ RUN_BREAKS = {
 }
 
 
-def _broken_run(kind: str):
+def _broken_run(kind: str, second: bool):
+    """The broken run alone, or (`second`) after a valid one: the refusal must come before the valid run is scored."""
+
     def build(o2i, tmp):
         breaker, culprit = RUN_BREAKS[kind]
+        first = [copy_run(o2i, tmp, "good")] if second else []
         d = copy_run(o2i, tmp)
         breaker(d)
-        return (*_o2i(o2i, tmp, d), culprit)
+        return (*_o2i(o2i, tmp, d, first), culprit)
 
     return build
 
 
 for _kind in RUN_BREAKS:
-    case(f"evaluate o2i/run dir:{_kind}")(_broken_run(_kind))
+    case(f"evaluate o2i/run dir:{_kind}")(_broken_run(_kind, second=False))
+    case(f"evaluate o2i/second run dir:{_kind}")(_broken_run(_kind, second=True))
 
 
 @case("evaluate o2i/run dir:not_a_bagnet_run")
@@ -176,7 +184,18 @@ def _(o2i, tmp):
     return (*_o2i(o2i, tmp, tmp / "empty"), "empty")
 
 
+def tree(folder: Path) -> dict[str, tuple[int, int] | None]:
+    """Every file ``(size, mtime_ns)`` and folder (None) under `folder`, by relative path."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else None for p in folder.rglob("*")}
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_bad_o2i_input_is_refused_in_one_line_and_writes_nothing(o2i, tmp_path, name):
-    problems, stderr = try_case(CASES[name], o2i, tmp_path)
-    assert not problems, f"{name}: {problems}\nstderr: {stderr}"
+    argv, out, culprit = CASES[name](o2i, tmp_path)
+    assert not out.exists()
+    before = tree(tmp_path)
+    r = invoke(*argv)
+    after = tree(tmp_path)
+    problems = check_refusal(r, culprit, before, after)
+    assert not problems, f"{name}: {problems}, new or changed: {sorted(k for k in after if after[k] != before.get(k, 0))}\nstderr: {r.stderr}"
+

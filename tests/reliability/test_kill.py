@@ -1,13 +1,15 @@
-"""`kill -9` of `mil extract features` and `mil train features` at random (seeded) moments, then a
-rerun of the same command: the result is identical to an uninterrupted run's, what exists after
-the kill is whole, and no temporary file is left. Three kills each here; ten each under `slow`
-(and in benchmarks/reliability.py)."""
+"""`kill -9` of `mil extract features` and `mil train features` inside their work, then a rerun of the
+same command: the result is identical to an uninterrupted run's, what exists after the kill is whole,
+and no temporary file is left. Each kill is aimed at a seeded moment after a marker of started work
+appears in the output folder, and must land there: the process still running, some of its output
+written, not all of it (`cases.kill_inside`); a kill that misses is retried, never counted. Three
+kills each here; ten each under `slow` (and in benchmarks/reliability.py)."""
 
 from __future__ import annotations
 
 import random
 import shutil
-import time
+from functools import partial
 
 import h5py
 import pandas as pd
@@ -15,41 +17,46 @@ import pytest
 
 from tests.reliability.cases import (
     bag_cohort,
+    feature_state,
+    features_started,
     invoke,
-    kill_during,
+    kill_inside,
     leftovers,
-    run,
+    run_state,
     same_features,
     same_run_outputs,
     slide_cohort,
+    training_started,
+    watch,
 )
 
 # 21 tiles per slide (64 px at 1 µm/px), one reading worker: a few seconds per slide.
 FEATURES = ["--encoder", "resnet18", "--weights", "none", "--precision", "fp32", "--device", "cpu", "--target-mpp", "1.0",
             "--tile-size", "64", "--input-size", "64", "--batch-size", "8", "--workers", "1", "--no-progress"]  # fmt: skip
-TRAIN = ["--epochs", "3", "--folds", "2", "--seed", "3", "--no-progress"]
+FOLDS = 2
+TRAIN = ["--epochs", "3", "--folds", str(FOLDS), "--seed", "3", "--no-progress"]
+SHARE = (0.05, 0.7)  # a kill lands this share of the reference's marker-to-exit window after the marker
 
 
 @pytest.fixture(scope="module")
 def features_ref(tmp_path_factory):
-    """Slides, and the features of an uninterrupted run of the real executable (and its wall time)."""
+    """Slides, and the features of an uninterrupted, watched run of the real executable (its work window)."""
     root = tmp_path_factory.mktemp("kill_features")
     manifest = slide_cohort(root / "slides", n=2)
-    t0 = time.monotonic()
-    r = run("extract", "features", manifest, "--out", root / "ref", *FEATURES)
-    assert r.returncode == 0, r.stderr
-    return manifest, root / "ref", time.monotonic() - t0
+    w = watch(["extract", "features", manifest, "--out", root / "ref", *FEATURES], root / "ref", features_started)
+    assert w.returncode == 0 and w.marker_s is not None, w.stderr
+    return manifest, root / "ref", w.window_s
 
 
 @pytest.fixture(scope="module")
 def train_ref(tmp_path_factory):
-    """Feature bags, and the run directory of an uninterrupted training run (and its wall time)."""
+    """Feature bags, and the run directory of an uninterrupted, watched training run (its work window)."""
     root = tmp_path_factory.mktemp("kill_train")
     manifest = bag_cohort(root / "bags", n=24, split=False)
-    t0 = time.monotonic()
-    r = run("train", "features", root / "bags", "--manifest", manifest, "--out", root / "ref", *TRAIN)
-    assert r.returncode == 0, r.stderr
-    return manifest, root / "ref", time.monotonic() - t0
+    args = ["train", "features", root / "bags", "--manifest", manifest, "--out", root / "ref", *TRAIN]
+    w = watch(args, root / "ref", training_started)
+    assert w.returncode == 0 and w.marker_s is not None, w.stderr
+    return manifest, root / "ref", w.window_s
 
 
 def assert_whole_feature_files(out) -> None:
@@ -62,37 +69,45 @@ def assert_whole_feature_files(out) -> None:
                 assert f["features"].shape[0] == f["coords"].shape[0] and "feature_settings" in f.attrs, p
 
 
+def assert_interrupted(kill, i: int) -> None:
+    """The kill landed inside the work: the process was running, had written part of its output, not all."""
+    assert kill.signalled, (i, kill.describe())
+    assert kill.state.parts > 0 and not kill.state.complete, (i, kill.describe())
+
+
 def check_killed_features(features_ref, tmp_path, n: int, seed: int) -> None:
-    manifest, ref, wall = features_ref
+    manifest, ref, window = features_ref
     rng = random.Random(seed)
     ids = pd.read_csv(manifest)["slide_id"].tolist()
     for i in range(n):
         out = tmp_path / f"k{i}"
-        delay = rng.uniform(0.5, 0.95) * wall  # the first part is interpreter start-up
-        kill_during(["extract", "features", manifest, "--out", out, *FEATURES], delay, out)
-        if out.exists():
-            assert_whole_feature_files(out)
+        kill = kill_inside(["extract", "features", manifest, "--out", out, *FEATURES], out, started=features_started,
+                           state=partial(feature_state, n_slides=len(ids)), extra=rng.uniform(*SHARE) * window)  # fmt: skip
+        assert_interrupted(kill, i)
+        assert_whole_feature_files(out)
         r = invoke("extract", "features", manifest, "--out", out, *FEATURES)
-        assert r.returncode == 0, (i, delay, r.stderr)
+        assert r.returncode == 0, (i, kill.describe(), r.stderr)
         same, why = same_features(ref, out, ids)
-        assert same, (i, delay, why)
-        assert not leftovers(out), (i, delay, leftovers(out))
+        assert same, (i, kill.describe(), why)
+        assert not leftovers(out), (i, kill.describe(), leftovers(out))
         shutil.rmtree(out)
 
 
 def check_killed_training(train_ref, tmp_path, n: int, seed: int) -> None:
-    manifest, ref, wall = train_ref
+    manifest, ref, window = train_ref
     rng = random.Random(seed)
     feature_dir = manifest.parent
     for i in range(n):
         out = tmp_path / f"t{i}"
-        delay = rng.uniform(0.5, 0.95) * wall  # the first part is interpreter start-up
-        kill_during(["train", "features", feature_dir, "--manifest", manifest, "--out", out, *TRAIN], delay, out)
-        r = invoke("train", "features", feature_dir, "--manifest", manifest, "--out", out, *TRAIN)
-        assert r.returncode == 0, (i, delay, r.stderr)
+        args = ["train", "features", feature_dir, "--manifest", manifest, "--out", out, *TRAIN]
+        kill = kill_inside(args, out, started=training_started, state=partial(run_state, n_folds=FOLDS),
+                           extra=rng.uniform(*SHARE) * window)  # fmt: skip
+        assert_interrupted(kill, i)
+        r = invoke(*args)
+        assert r.returncode == 0, (i, kill.describe(), r.stderr)
         same, why = same_run_outputs(ref, out)
-        assert same, (i, delay, why)
-        assert not leftovers(out), (i, delay, leftovers(out))
+        assert same, (i, kill.describe(), why)
+        assert not leftovers(out), (i, kill.describe(), leftovers(out))
         shutil.rmtree(out)
 
 

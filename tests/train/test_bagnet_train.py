@@ -28,7 +28,7 @@ from tests.conftest import invoke_mil
 
 SQUARE = 6
 TINY = dict(rf=9, width=0.0625, batch_size=16, lr=1e-3, seed=0)  # 93k parameters: plumbing tests
-LEARN = dict(rf=9, width=0.125, batch_size=16, lr=1e-3, seed=0)  # 368k parameters, ~0.3 s per epoch of 64 images on 2 idle cores
+LEARN = dict(rf=9, width=0.125, batch_size=8, lr=1e-3, seed=0)  # 368k parameters, ~0.3 s per epoch of 64 images on 2 idle cores
 
 
 def toy_split(n: int, size: int = 32, square: int = SQUARE, seed: int = 0, positive_share: float = 0.5, noise: int = 10):
@@ -86,24 +86,31 @@ def test_milestones_scale_with_the_number_of_epochs():
 
 
 def test_learns_the_toy_task_and_writes_the_run_directory(toy, tmp_path):
+    """Learns on each of 3 seeds (image set, initialisation and batch order; 3 epochs each, 8 full-lr steps):
+    every seed's validation accuracy must pass 0.75 (untrained: ~0.5). The run directory is checked on seed 0."""
     (tmp_path / "set").symlink_to(toy, target_is_directory=True)
     seen = []
-    summary = run_bagnet(tmp_path / "set", tmp_path / "run", BagNetTrainConfig(epochs=8, **LEARN), device="cpu", on_epoch=seen.append)
+    summary = run_bagnet(tmp_path / "set", tmp_path / "run", BagNetTrainConfig(epochs=3, **LEARN), device="cpu", on_epoch=seen.append)
     run = tmp_path / "run"
-    assert summary["val_acc"][0] > 0.75, pd.read_csv(run / "metrics.csv")
+    acc = {0: summary["val_acc"][0]}
+    for seed in (1, 2):
+        other = toy_imageset(tmp_path / f"set{seed}", n_test=8, seed=seed)
+        acc[seed] = run_bagnet(other, tmp_path / f"run{seed}", BagNetTrainConfig(epochs=3, **{**LEARN, "seed": seed}),
+                               device="cpu")["val_acc"][0]  # fmt: skip
+    assert all(a > 0.75 for a in acc.values()), (acc, pd.read_csv(run / "metrics.csv"))
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "config.json", "metrics.csv", "predictions.csv", "summary.csv"]
     metrics = pd.read_csv(run / "metrics.csv")
     assert list(metrics.columns) == ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_auc", "train_images_per_s", "seconds"]
-    assert metrics["epoch"].tolist() == list(range(1, 9)) and (metrics["train_images_per_s"] > 0).all()
-    assert len(seen) == 8 and seen[-1]["epochs"] == 8
+    assert metrics["epoch"].tolist() == [1, 2, 3] and (metrics["train_images_per_s"] > 0).all()
+    assert len(seen) == 3 and seen[-1]["epochs"] == 3
     best = int(summary["best_epoch"][0])
     top = metrics["val_acc"].max()
     assert metrics["val_acc"][best - 1] == top
     assert metrics.loc[metrics["val_acc"] == top, "val_loss"].min() == metrics["val_loss"][best - 1]  # ties → lower loss
     cfg = json.loads((run / "config.json").read_text())
-    assert cfg["train"] == {"rf": 9, "pooling": "max", "width": 0.125, "epochs": 8, "batch_size": 16, "accumulate": 1,
+    assert cfg["train"] == {"rf": 9, "pooling": "max", "width": 0.125, "epochs": 3, "batch_size": 8, "accumulate": 1,
                             "lr": 1e-3, "max_train": None, "seed": 0, "norm": "in_aff"}  # fmt: skip
-    assert cfg["imageset"]["generator"] == "toy" and cfg["milestones"] == [3, 5, 6] and cfg["n_train"] == 64
+    assert cfg["imageset"]["generator"] == "toy" and cfg["milestones"] == [1, 2, 2] and cfg["n_train"] == 64
     assert cfg["runtime"] == {"device": "cpu", "workers": 0}
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     assert ckpt["kind"] == "bagnet" and ckpt["best_epoch"] == best and ckpt["threshold"] == 0.5

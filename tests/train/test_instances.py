@@ -12,6 +12,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from mil.errors import ManifestError
+from mil.losses import ExclusiveCrossEntropy
 from mil.manifest import read_manifest
 from mil.train.instances import instance_targets, read_instance_labels
 from mil.train.loop import TrainConfig
@@ -100,34 +101,71 @@ def test_missing_columns_are_named(tmp_path):
         read_instance_labels(csv, {}, {})
 
 
+SEEDS = (0, 1, 2)  # each seed draws its own cohort and its own initialisation and batch order
+EPOCHS = 3  # the stretched ECE schedule samples background tiles in the last epoch only (τ_b ≈ 0.08 there)
+
+
+def instance_auc(root, run) -> float:
+    """AUC of the run's tile scores on its positive validation bags: 3 witnesses against 27 other tiles each."""
+    model, _ = load_checkpoint(run / "checkpoints" / "split.pt")
+    val = pd.read_csv(run / "predictions.csv")
+    scores, truth = [], []
+    for sid, y in zip(val["slide_id"], val["label"]):
+        if y:
+            X = torch.from_numpy(h5py.File(root / f"{sid}.h5")["features"][:])  # (N, D)
+            with torch.inference_mode():
+                scores += model(X[None]).instance_scores[0].tolist()
+            truth += [1] * 3 + [0] * 27
+    return roc_auc_score(truth, scores)
+
+
+@pytest.fixture(scope="module")
+def plain_runs(tmp_path_factory) -> dict:
+    """Per seed: the cohort's folder and the instance AUC of a run without annotations (shared by bce and ece)."""
+    out = {}
+    for seed in SEEDS:
+        root = tmp_path_factory.mktemp(f"cohort{seed}")
+        slides = read_manifest(cohort(root, seed=seed))
+        run_train(root, slides, root / "plain", TrainConfig(epochs=EPOCHS, patience=EPOCHS, lr=1e-3, seed=seed))
+        out[seed] = root, instance_auc(root, root / "plain")
+    return out
+
+
 @pytest.mark.parametrize("loss", ["bce", "ece"])
-def test_annotations_teach_the_instance_scores(tmp_path, loss):
-    """A few annotated tiles make the witnesses of unseen validation bags rank above the other tiles."""
-    m = cohort(tmp_path)
-    slides = read_manifest(m)
-    train = slides[slides["split"] == "train"]
-    csv = annotate(tmp_path, zip(train["slide_id"], train["label"]))
-    cfg = dict(epochs=6, patience=6, lr=1e-3, seed=0, head="abmil")
+def test_annotations_teach_the_instance_scores(plain_runs, tmp_path, monkeypatch, loss):
+    """On each of 3 seeds, a few annotated tiles make the witnesses of unseen validation bags rank above the other
+    tiles clearly better than without annotations (without: 0.58-0.76 instance AUC after 3 epochs).
 
-    def instance_auc(run):
-        model, _ = load_checkpoint(run / "checkpoints" / "split.pt")
-        val = pd.read_csv(run / "predictions.csv")
-        scores, truth = [], []
-        for sid, y in zip(val["slide_id"], val["label"]):
-            if y:
-                X = torch.from_numpy(h5py.File(tmp_path / f"{sid}.h5")["features"][:])  # (N, D)
-                with torch.inference_mode():
-                    scores += model(X[None]).instance_scores[0].tolist()
-                truth += [1] * 3 + [0] * 27
-        return roc_auc_score(truth, scores)
+    Every seed must pass (not the median): each draw is a separate cohort, and all gains are 0.10-0.27.
+    ECE must also have taken its own path: unannotated background tiles enter its loss in the last epoch only.
+    """
+    background = {}  # epoch -> unannotated tiles kept in the ECE loss
+    terms = ExclusiveCrossEntropy.terms
 
-    run_train(tmp_path, slides, tmp_path / "plain", TrainConfig(**cfg))
-    run_train(tmp_path, slides, tmp_path / "ann", TrainConfig(**cfg, instance_loss=loss, instance_weight=2.0), instance_labels=csv)
-    plain, annotated = instance_auc(tmp_path / "plain"), instance_auc(tmp_path / "ann")
-    assert annotated > 0.9 and annotated > plain + 0.02, (plain, annotated)
-    doc = json.loads((tmp_path / "ann" / "config.json").read_text())
-    assert doc["instance_labels"]["slides"] == len(train) and doc["instance_labels"]["rows_unused"] == 0
-    assert doc["train"]["instance_loss"] == loss
+    def counting_terms(self, loss_, unannotated, confidence, uniform, epoch):
+        out = terms(self, loss_, unannotated, confidence, uniform, epoch)
+        background[epoch] = background.get(epoch, 0) + int((unannotated & (out != 0)).sum())
+        return out
+
+    monkeypatch.setattr(ExclusiveCrossEntropy, "terms", counting_terms)
+    aucs = {}
+    for seed, (root, plain) in plain_runs.items():
+        slides = read_manifest(root / "manifest.csv")
+        train = slides[slides["split"] == "train"]
+        csv = annotate(tmp_path, zip(train["slide_id"], train["label"]))
+        background.clear()
+        run = tmp_path / f"ann{seed}"
+        cfg = TrainConfig(epochs=EPOCHS, patience=EPOCHS, lr=1e-3, seed=seed, instance_loss=loss, instance_weight=2.0)
+        run_train(root, slides, run, cfg, instance_labels=csv)
+        aucs[seed] = plain, instance_auc(root, run)
+        if loss == "ece":  # ECE epochs count from 0; τ_b(0) ≈ 1e-7, τ_b(2) ≈ 0.08 of ~450 unannotated tiles
+            assert background[0] == 0 and background[EPOCHS - 1] > 5, background
+        else:
+            assert background == {}  # bce never calls the ECE loss
+        doc = json.loads((run / "config.json").read_text())
+        assert doc["instance_labels"]["slides"] == len(train) and doc["instance_labels"]["rows_unused"] == 0
+        assert doc["train"]["instance_loss"] == loss
+    assert all(ann > 0.8 and ann > plain + 0.05 for plain, ann in aucs.values()), aucs
 
 
 def test_cli_instance_labels_and_label_refusals(tmp_path):
