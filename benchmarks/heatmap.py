@@ -1,6 +1,6 @@
 """Heatmap benchmark: `render_heatmap` on a 50,000² px synthetic slide takes seconds, in memory bounded by the thumbnail.
 
-    python benchmarks/heatmap.py [--size 50000] [--tile-size 224] [--thumbnails 512,1024,2048] [--out bench_out/heatmap]
+    python benchmarks/heatmap.py [--size 50000] [--tile-size 224] [--thumbnails 512,1024,2048] [--out bench_out/heatmap] [--quick]
 
 Setup (not timed as heatmap work): a synthetic slide, its tiles from the real tiling stage, a
 feature file of random (N, 1024) features for those tiles, and a 1-epoch `abmil` run on a few
@@ -10,13 +10,16 @@ measured in the same run: the same process's RSS after imports and after reading
 the time and memory of OpenSlide's own `get_thumbnail` plus the model's forward pass, the floor
 of any heatmap of this slide. Peaks are VmHWM reset (via /proc/self/clear_refs) after the imports
 and a first read of the bag, so the import-time peak of torch does not hide the call's own; the
-heatmap call reads the bag a second time, which its increment includes.
+heatmap call reads the bag a second time, which its increment includes. Linux only: without a
+writable /proc/self/clear_refs the script stops with one line (exit 2). ``--quick`` (a smoke run):
+a 3,000² px slide, 16 features, one 256 px thumbnail.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -102,14 +105,21 @@ def child(run: Path, manifest: Path, slide: Path, feats: Path, png: Path, size: 
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=50_000)
     ap.add_argument("--tile-size", type=int, default=224, help="px at 0.5 µm/px (224 → 448 level-0 px)")
     ap.add_argument("--dim", type=int, default=1024)
     ap.add_argument("--thumbnails", default="512,1024,2048")
     ap.add_argument("--out", default="bench_out/heatmap")
-    args = ap.parse_args()
+    ap.add_argument("--quick", action="store_true", help="smoke run: 3,000² px slide, 16 features, one 256 px thumbnail")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.size, args.dim, args.thumbnails = 3000, 16, "256"
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        print("error: heatmap.py needs a writable /proc/self/clear_refs (Linux procfs) to reset the peak-RSS counter; "
+              "run it on Linux with /proc mounted", file=sys.stderr)  # fmt: skip
+        raise SystemExit(2)
     out = Path(args.out)
     slide, manifest, feats, run, n = setup(out, args.size, args.tile_size, args.dim)
     print(f"{args.size:,}² px slide, {n:,} tiles × {args.dim} features, abmil checkpoint")
@@ -127,9 +137,11 @@ def main() -> None:
                      "heatmap / ref": hm["seconds"] / ref["seconds"], "RSS after imports MiB": hm["rss_imports"],
                      "RSS with bag MiB": hm["rss_bag"], "peak RSS during call MiB": hm["rss_peak"],
                      "peak − with bag MiB": hm["rss_peak"] - hm["rss_bag"], "ref peak − with bag MiB": ref["rss_peak"] - ref["rss_bag"]})  # fmt: skip
+    table = pd.DataFrame(rows)
     with pd.option_context("display.float_format", "{:,.2f}".format, "display.width", 200):
-        print(pd.DataFrame(rows).set_index("thumbnail px").T.to_string())
+        print(table.set_index("thumbnail px").T.to_string())
     print(f"figures: {out}/heatmap_<px>.png")
+    return table
 
 
 if __name__ == "__main__":

@@ -20,7 +20,10 @@
    from normal tissue in colour as well as in texture, and colour alone is linearly separable
    from any features; without it only texture (nuclei size and density) is left.
    (b) Slide level: `abmil` with `run_train` (5-fold CV) and `evaluate_run` (every slide scored once,
-   by the fold that held it out), for each seed; AUC mean ± sd over seeds.
+   by the fold that held it out), for each seed; AUC mean ± sd over seeds; for both encoders twice:
+   on the raw features and with `--standardize` (per-feature z-scores from the training bags), so
+   that random init is compared with MoCo on equal terms in the table itself (random-init features
+   have a tiny, uneven scale that raw-feature training handles poorly).
 
 MoCo never sees a label, but it does see every slide's tiles, including those later held out
 (self-supervised pretraining on the unlabelled cohort).
@@ -43,7 +46,8 @@ import pandas as pd
 MODES = {
     # slides, side (px), lesion fraction, MoCo epochs, batch, queue, throughput steps, abmil epochs
     "default": dict(n_slides=40, size=4096, lesion=0.05, epochs=6, batch=64, queue=1024, tput_steps=5, mil_epochs=10),
-    "quick": dict(n_slides=12, size=4096, lesion=0.1, epochs=1, batch=32, queue=128, tput_steps=2, mil_epochs=5),
+    "quick": dict(n_slides=12, size=2048, lesion=0.1, epochs=1, batch=16, queue=64, tput_steps=1, mil_epochs=2,
+                  moco_steps=3),
 }
 LAUNCH = {  # (processes, threads each) -> command prefix
     (1, 1): [sys.executable, "-m", "mil.extract.moco_cli"],
@@ -160,27 +164,28 @@ def probe(X: np.ndarray, y: np.ndarray, g: np.ndarray) -> dict:
             "knn_auc": roc_auc_score(y, knn), "knn_balanced_accuracy": knn_bal}  # fmt: skip
 
 
-def slide_auc(feature_dir: Path, slides: pd.DataFrame, runs: Path, seeds: int, epochs: int) -> list[float]:
-    """abmil, 5-fold CV, one run per seed → test AUC over every slide (each scored once)."""
+def slide_auc(feature_dir: Path, slides: pd.DataFrame, runs: Path, seeds: int, epochs: int,
+              standardize: bool) -> list[float]:
+    """abmil, 5-fold CV, one run per seed → test AUC over every slide (each scored once), raw or standardised."""
     from mil.evaluate.run import evaluate_run
     from mil.train.loop import TrainConfig
     from mil.train.run import run_train
 
     aucs = []
     for seed in range(seeds):
-        config = TrainConfig(head="abmil", epochs=epochs, patience=5, lr=1e-3, seed=seed, standardize=False)  # raw features: what the encoder gives
+        config = TrainConfig(head="abmil", epochs=epochs, patience=5, lr=1e-3, seed=seed, standardize=standardize)
         run_train(feature_dir, slides, runs / f"seed{seed}", config, folds=5, overwrite=True)
         doc, _ = evaluate_run(runs / f"seed{seed}", n_boot=200, seed=seed)
         aucs.append(doc["auc"]["auc"])
     return aucs
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke test: tiny cohort, one short epoch, one seed")
     ap.add_argument("--out", type=Path, default=Path("bench_out/moco"))
     ap.add_argument("--seeds", type=int, default=None, help="abmil seeds (default 3, quick 1)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     p = MODES["quick" if args.quick else "default"]
     seeds = args.seeds or (1 if args.quick else 3)
     out = args.out / ("quick" if args.quick else "default")
@@ -217,7 +222,8 @@ def main() -> None:
     launch = max(LAUNCH, key=lambda k: tput[f"{k[0]}x{k[1]}"]["images_per_s"])
     enc = out / "moco"
     env = dict(os.environ, OMP_NUM_THREADS=str(launch[1]))
-    cmd = moco_command(manifest, enc, p, launch[0], "--epochs", str(p["epochs"]), "--coords-dir", str(tiles), "--resume")
+    steps = ("--steps-per-epoch", str(p["moco_steps"])) if p.get("moco_steps") else ()  # quick: a few steps only
+    cmd = moco_command(manifest, enc, p, launch[0], "--epochs", str(p["epochs"]), *steps, "--coords-dir", str(tiles), "--resume")
     times["moco"] = run([*LAUNCH[launch], *cmd], env=env)
     history = pd.read_csv(enc / "metrics.csv")
     n_tiles = json.loads((enc / "config.json").read_text())["n_tiles"]
@@ -249,7 +255,9 @@ def main() -> None:
     for name, d in feats.items():
         t0 = time.perf_counter()
         results[f"probe_{name}"] = probe(*feature_set(d, slides, masks, mask_ds))
-        results[f"slide_auc_{name}"] = slide_auc(d, slides, out / f"runs_{name}", seeds, p["mil_epochs"])
+        for std in (False, True):
+            key = f"slide_auc_{name}" + ("_std" if std else "")
+            results[key] = slide_auc(d, slides, out / f"runs_{name}{'_std' if std else ''}", seeds, p["mil_epochs"], std)
         times[f"eval_{name}"] = time.perf_counter() - t0
     results["seconds"] = times | {"total": time.perf_counter() - t_start}
     (out / "results.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
@@ -260,11 +268,11 @@ def main() -> None:
     print(f"\nMoCo training ({launch[0]} process(es) × {launch[1]} thread(s)):")
     print(history.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print("\nthroughput, global batch %d (epoch 2 of 2, %d steps each):" % (p["batch"], p["tput_steps"]))
-    print("| processes × threads | images/s (all) | images/s per process | vs 1 × 2 |")
-    print("|---|---|---|---|")
+    print("| processes × threads | images/s (all) | images/s per process | ÷ 1 process × 1 thread | ÷ 1 process × 2 threads |")
+    print("|---|---|---|---|---|")
     for r in tput.values():
         print(f"| {r['processes']} × {r['threads']} | {r['images_per_s']:.1f} | {r['per_process']:.1f} | "
-              f"{r['images_per_s'] / tput['1x2']['images_per_s']:.2f} |")
+              f"{r['images_per_s'] / tput['1x1']['images_per_s']:.2f} | {r['images_per_s'] / tput['1x2']['images_per_s']:.2f} |")
     print("\n| features | tiles | linear probe AUC | balanced acc. | acc. (majority) | 20-NN AUC | 20-NN bal. acc. |")
     print("|---|---|---|---|---|---|---|")
     for kind in ("probe", "gray_probe"):
@@ -273,13 +281,15 @@ def main() -> None:
             print(f"| {name}{', grayscale tiles' if kind == 'gray_probe' else ''} | {pr['tiles']:,} ({pr['positive_tiles']} lesion) | "
                   f"{pr['auc']:.3f} (fold sd {pr['auc_fold_sd']:.3f}) | {pr['balanced_accuracy']:.3f} | "
                   f"{pr['accuracy']:.3f} ({pr['majority_accuracy']:.3f}) | {pr['knn_auc']:.3f} | {pr['knn_balanced_accuracy']:.3f} |")
-    print(f"\n| features | abmil slide AUC, 5-fold CV, mean ± sd over {seeds} seeds | per seed |")
-    print("|---|---|---|")
-    for name in feats:
-        a = results[f"slide_auc_{name}"]
-        sd = np.std(a, ddof=1) if len(a) > 1 else float("nan")
-        print(f"| {name} | {np.mean(a):.3f} ± {sd:.3f} | {', '.join(f'{v:.3f}' for v in a)} |")
+    print(f"\n| features | abmil input | abmil slide AUC, 5-fold CV, mean ± sd over {seeds} seeds | per seed |")
+    print("|---|---|---|---|")
+    for std in (False, True):
+        for name in feats:
+            a = results[f"slide_auc_{name}" + ("_std" if std else "")]
+            sd = np.std(a, ddof=1) if len(a) > 1 else float("nan")
+            print(f"| {name} | {'--standardize' if std else 'raw'} | {np.mean(a):.3f} ± {sd:.3f} | {', '.join(f'{v:.3f}' for v in a)} |")
     print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in results["seconds"].items()))
+    return results
 
 
 if __name__ == "__main__":

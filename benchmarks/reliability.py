@@ -2,15 +2,19 @@
 repeated seeds and hostile files. Prints one table: check, case, expected, observed, pass.
 
     .venv/bin/python benchmarks/reliability.py [--kills 10] [--seed 0] [--work-dir DIR] [--out table.csv] [--quick]
+        [--only 1,2,…] [--kill-stages features,training]
 
 1. **bad slides** — a batch with a truncated file, a non-slide file, a slide with no tissue, a
    slide without mpp, a zero-byte file, a slide whose level-0 tiles are noise and two good
    slides, through `mil extract tiles` and `mil extract features` (the real executable): the
    good slides finish, each bad one is reported with its reason, nothing partial is left, exit
    status 1 (0 with --skip-errors).
-2. **kill -9** — `mil extract features` and `mil train features` killed with SIGKILL after a
-   random (seeded) delay, `--kills` times each, then rerun: the result must equal an
-   uninterrupted run's bit for bit and no temporary file may remain.
+2. **kill -9** — `mil extract features` and `mil train features` killed with SIGKILL inside their
+   work, `--kills` times each: a seeded delay after a marker of started work appears in the output
+   folder (a slide's first ``.h5``; ``splits.csv``), and each kill must land there — the process
+   running, part of its output written, not all of it (a miss is retried with half the delay and
+   reported) — then rerun: the result must equal an uninterrupted run's bit for bit and no
+   temporary file may remain. The table says what each kill interrupted and how many of them did.
 3. **bad inputs** — the matrix of tests/reliability/test_bad_inputs.py (manifests, feature files,
    run directories, options; every command): exit 2, one `error:` line naming the culprit,
    nothing written.
@@ -22,8 +26,8 @@ repeated seeds and hostile files. Prints one table: check, case, expected, obser
    are refused; slide ids escaping the output folder are refused.
 
 Everything is small (2,048² px slides, 64-px tiles, resnet18 with random weights, 24 bags of
-16 features): the point is behaviour, not speed. `--quick` runs 2 kills each and a sample of
-the bad-input matrix.
+16 features): the point is behaviour, not speed. `--quick` runs 1 kill each (2 slides, 4 training
+epochs) and a sample of the bad-input matrix; `--kill-stages features` narrows section 2.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,13 +56,18 @@ from tests.reliability.cases import (  # noqa: E402
     FAST_TILES,
     bag_cohort,
     bad_slide_batch,
+    feature_state,
+    features_started,
     invoke,
-    kill_during,
+    kill_inside,
     leftovers,
     run,
+    run_state,
     same_features,
     same_run_outputs,
     slide_cohort,
+    training_started,
+    watch,
 )
 
 ROWS: list[dict] = []
@@ -117,78 +127,59 @@ def check_bad_slides(work: Path) -> None:
 
 KILL_FEATURES = ["--encoder", "resnet18", "--weights", "none", "--precision", "fp32", "--device", "cpu", "--target-mpp", "1.0",
                  "--tile-size", "64", "--input-size", "64", "--batch-size", "8", "--workers", "1", "--no-progress"]  # fmt: skip
-KILL_TRAIN = ["--epochs", "12", "--patience", "12", "--folds", "2", "--seed", "3", "--no-progress"]  # kills land in training, not only start-up
+KILL_FOLDS = 2
+KILL_SHARE = (0.05, 0.8)  # each kill lands this share (seeded) of the reference's marker-to-exit window after the marker
 
 
-def _feature_state(out: Path) -> str:
-    """What a killed extraction left: feature files, coords-only files, temporaries."""
-    if not out.exists():
-        return "nothing yet"
-    feats = coords = 0
-    for p in out.glob("*.h5"):
-        with h5py.File(p) as f:
-            feats, coords = feats + ("features" in f), coords + ("features" not in f)
-    return f"{feats} feature + {coords} coords-only files, {len(leftovers(out))} temporaries"
+def _kill_series(check: str, n: int, rng: random.Random, window: float, command, started, state, compare, outs: str) -> None:
+    """`n` kills aimed inside the work (`cases.kill_inside`), each followed by the rerun: one row per kill
+    saying what it interrupted, and a summary row that passes only if every kill interrupted work."""
+    hits = attempts = 0
+    for i in range(n):
+        out = Path(f"{outs}{i}")
+        args = command(out)
+        kill = kill_inside(args, out, started=started, state=state, extra=rng.uniform(*KILL_SHARE) * window)
+        rerun = invoke(*args)
+        same, why = compare(out) if rerun.returncode == 0 else (False, f"rerun exit {rerun.returncode}")
+        tmp = leftovers(out)
+        hits, attempts = hits + kill.interrupted, attempts + kill.attempts
+        row(check, f"#{i + 1} {kill.describe()}", "killed inside the work; rerun = reference, no temporaries",
+            f"{'interrupted work' if kill.interrupted else 'MISSED: did not interrupt work'}; rerun {why}, {len(tmp)} temporaries",
+            kill.interrupted and same and not tmp)  # fmt: skip
+        shutil.rmtree(out, ignore_errors=True)
+    row(check, "summary", f"{n} of {n} kills interrupted work",
+        f"{hits} of {n} kills interrupted work ({attempts} attempts; a kill that misses is retried with half the delay)", hits == n)  # fmt: skip
 
 
-def _run_state(out: Path) -> str:
-    if not out.exists():
-        return "nothing yet"
-    if (out / "summary.csv").exists():
-        return "finished"
-    n = len(list((out / "checkpoints").glob("*.pt"))) if (out / "checkpoints").exists() else 0
-    return f"unfinished: {'config, ' if (out / 'config.json').exists() else ''}{n} checkpoint(s), {len(leftovers(out))} temporaries"
-
-
-def check_kills(work: Path, n: int, seed: int) -> None:
-    print(f"2. kill -9 ({n} each)", flush=True)
+def check_kills(work: Path, n: int, seed: int, quick: bool, stages: set[str]) -> None:
+    print(f"2. kill -9 ({n} each: {', '.join(sorted(stages))})", flush=True)
     rng = random.Random(seed)
-    t0 = time.monotonic()
-    run("--version")
-    startup = time.monotonic() - t0  # interpreter + imports: kills are spread over [0.75 startup, 0.9 wall], mostly on real work
-    row("kill -9", "start-up of .venv/bin/mil (mil --version)", "-", f"{startup:.1f} s", True)
-    manifest = slide_cohort(work / "kill_slides", n=3)
-    ids = pd.read_csv(manifest)["slide_id"].tolist()
-    t0 = time.monotonic()
-    r = run("extract", "features", manifest, "--out", work / "kill_ref", *KILL_FEATURES)
-    wall = time.monotonic() - t0
-    assert r.returncode == 0, r.stderr
-    row("kill -9: extract features", "uninterrupted reference", "exit 0", f"exit 0 in {wall:.1f} s (3 slides × 21 tiles)", True)
-    n_killed = 0
-    for i in range(n):
-        out = work / f"kill_f{i}"
-        delay = rng.uniform(0.75 * startup, 0.9 * wall)
-        killed, delay = kill_during(["extract", "features", manifest, "--out", out, *KILL_FEATURES], delay, out)
-        state = _feature_state(out)
-        rerun = invoke("extract", "features", manifest, "--out", out, *KILL_FEATURES)
-        same, why = same_features(work / "kill_ref", out, ids) if rerun.returncode == 0 else (False, f"rerun exit {rerun.returncode}")
-        tmp = leftovers(out)
-        row("kill -9: extract features", f"#{i + 1} at {delay:.1f} s → {state}", "rerun = reference, no temporaries",
-            f"{'killed' if killed else 'finished first'}; rerun {why}, {len(tmp)} temporaries", same and not tmp)  # fmt: skip
-        n_killed += killed
-        shutil.rmtree(out, ignore_errors=True)
-    row("kill -9: extract features", "summary", f"{n} kills", f"{n_killed} killed mid-run, {n - n_killed} finished before the signal (after 3 retries at half the delay)", n_killed > 0)
+    if "features" in stages:
+        n_slides = 2 if quick else 3
+        manifest = slide_cohort(work / "kill_slides", n=n_slides)
+        ids = pd.read_csv(manifest)["slide_id"].tolist()
+        ref = work / "kill_ref"
+        w = watch(["extract", "features", manifest, "--out", ref, *KILL_FEATURES], ref, features_started)
+        assert w.returncode == 0, w.stderr
+        row("kill -9: extract features", "uninterrupted reference (marker: a slide's first .h5 or its temporary; "
+            f"complete: all {n_slides} feature files)", "exit 0",
+            f"exit 0 in {w.end_s:.1f} s, first output at {w.marker_s:.1f} s ({n_slides} slides × 21 tiles)", True)  # fmt: skip
+        _kill_series("kill -9: extract features", n, rng, w.window_s,
+                     lambda out: ["extract", "features", manifest, "--out", out, *KILL_FEATURES], features_started,
+                     partial(feature_state, n_slides=n_slides), lambda out: same_features(ref, out, ids), str(work / "kill_f"))  # fmt: skip
 
-    bags = bag_cohort(work / "kill_bags", n=24, split=False)
-    t0 = time.monotonic()
-    r = run("train", "features", bags.parent, "--manifest", bags, "--out", work / "kill_run_ref", *KILL_TRAIN)
-    wall = time.monotonic() - t0
-    assert r.returncode == 0, r.stderr
-    row("kill -9: train features", "uninterrupted reference", "exit 0", f"exit 0 in {wall:.1f} s (2 folds × 12 epochs)", True)
-    n_killed = 0
-    for i in range(n):
-        out = work / f"kill_t{i}"
-        delay = rng.uniform(0.75 * startup, 0.9 * wall)
-        killed, delay = kill_during(["train", "features", bags.parent, "--manifest", bags, "--out", out, *KILL_TRAIN], delay, out)
-        state = _run_state(out)
-        rerun = invoke("train", "features", bags.parent, "--manifest", bags, "--out", out, *KILL_TRAIN)
-        same, why = same_run_outputs(work / "kill_run_ref", out) if rerun.returncode == 0 else (False, f"rerun exit {rerun.returncode}")
-        tmp = leftovers(out)
-        row("kill -9: train features", f"#{i + 1} at {delay:.1f} s → {state}", "rerun = reference, no temporaries",
-            f"{'killed' if killed else 'finished first'}; rerun {why}, {len(tmp)} temporaries", same and not tmp)  # fmt: skip
-        n_killed += killed
-        shutil.rmtree(out, ignore_errors=True)
-    row("kill -9: train features", "summary", f"{n} kills", f"{n_killed} killed mid-run, {n - n_killed} finished before the signal (after 3 retries at half the delay)", n_killed > 0)
+    if "training" in stages:
+        epochs = 4 if quick else 12
+        train = ["--epochs", str(epochs), "--patience", str(epochs), "--folds", str(KILL_FOLDS), "--seed", "3", "--no-progress"]
+        bags = bag_cohort(work / "kill_bags", n=24, split=False)
+        ref = work / "kill_run_ref"
+        w = watch(["train", "features", bags.parent, "--manifest", bags, "--out", ref, *train], ref, training_started)
+        assert w.returncode == 0, w.stderr
+        row("kill -9: train features", f"uninterrupted reference (marker: splits.csv; complete: all {KILL_FOLDS} fold checkpoints)",
+            "exit 0", f"exit 0 in {w.end_s:.1f} s, splits.csv at {w.marker_s:.1f} s ({KILL_FOLDS} folds × {epochs} epochs)", True)  # fmt: skip
+        _kill_series("kill -9: train features", n, rng, w.window_s,
+                     lambda out: ["train", "features", bags.parent, "--manifest", bags, "--out", out, *train], training_started,
+                     partial(run_state, n_folds=KILL_FOLDS), lambda out: same_run_outputs(ref, out), str(work / "kill_t"))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -355,11 +346,15 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap.add_argument("--seed", type=int, default=0, help="seed of the kill delays")
     ap.add_argument("--work-dir", type=Path, default=None, help="scratch folder (default: a temporary folder, removed)")
     ap.add_argument("--out", type=Path, default=None, help="also write the table as CSV")
-    ap.add_argument("--quick", action="store_true", help="2 kills each and a sixth of the bad-input matrix")
+    ap.add_argument("--quick", action="store_true", help="1 kill each (smaller runs) and a sixth of the bad-input matrix")
+    ap.add_argument("--kill-stages", default="features,training", help="commands killed in section 2 (default both)")
     ap.add_argument("--only", default="1,2,3,4,5,6", help="comma-separated sections to run (default all)")
     args = ap.parse_args(argv)
     sections = {int(s) for s in args.only.split(",")}
-    kills = 2 if args.quick else args.kills
+    kills = 1 if args.quick else args.kills
+    stages = set(args.kill_stages.split(","))
+    if not stages <= {"features", "training"}:
+        ap.error(f"--kill-stages: expected features and/or training, got {args.kill_stages!r}")
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="mil_reliability_"))
     work.mkdir(parents=True, exist_ok=True)
     ROWS.clear()
@@ -368,7 +363,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         if 1 in sections:
             check_bad_slides(work)
         if 2 in sections:
-            check_kills(work, kills, args.seed)
+            check_kills(work, kills, args.seed, args.quick, stages)
         if 3 in sections:
             check_bad_inputs(work, args.quick)
         if 4 in sections:
