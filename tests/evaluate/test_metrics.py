@@ -8,7 +8,7 @@ from scipy.stats import binom, norm
 from sklearn.metrics import roc_auc_score
 
 from mil.errors import OptionError
-from mil.evaluate.metrics import auc_ci, bootstrap_indices, curve_bands, paired_auc_test, threshold_metrics
+from mil.evaluate.metrics import auc_ci, bootstrap_indices, curve_bands, paired_auc_test, resampled_auc, threshold_metrics
 
 
 def scores(n_pos, n_neg, d, rng):
@@ -28,6 +28,16 @@ def test_resamples_are_stratified():
     y = np.r_[np.ones(7, int), np.zeros(20, int)]
     idx = bootstrap_indices(y, 50, 0)  # (50, 27)
     assert idx.shape == (50, 27) and (y[idx].sum(1) == 7).all()
+
+
+def test_resampled_auc_is_roc_auc_score_of_each_resample():
+    """The rank-sum AUC of all resamples at once equals scikit-learn's, ties included (scores rounded to 0.1)."""
+    rng = np.random.default_rng(2)
+    y, p = scores(13, 21, 0.8, rng)
+    y, p = rng.permutation(y), np.round(p, 1)  # labels in no particular order; many ties
+    idx = bootstrap_indices(y, 40, 1)  # (40, 34)
+    expected = [roc_auc_score(y[i], p[i]) for i in idx]
+    np.testing.assert_allclose(resampled_auc(y, p, idx), expected, rtol=0, atol=1e-12)
 
 
 def test_threshold_metrics_by_hand():
