@@ -9,7 +9,6 @@ from typing import Annotated, Optional
 import typer
 
 from mil.errors import OptionError
-from mil.extract.import_csv import import_csv_command
 from mil.extract.moco_cli import moco
 
 app = typer.Typer(help="Stage 1: slides → tiles → features.", no_args_is_help=True, rich_markup_mode="rich")
@@ -170,9 +169,19 @@ def resolve_device(device: str) -> str:
     return device
 
 
-app.command("import-csv", help="Convert a classical MIL table (label, bag id, features; no header) into feature files + manifest.")(
-    import_csv_command
-)
+@app.command("import-csv")
+def import_csv(
+    csv: Annotated[Path, typer.Argument(help="Headerless CSV, one row per instance: label, bag id, features …")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for one <bag_id>.h5 per bag and manifest.csv.")],
+    label_col: Annotated[int, typer.Option(help="0-based column of the bag label (0/1 or -1/1).")] = 0,
+    bag_col: Annotated[int, typer.Option(help="0-based column of the bag id.")] = 1,
+    prefix: Annotated[str, typer.Option(help="Prepended to every bag id, e.g. 'musk1_'.")] = "",
+) -> None:
+    """Convert a classical MIL table (label, bag id, features; no header) into feature files + manifest."""
+    from mil.extract.import_csv import import_csv_table
+
+    r = import_csv_table(csv, out, label_col=label_col, bag_col=bag_col, prefix=prefix or None)
+    typer.echo(f"wrote {r.n_bags} bags ({r.n_instances} instances, {r.n_features} features) and {r.manifest}")
 
 
 def finish(report, out: Path, skip_errors: bool) -> None:

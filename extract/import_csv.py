@@ -24,7 +24,6 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import typer
 
 import mil
 from mil.atomic import atomic_path, remove_stale_temporaries
@@ -287,14 +286,3 @@ def _write_bag(out: Path, sid: str, bag: _Bag, source: str, csv_name: str) -> No
                 source=source,
             )
 
-
-def import_csv_command(
-    csv: Path = typer.Argument(..., help="Headerless CSV, one row per instance: label, bag id, features …"),
-    out: Path = typer.Option(..., "--out", help="Folder for one <bag_id>.h5 per bag and manifest.csv."),
-    label_col: int = typer.Option(0, help="0-based column of the bag label (0/1 or -1/1)."),
-    bag_col: int = typer.Option(1, help="0-based column of the bag id."),
-    prefix: str = typer.Option("", help="Prepended to every bag id, e.g. 'musk1_'."),
-) -> None:
-    """Import a classical MIL table (e.g. MUSK) as feature files and a manifest, ready for `mil train`."""
-    r = import_csv_table(csv, out, label_col=label_col, bag_col=bag_col, prefix=prefix or None)
-    typer.echo(f"wrote {r.n_bags} bags ({r.n_instances} instances, {r.n_features} features) and {r.manifest}")

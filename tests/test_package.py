@@ -22,6 +22,39 @@ def test_core_import_does_not_pull_in_heavy_or_cli_modules():
     assert out == ""
 
 
+def test_import_mil_is_lazy_and_every_public_name_resolves():
+    """`import mil` imports no torch; each name of `mil.__all__` loads its module on first use."""
+    code = (
+        "import sys, mil; before = 'torch' in sys.modules; "
+        "missing = [n for n in mil.__all__ if getattr(mil, n, None) is None]; "
+        "print(before, missing, set(mil.__all__) <= set(dir(mil)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False [] True"
+    import mil
+
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        mil.nope  # noqa: B018
+
+
+TORCH_AFTER = "import sys\nfrom mil.cli import main\ntry:\n    main({args!r})\nexcept SystemExit as e:\n    print('exit', e.code)\nprint('torch' in sys.modules)"
+
+
+@pytest.mark.parametrize("args", [["--help"], ["extract", "--help"], ["train", "features", "--help"], ["evaluate", "--help"]])
+def test_help_never_imports_torch(args):
+    out = subprocess.run([sys.executable, "-c", TORCH_AFTER.format(args=args)], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[-1] == "False", out[-500:]
+
+
+def test_extract_tiles_never_imports_torch(slide_factory, tmp_path):
+    """Tiling (tissue detection, grid, thumbnails) is numpy/OpenSlide work: torch stays out of the process."""
+    slide = slide_factory("startup", size=2048, mpp=0.5)
+    args = ["extract", "tiles", str(slide.parent), "--out", str(tmp_path / "tiles"), "--no-progress"]
+    out = subprocess.run([sys.executable, "-c", TORCH_AFTER.format(args=args)], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[-1] == "False", out[-500:]
+    assert len(list((tmp_path / "tiles").glob("*.h5"))) == 1
+
+
 def test_editable_install_maps_stages_into_mil(tmp_path):
     """From a folder outside the checkout: mil.extract is ours, top-level `extract`/`train`/`evaluate` are not."""
     code = (

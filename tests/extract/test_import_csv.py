@@ -9,7 +9,7 @@ import pytest
 
 import mil
 from mil.errors import ManifestError, OptionError
-from mil.extract.import_csv import import_csv, import_csv_command, import_csv_table
+from mil.extract.import_csv import import_csv, import_csv_table
 from mil.features import read_bag, read_bag_attrs
 from mil.manifest import read_manifest
 from tests import SHARED_DATA
@@ -167,23 +167,15 @@ def test_bad_options(tmp_path, kwargs, match):
         import_csv(write(tmp_path, "1,a,1\n"), tmp_path / "o", **kwargs)
 
 
-def test_command_prints_summary(tmp_path, capsys):
-    csv = write(tmp_path, "1,a,1,2\n0,b,3,4\n0,b,5,6\n")
-    out = tmp_path / "o"
-    import_csv_command(csv, out, label_col=0, bag_col=1, prefix="")
-    assert capsys.readouterr().out.strip() == f"wrote 2 bags (3 instances, 2 features) and {out / 'manifest.csv'}"
-
-
-def test_command_mounts_in_typer(tmp_path):
-    """The lead mounts the function with `app.command(...)`; its options must parse."""
-    import typer
+def test_command_prints_summary_and_parses_its_options(tmp_path):
+    """`mil extract import-csv` through the real CLI: its options parse and it prints one summary line."""
     from typer.testing import CliRunner
 
-    app = typer.Typer()
-    app.command("import-csv")(import_csv_command)
-    app.command("other")(lambda: None)  # two commands, so the sub-command name is required as in `mil extract`
-    csv = write(tmp_path, "1,a,1,2\n")
-    result = CliRunner().invoke(app, ["import-csv", str(csv), "--out", str(tmp_path / "o"), "--prefix", "p_"])
+    from mil.cli import app
+
+    csv = write(tmp_path, "1,a,1,2\n0,b,3,4\n0,b,5,6\n")
+    out = tmp_path / "o"
+    result = CliRunner().invoke(app, ["extract", "import-csv", str(csv), "--out", str(out), "--prefix", "p_"])
     assert result.exit_code == 0, result.output
-    assert "wrote 1 bags (1 instances, 2 features)" in result.output
-    assert (tmp_path / "o" / "p_a.h5").is_file()
+    assert result.output.strip() == f"wrote 2 bags (3 instances, 2 features) and {out / 'manifest.csv'}"
+    assert (out / "p_a.h5").is_file() and (out / "p_b.h5").is_file()
