@@ -38,7 +38,7 @@ import numpy as np, torch, matplotlib.figure, openslide
 import mil.evaluate.run  # what the call imports (sklearn, via mil.train): paid once per process, timed apart
 from mil.evaluate.heatmap import render_heatmap
 from mil.features import read_bag
-from mil.train.run import load_checkpoint
+from mil.checkpoint import load_head
 run, manifest, slide, feats, out, size = sys.argv[1:7]
 r = {"rss_imports": status("VmRSS"), "import_s": time.perf_counter() - t_start}
 bag = read_bag(feats, dtype=np.float32)
@@ -47,7 +47,7 @@ with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM: the peak is measur
     f.write("5")
 t0 = time.perf_counter()
 if sys.argv[7] == "reference":
-    model, _ = load_checkpoint(run + "/checkpoints/split.pt")
+    model, _ = load_head(run + "/checkpoints/split.pt")
     with torch.no_grad():
         model(torch.from_numpy(bag.features)[None])
     openslide.OpenSlide(slide).get_thumbnail((int(size), int(size)))

@@ -63,7 +63,8 @@ import mil
 from mil.extract.import_csv import import_csv
 from mil.manifest import read_manifest
 from mil.train.loop import TrainConfig, youden_threshold
-from mil.train.run import load_checkpoint, run_train
+from mil.checkpoint import load_head
+from mil.train.run import run_train
 
 REPO = Path(__file__).resolve().parents[1]
 # the shared data folder: $MIL_SHARED_DATA, else ../shared/data next to the repository
@@ -103,7 +104,7 @@ def mil_head_folds(run_dir: Path, splits: dict[str, Split], bags: dict[str, np.n
     """Per-fold test metrics of a `run_train` run (each fold's checkpoint on its test bags)."""
     rows = []
     for fold, (_, _, test) in splits.items():
-        model, ckpt = load_checkpoint(run_dir / "checkpoints" / f"{fold}.pt")
+        model, ckpt = load_head(run_dir / "checkpoints" / f"{fold}.pt")
         p = np.array([torch.sigmoid(model(torch.from_numpy(bags[s])[None]).logits)[0].item() for s in test])
         rows.append(fold_metrics(np.array([labels[s] for s in test]), p, ckpt["threshold"]))
     return rows

@@ -85,10 +85,10 @@ def test_scores(run: Path, root: Path, kinds: dict) -> dict:
     from sklearn.metrics import roc_auc_score
 
     from mil.features import read_bag
-    from mil.train.run import load_checkpoint
+    from mil.checkpoint import load_head
 
     slides = pd.read_csv(root / "manifest.csv")
-    model, _ = load_checkpoint(run / "checkpoints" / "split.pt")
+    model, _ = load_head(run / "checkpoints" / "split.pt")
     bag_y, bag_p, kind, score = [], [], [], []
     with torch.inference_mode():
         for sid, y in slides.loc[slides["split"] == "test", ["slide_id", "label"]].itertuples(index=False):

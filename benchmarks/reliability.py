@@ -263,7 +263,8 @@ def check_security(work: Path) -> None:
     import torch
 
     import mil
-    from mil.evaluate.run import RunError, load_model
+    from mil.checkpoint import load_head
+    from mil.errors import RunError
     from mil.manifest import check_slide_id
     from tests.reliability import test_security as sec
 
@@ -280,7 +281,7 @@ def check_security(work: Path) -> None:
     ckpt = work / "evil_checkpoint.pt"
     torch.save({"head": "abmil", "in_dim": 4, "head_kwargs": {}, "state_dict": evil}, ckpt)
     try:
-        load_model(ckpt)
+        load_head(ckpt)
         obs = "loaded"
     except RunError as e:
         obs = "refused: " + short(str(e).split("(", 1)[-1], 80)
@@ -305,7 +306,7 @@ def check_security(work: Path) -> None:
     raw = work / "evil_raw.pt"
     raw.write_bytes(pickle.dumps(evil))
     try:
-        load_model(raw)
+        load_head(raw)
         obs = "loaded"
     except RunError:
         obs = "refused"

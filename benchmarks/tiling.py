@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader
 
 from mil.extract.grid import tile_grid, tissue_fraction
 from mil.extract.reader import TileDataset
-from mil.extract.slides import open_slide, slide_geometry
-from mil.extract.synthetic import MASK_DOWNSAMPLE, random_masks, write_slide
+from mil.slides import open_slide, slide_geometry
+from mil.extract.synthetic import random_masks, write_slide
 from mil.extract.tiles import TilingConfig, run_tiles
 from mil.extract.tissue import detect_tissue, read_low_res
 

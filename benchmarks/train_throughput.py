@@ -166,7 +166,7 @@ def run_mode(mode: str, work: Path, n_bags: int, n_val: int, epochs: int, thread
     from mil.losses import create_loss
 
     if mode != "plain":  # the data layer and the real loop (pandas, sklearn)
-        from mil.train.data import BagDataset
+        from mil.data import BagDataset
         from mil.train.loop import TrainConfig, fit_fold
     # Adam's first construction imports torch._dynamo (~1.5 s, once per process): pay it here, untimed, in every mode.
     torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])

@@ -21,6 +21,7 @@ def run(
 ) -> None:
     """Score a run's held-out slides: AUC with a bootstrap CI, thresholded metrics, ROC/PR plots."""
     from mil.evaluate.run import evaluate_run
+
     from mil.manifest import read_manifest
 
     labels = read_manifest(manifest, require_labels=False, check_files=False) if manifest is not None else None

@@ -11,10 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
-
-from mil.errors import OptionError
 from mil.evaluate.metrics import auc_ci, paired_auc_test
 from mil.evaluate.run import RunError
+
+from mil.errors import OptionError
 
 
 def slide_probabilities(run_dir: str | Path, split: str = "test") -> pd.DataFrame:

@@ -26,6 +26,7 @@ from PIL import Image
 
 from mil.errors import OptionError, SettingsMismatchError
 from mil.features import FeatureFileError, check_finite, read_bag
+from mil.slides import rgba_to_rgb
 
 SCORES = ("attention", "instance")
 MONTAGE_PX = 192  # side of each montage tile as read (and at most as drawn), px
@@ -75,10 +76,12 @@ def compute_heatmap(run_dir: str | Path, slide_id: str, slides_manifest: str | P
     missing, unreadable checkpoint), FeatureFileError, SettingsMismatchError (features or slide do
     not match the checkpoint), SlideError, ManifestError.
     """
-    from mil.evaluate.run import load_model, load_run
-    from mil.extract.slides import open_slide
+    from mil.evaluate.run import load_run
+
+    from mil.checkpoint import load_head
+    from mil.data import FeatureSpec, resolve_feature_files
     from mil.manifest import read_manifest
-    from mil.train.data import FeatureSpec, resolve_feature_files
+    from mil.slides import open_slide
 
     if score not in SCORES:
         raise OptionError(f"expected --score attention or instance, got {score!r} instead.")
@@ -90,7 +93,7 @@ def compute_heatmap(run_dir: str | Path, slide_id: str, slides_manifest: str | P
     if row.empty:
         raise OptionError(f"{slides_manifest}: expected a row for slide {slide_id!r}, got none; check --slide or --slides.")
     fold, held_out = _pick_fold(run, slide_id, fold)
-    model, ckpt = load_model(run.checkpoints[fold])
+    model, ckpt = load_head(run.checkpoints[fold])
 
     folder = Path(features if features is not None else run.config["feature_dir"])
     files, spec = resolve_feature_files(pd.DataFrame({"slide_id": [slide_id]}), folder)  # one-line error if missing
@@ -248,23 +251,17 @@ def read_thumbnail(slide, max_side: int) -> np.ndarray:
     (wl, hl), dl = slide.level_dimensions[level], slide.level_downsamples[level]
     f = max(1, int(ds / dl))  # box reduction at that level
     strip = f * max(1, _STRIP_PX // (wl * f))  # level rows per read, a multiple of f
-    parts = [np.asarray(Image.fromarray(_rgb(slide.read_region((0, round(y * dl)), level, (wl, min(strip, hl - y))))).reduce(f))
+    parts = [np.asarray(Image.fromarray(rgba_to_rgb(slide.read_region((0, round(y * dl)), level, (wl, min(strip, hl - y))))).reduce(f))
              for y in range(0, hl, strip)]  # fmt: skip
     size = (max(1, round(W / ds)), max(1, round(H / ds)))
     return np.asarray(Image.fromarray(np.concatenate(parts)).resize(size, Image.LANCZOS))  # (h, w, 3)
-
-
-def _rgb(region: Image.Image) -> np.ndarray:
-    """RGBA read_region output → (h, w, 3) uint8, transparent (outside the scan) as white."""
-    a = np.asarray(region)  # (h, w, 4)
-    return np.where(a[..., 3:] == 0, 255, a[..., :3]).astype(np.uint8, copy=False)
 
 
 def _read_tile(slide, xy: np.ndarray, size0: int) -> np.ndarray:
     """(MONTAGE_PX, MONTAGE_PX, 3) uint8 view of one tile, read from the level closest to montage resolution."""
     level = slide.get_best_level_for_downsample(max(1.0, size0 / MONTAGE_PX))
     side = max(1, int(np.ceil(size0 / slide.level_downsamples[level])))
-    img = _rgb(slide.read_region((int(xy[0]), int(xy[1])), level, (side, side)))  # (side, side, 3)
+    img = rgba_to_rgb(slide.read_region((int(xy[0]), int(xy[1])), level, (side, side)))  # (side, side, 3)
     return np.asarray(Image.fromarray(img).resize((MONTAGE_PX, MONTAGE_PX), Image.LANCZOS))
 
 

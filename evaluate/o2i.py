@@ -36,20 +36,19 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from mil.evaluate.metrics import auc_ci
 from sklearn.metrics import average_precision_score
 
 import mil
-from mil.errors import MilError, OptionError
-from mil.evaluate.metrics import auc_ci
+from mil.checkpoint import load_bagnet
+from mil.device import resolve_device
+from mil.errors import OptionError, RunError
 from mil.imagesets import SPLITS, ImageSetDataset
-from mil.train.bagnet import load_bagnet_checkpoint, predict_images, resolve_device
+from mil.predict import predict_images
 
 GROUP_KEYS = ("pooling", "rf", "width")
 POINT_COLUMNS = ["group", "o2i", "n_runs", "acc_mean", "acc_sd", "auc_mean", "auc_sd", "loc_ap_mean", "data"]
 
-
-class O2IRunError(MilError):
-    """A run directory that is not a finished `mil train bagnet` run."""
 
 
 def cell_extents(n: int, size: int, stride: int = 8, offset: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -90,20 +89,20 @@ def localisation_ap(saliency: np.ndarray, bbox, image_size: tuple[int, int], str
 
 
 def load_bagnet_run(run_dir: str | Path) -> tuple[dict, Path]:
-    """``(config.json, checkpoint path)`` of a finished `mil train bagnet` run; `O2IRunError` otherwise."""
+    """``(config.json, checkpoint path)`` of a finished `mil train bagnet` run; `RunError` otherwise."""
     path = Path(run_dir)
 
     def require(name: str) -> None:
         if not (path / name).is_file():
-            raise O2IRunError(f"{path / name}: expected a finished run directory of `mil train bagnet`, got no {name}; check the path or finish training.")
+            raise RunError(f"{path / name}: expected a finished run directory of `mil train bagnet`, got no {name}; check the path or finish training.")
 
     require("config.json")
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as e:
-        raise O2IRunError(f"{path / 'config.json'}: expected JSON, could not read it ({e}).") from None
+        raise RunError(f"{path / 'config.json'}: expected JSON, could not read it ({e}).") from None
     if config.get("stage") != "train_bagnet":
-        raise O2IRunError(f"{path}: expected a run of `mil train bagnet`, got a {config.get('stage', 'unknown')!r} run instead; use `mil evaluate run` for it.")
+        raise RunError(f"{path}: expected a run of `mil train bagnet`, got a {config.get('stage', 'unknown')!r} run instead; use `mil evaluate run` for it.")
     require("checkpoint.pt")
     require("summary.csv")  # written last: the run is finished
     return config, path / "checkpoint.pt"
@@ -122,13 +121,7 @@ def _load_run(run_dir: str | Path, data: str | Path | None, split: str, dev, rea
     """What scoring a run needs, each part checked: ``(config, image-set folder, net, checkpoint, dataset or None)``."""
     config, ckpt_path = load_bagnet_run(run_dir)
     folder = Path(data) if data is not None else Path(config["data"])
-    try:
-        net, ckpt = load_bagnet_checkpoint(ckpt_path, dev)
-    except MilError:
-        raise
-    except Exception as e:  # torch raises many types for a corrupt or foreign file
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise O2IRunError(f"{ckpt_path}: expected a checkpoint of `mil train bagnet`, got an unreadable file ({reason[:200]}).") from None
+    net, ckpt = load_bagnet(ckpt_path, dev)
     return config, folder, net, ckpt, ImageSetDataset(folder, split) if read_data else None
 
 

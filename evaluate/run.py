@@ -26,21 +26,23 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
+from mil.evaluate.metrics import (
+    auc_ci,
+    check_predictions,
+    curve_bands,
+    threshold_metrics,
+)
 
 import mil
 from mil.atomic import TMP_MARKER, remove_stale_temporaries
-from mil.errors import MilError, OptionError, SettingsMismatchError
-from mil.evaluate.metrics import auc_ci, check_predictions, curve_bands, threshold_metrics
-from mil.train.data import BagDataset, FeatureSpec, resolve_feature_files
-from mil.train.loop import predict
+from mil.checkpoint import load_head
+from mil.data import BagDataset, FeatureSpec, resolve_feature_files
+from mil.errors import OptionError, RunError, SettingsMismatchError
+from mil.predict import predict
 
 SPLITS = ("test", "val", "train")
 RUN_FILES = ("config.json", "splits.csv", "slides.csv")
 
-
-class RunError(MilError):
-    """A run directory that is missing files or holds an unreadable checkpoint."""
 
 
 @dataclass
@@ -95,32 +97,6 @@ def _check_run_tables(path: Path, config, splits: pd.DataFrame, slides: pd.DataF
             raise RunError(f"{path / name}: expected columns {', '.join(cols)}, got {list(table.columns)}; check the path or retrain.")
 
 
-def load_model(path: Path) -> tuple[torch.nn.Module, dict]:
-    """`mil.train.run.load_checkpoint`, with any failure turned into one `RunError` line naming the file."""
-    import pickle
-    import re
-    import warnings
-
-    from mil.features import _pickle_reason
-    from mil.train.run import load_checkpoint
-
-    try:
-        with warnings.catch_warnings():  # torch warns about foreign pickle protocols before refusing them
-            warnings.simplefilter("ignore", UserWarning)
-            return load_checkpoint(path)
-    except pickle.UnpicklingError as e:  # weights_only refused it: never suggest weights_only=False
-        m = re.search(r"GLOBAL ([\w.]+)", str(e))
-        reason = (f"it holds a pickled {m.group(1)}, which weights_only loading refuses because it could run code"
-                  if m else _pickle_reason(e))  # fmt: skip
-        raise RunError(f"{path}: expected a checkpoint written by `mil train features`, got a file that cannot be loaded "
-                       f"safely ({reason[:200]}); retrain, or use a checkpoint from a source you trust.") from None  # fmt: skip
-    except KeyError as e:
-        raise RunError(f"{path}: expected a checkpoint written by `mil train features`, got one without the key {e}; retrain.") from None
-    except Exception as e:  # torch raises many types for a corrupt or foreign file
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RunError(f"{path}: expected a checkpoint written by `mil train features`, got an unreadable file ({reason[:200]}).") from None
-
-
 def score_split(run: Run, features: str | Path, split: str = "test", labels: pd.DataFrame | None = None) -> pd.DataFrame:
     """Probabilities of each fold's `split` slides under that fold's checkpoint.
 
@@ -158,7 +134,7 @@ def score_split(run: Run, features: str | Path, split: str = "test", labels: pd.
         )
     out = []
     for fold, part in rows.groupby("fold", sort=False):
-        model, ckpt = load_model(run.checkpoints[fold])
+        model, ckpt = load_head(run.checkpoints[fold])
         ids = part["slide_id"].tolist()
         ds = BagDataset([files[s] for s in ids], [int(label[s]) for s in ids], cache="stream", slide_ids=ids)
         pred = predict(model, ds)  # slide_id, label, probability

@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from mil.extract.moco_cli import moco
 
 from mil.errors import OptionError
-from mil.extract.moco_cli import moco
 
 app = typer.Typer(help="Stage 1: slides → tiles → features.", no_args_is_help=True, rich_markup_mode="rich")
 
@@ -18,7 +18,8 @@ def load_slides(input_path: Path, slides_root: Path | None = None):
     """A validated slide table from a manifest CSV or a folder of slides (slide id = file stem).
 
     `slides_root` resolves a manifest's relative paths (default: the manifest's folder)."""
-    from mil.extract.slides import slides_from_folder
+    from mil.slides import slides_from_folder
+
     from mil.manifest import read_manifest
 
     if input_path.is_dir():
@@ -40,9 +41,8 @@ def synthetic(
     lesion_fraction: Annotated[float, typer.Option(help="Lesion area as a fraction of the tissue area.")] = 0.02,
 ) -> None:
     """Write a synthetic cohort: pyramidal JPEG-tiled slides with tissue, lesions, masks and a manifest."""
-    from rich.progress import Progress
-
     from mil.extract.synthetic import make_cohort
+    from rich.progress import Progress
 
     written: list[str] = []
     with Progress(transient=True) as bar:
@@ -144,29 +144,18 @@ def features(
     from mil.extract.encoders import create_encoder
     from mil.extract.features import FeatureConfig, run_features
 
+    from mil.device import resolve_device
+
     tiling = tiling_config(target_mpp, tile_size, overlap, tissue_threshold, saturation_threshold, mask_mpp, mpp)
     config = FeatureConfig(tiling=tiling, batch_size=batch_size, workers=workers, dtype=dtype)
     slides = load_slides(input_path, slides_root)
     with warnings.catch_warnings(record=True) as caught:  # e.g. random weights: shown as one plain line
         warnings.simplefilter("always")
-        enc = create_encoder(encoder, weights=weights, precision=precision, device=resolve_device(device), input_size=input_size)
+        enc = create_encoder(encoder, weights=weights, precision=precision, device=str(resolve_device(device)), input_size=input_size)
     for w in caught:
         typer.echo(f"warning: {w.message}", err=True)
     report = run_features(slides, out, enc, config, coords_dir=coords_dir, overwrite=overwrite, progress=progress)
     finish(report, out, skip_errors)
-
-
-def resolve_device(device: str) -> str:
-    """'auto' → 'cuda' when a GPU is visible, else 'cpu'; refuse a GPU that is not there."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise OptionError(f"expected --device to name an available device, got {device!r} but no CUDA GPU is visible; use --device cpu.")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise OptionError(f"expected --device to be auto, cpu, cuda or cuda:N, got {device!r} instead.")
-    return device
 
 
 @app.command("import-csv")

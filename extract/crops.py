@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from mil.extract.needles import MAX_BYTES, check_existing, mil_version, start_folder
 
 from mil.errors import ManifestError, OptionError
-from mil.extract.needles import MAX_BYTES, mil_version, check_existing, start_folder
 from mil.imagesets import SPLITS, check_split, write_meta, write_split
 
 POSITIONS_NAME = "crops.csv"  # sidecar beside the split files: where each crop came from
@@ -299,7 +299,7 @@ def read_crop(slide, x0: int, y0: int, size: int, ds: float) -> np.ndarray:
     """
     from PIL import Image
 
-    from mil.extract.slides import best_level
+    from mil.slides import best_level, rgba_to_rgb
 
     level = best_level(tuple(slide.level_downsamples), ds)
     n = max(1, round(size * ds / slide.level_downsamples[level]))  # crop side at that level
@@ -307,10 +307,7 @@ def read_crop(slide, x0: int, y0: int, size: int, ds: float) -> np.ndarray:
     if n != size:
         k = n / size
         region = region.reduce(int(k)) if k.is_integer() else region.resize((size, size), Image.BILINEAR, reducing_gap=2.0)
-    rgba = np.asarray(region)  # (S, S, 4)
-    rgb = rgba[..., :3].copy()  # (S, S, 3)
-    rgb[rgba[..., 3] == 0] = 255
-    return rgb
+    return rgba_to_rgb(region)  # (S, S, 3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,12 +343,18 @@ def run_crops(manifest: str | Path, masks_dir: str | Path, out: str | Path, cfg:
     Returns:
         ``{"folder", "status" ("written" or "complete"), "meta"}``.
     """
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from mil.extract.slides import open_slide, slide_geometry
     from mil.extract.tissue import TissueParams, detect_tissue, read_low_res
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
     from mil.imagesets import read_meta
+    from mil.slides import open_slide, slide_geometry
 
     out = Path(out)
     df = read_crop_manifest(manifest)

@@ -52,8 +52,10 @@ def moco(
     (DDP; NCCL on GPUs, gloo on CPUs). ENCODER_DIR/encoder.pt is then the --weights of
     `mil extract features --encoder ARCH`.
     """
-    from mil.extract.cli import load_slides, resolve_device, tiling_config
+    from mil.extract.cli import load_slides, tiling_config
     from mil.extract.moco import MocoConfig, run_moco
+
+    from mil.device import resolve_device
 
     tiling = tiling_config(target_mpp, tile_size, overlap, tissue_threshold, saturation_threshold, mask_mpp, mpp)
     config = MocoConfig(
@@ -65,7 +67,7 @@ def moco(
     rank0 = int(os.environ.get("RANK", "0")) == 0
     with warnings.catch_warnings(record=True) as caught:  # shown as plain lines
         warnings.simplefilter("always")
-        result = run_moco(slides, out, config, coords_dir=coords_dir, device=resolve_device(device), precision=precision,
+        result = run_moco(slides, out, config, coords_dir=coords_dir, device=str(resolve_device(device)), precision=precision,
                           workers=workers, resume=resume, overwrite=overwrite, progress=progress)  # fmt: skip
     if not rank0:
         return

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from mil.atomic import remove_stale_temporaries
-from mil.errors import MilError, OptionError, SettingsMismatchError
+from mil.errors import IdxError, OptionError, SettingsMismatchError
 from mil.imagesets import META_NAME, SPLITS, ImageSplit, check_split, write_meta, write_split
 
 GRID = 64  # side of the grid cells the target is placed in (px)
@@ -44,9 +44,6 @@ IDX_NAMES = {
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 SOURCES = ("idx", "sklearn-digits")
 
-
-class IdxError(MilError, ValueError):
-    """An IDX file (MNIST format) is missing, truncated or not IDX at all."""
 
 
 # ---------------------------------------------------------------------------------------------

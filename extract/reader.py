@@ -17,7 +17,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from mil.errors import SlideError
-from mil.extract.slides import best_level, open_slide
+from mil.slides import best_level, open_slide, rgba_to_rgb
 
 
 class TileDataset(Dataset):
@@ -74,10 +74,7 @@ class TileDataset(Dataset):
                 region = region.reduce(int(k))
             else:
                 region = region.resize((self.tile_size, self.tile_size), Image.BILINEAR, reducing_gap=2.0)
-        rgb = np.array(region.convert("RGB"))  # (T, T, 3), writable
-        if region.getextrema()[3][0] == 0:  # outside the scanned area: white, as a scanner shows it
-            rgb[np.asarray(region.getchannel("A")) == 0] = 255
-        return rgb
+        return rgba_to_rgb(region)  # (T, T, 3)
 
     def close(self) -> None:
         if self._slide is not None:

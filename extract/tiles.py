@@ -30,7 +30,7 @@ import mil
 from mil.atomic import atomic_path, remove_stale_temporaries
 from mil.errors import SettingsMismatchError, SlideError
 from mil.extract.grid import GridSpec, tile_grid, tissue_fraction
-from mil.extract.slides import MPP_TOLERANCE, open_slide, slide_geometry
+from mil.slides import MPP_TOLERANCE, open_slide, slide_geometry
 from mil.extract.tissue import TissueParams, detect_tissue, read_low_res
 
 REPORT_COLUMNS = ["slide_id", "status", "n_tiles", "seconds", "error"]

@@ -19,7 +19,7 @@ from scipy import ndimage
 from skimage import filters, morphology
 
 from mil.errors import OptionError
-from mil.extract.slides import SlideGeometry
+from mil.slides import SlideGeometry, rgba_to_rgb
 
 # Rows read from the slide at a time when building the low-resolution image: bounds memory
 # even for a slide without a pyramid.
@@ -81,16 +81,8 @@ def read_low_res(slide: openslide.OpenSlide, geom: SlideGeometry, mask_mpp: floa
         n_out = max(end - rows_done, 0)
         rows_done = end
         if n_out:
-            strips.append(_rgba_to_rgb(region.resize((out_w, n_out), Image.BILINEAR)))
+            strips.append(rgba_to_rgb(region.resize((out_w, n_out), Image.BILINEAR)))
     return np.concatenate(strips, axis=0), geom.width / out_w  # (h, w, 3)
-
-
-def _rgba_to_rgb(img: Image.Image) -> np.ndarray:
-    """OpenSlide returns RGBA, transparent outside the scanned areas: paint those white."""
-    a = np.asarray(img)  # (h, w, 4)
-    rgb = a[..., :3].copy()  # (h, w, 3)
-    rgb[a[..., 3] == 0] = 255
-    return rgb
 
 
 def saturation(rgb: np.ndarray) -> np.ndarray:

@@ -12,11 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mil.errors import MilError
-
-
-class BagError(MilError, ValueError):
-    """A bag tensor or mask has the wrong shape or dtype, or a bag has no real instance."""
+from mil.errors import BagError
 
 
 @dataclass

@@ -11,9 +11,9 @@ import sys
 import typer
 
 from mil.errors import MilError
+from mil.evaluate.cli import app as evaluate_app
 from mil.extract.cli import app as extract_app
 from mil.train.cli import app as train_app
-from mil.evaluate.cli import app as evaluate_app
 
 app = typer.Typer(
     help="Needle MIL: whole-slide images and slide labels in, slide classifiers out.",

@@ -35,7 +35,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from mil.errors import MilError, OptionError
+from mil.errors import FeatureFileError, OptionError
 
 FEATURE_SUFFIXES = (".h5", ".hdf5", ".pt")
 _PT_SUFFIXES = (".pt", ".pth")
@@ -44,9 +44,6 @@ _TRIDENT_COORD_ATTRS = ("level0_magnification", "target_magnification", "savetod
 # Dataset names other tools use for features, to point users at the right converter.
 _OTHER_FEATURE_NAMES = {"feats": "STAMP", "patch_embeddings": "STAMP"}
 
-
-class FeatureFileError(MilError, ValueError):
-    """A feature file is missing, unreadable, or not laid out as a bag of (N, D) features."""
 
 
 @dataclass
@@ -359,7 +356,7 @@ def _read_pt(path: Path, *, mmap: bool) -> tuple[np.ndarray, np.ndarray, dict]:
                 "torch.save(features_tensor, path)."
             ) from None
         raise FeatureFileError(
-            f"{path}: expected a torch feature file, could not unpickle it ({_pickle_reason(e)}); "
+            f"{path}: expected a torch feature file, could not unpickle it ({pickle_reason(e)}); "
             "the file is corrupt or not a torch file: re-create it."
         ) from None
     except MemoryError:
@@ -418,7 +415,8 @@ def _read_pt(path: Path, *, mmap: bool) -> tuple[np.ndarray, np.ndarray, dict]:
     return features, coords, attrs
 
 
-def _pickle_reason(e: Exception) -> str:
+def pickle_reason(e: Exception) -> str:
+    """Why weights_only unpickling refused a file, in one line."""
     m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", str(e), flags=re.S)
     return _one_line(m.group(1)) if m else _first_sentence(e)
 

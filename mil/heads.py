@@ -277,7 +277,7 @@ def _dsmil(in_dim: int, hidden_dim: int | None = None, attn_dim: int = 128, drop
 class Standardized(nn.Module):
     """A head behind per-feature standardisation ``(x − mean) / std`` of every instance.
 
-    The statistics come from training instances only (`mil.train.data.feature_stats`) and are
+    The statistics come from training instances only (`mil.data.feature_stats`) and are
     buffers, so they travel in the state dict and a checkpoint reproduces the same inputs.
 
     Args:

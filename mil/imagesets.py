@@ -27,15 +27,12 @@ import h5py
 import numpy as np
 
 from mil.atomic import atomic_path
-from mil.errors import MilError
+from mil.errors import ImageSetError
 
 SPLITS = ("train", "val", "test")
 META_NAME = "imageset.json"
 _FIELDS = ("images", "labels", "o2i", "bbox", "source")
 
-
-class ImageSetError(MilError, ValueError):
-    """An image-set folder or split file is missing or not laid out as `mil.imagesets` describes."""
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import zipfile
@@ -120,3 +121,13 @@ def test_command_line_mistakes_are_one_line_with_exit_status_2():
         lines = [line for line in r.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("error: ") and culprit in lines[0], (args, r.stderr)
     assert invoke_mil("--version").returncode == 0
+
+
+def test_license_and_citation_match_pyproject():
+    """LICENSE is the licence pyproject declares; CITATION.cff cites the version pyproject builds."""
+    text = (ROOT / "pyproject.toml").read_text()
+    license_ = re.search(r'^license = \{ text = "([^"]+)" \}', text, re.M).group(1)
+    version = re.search(r'^version = "([^"]+)"', text, re.M).group(1)
+    assert (ROOT / "LICENSE").read_text().splitlines()[0] == f"{license_} License"
+    cff = (ROOT / "CITATION.cff").read_text()
+    assert f"version: {version}\n" in cff and f"license: {license_}\n" in cff

@@ -41,8 +41,10 @@ from torch.utils.data import DataLoader, RandomSampler, Subset, WeightedRandomSa
 import mil
 from mil.atomic import atomic_path, remove_stale_temporaries, write_csv, write_text
 from mil.bagnet import MIN_SIZE, BagNet, create_bagnet
+from mil.device import resolve_device
 from mil.errors import OptionError, SettingsMismatchError
 from mil.imagesets import ImageSetDataset, ImageSetError, read_meta
+from mil.predict import predict_images
 
 PAPER_EPOCHS = 200
 PAPER_MILESTONES = (80, 120, 160)
@@ -175,33 +177,6 @@ def _batch_sizes(n: int, batch_size: int) -> list[int]:
     return [min(batch_size, n - i) for i in range(0, n, batch_size)]
 
 
-@torch.inference_mode()
-def predict_images(net: BagNet, ds: ImageSetDataset, batch_size: int, device: torch.device, saliency_for=None
-                   ) -> tuple[np.ndarray, dict[int, np.ndarray]]:
-    """Logits of every image of `ds` in order, ``(n,)``, and saliency maps ``{row: (h, w)}`` for the rows in `saliency_for`.
-
-    The saliency map is `BagNet.saliency`: the classifier applied to each position's embedding
-    (computed in the same pass as the logits, from `BagNet.forward_bag`).
-    """
-    net.eval()
-    want = set() if saliency_for is None else {int(i) for i in saliency_for}
-    n = len(ds)
-    logits, maps = np.zeros(n, np.float32), {}
-    H, W = ds.split.images.shape[-2:]
-    h, w = net.feature_size(H, W)
-    for start in range(0, n, batch_size):
-        rows = range(start, min(n, start + batch_size))
-        x = torch.stack([ds[i][0] for i in rows]).to(device)  # (B, C, H, W)
-        if want.intersection(rows):
-            out = net.forward_bag(x)
-            logits[start:start + len(rows)] = out.logits.float().cpu().numpy()  # (B,)
-            scores = out.instance_scores.float().reshape(len(rows), h, w).cpu().numpy()  # (B, h, w)
-            maps.update({i: scores[i - start] for i in rows if i in want})
-        else:
-            logits[start:start + len(rows)] = net(x).float().cpu().numpy()  # (B,)
-    return logits, maps
-
-
 def validate(net: BagNet, ds: ImageSetDataset, batch_size: int, device: torch.device) -> tuple[dict, np.ndarray]:
     """``{"loss", "acc", "auc"}`` on `ds` (AUC NaN with one class) and the probabilities ``(n,)``."""
     logits, _ = predict_images(net, ds, batch_size, device)  # (n,)
@@ -210,17 +185,6 @@ def validate(net: BagNet, ds: ImageSetDataset, batch_size: int, device: torch.de
     prob = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))  # (n,)
     auc = float(roc_auc_score(y, prob)) if len(np.unique(y)) == 2 else math.nan
     return {"loss": float(loss), "acc": float(((prob >= THRESHOLD) == (y == 1)).mean()), "auc": auc}, prob
-
-
-def resolve_device(device: str) -> torch.device:
-    """``cpu``, ``cuda`` (checked to exist) or ``auto`` (cuda when available)."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise OptionError(f"expected --device cpu, cuda or auto, got {device!r} instead.")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise OptionError(f"expected a CUDA device for --device {device}, got none on this machine; use --device cpu.")
-    return torch.device(device)
 
 
 def _selection_key(row: dict) -> tuple[float, float, int]:
@@ -376,16 +340,6 @@ def _check_splits(data: Path, train_ds: ImageSetDataset, val_ds: ImageSetDataset
     counts = np.bincount(train_ds.split.labels, minlength=2)
     if counts.min() == 0:
         raise ImageSetError(f"{data / 'train.h5'}: expected both classes in the training split, got {counts[1]} positives and {counts[0]} negatives instead.")
-
-
-def load_bagnet_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[BagNet, dict]:
-    """Rebuild the selected BagNet from a ``checkpoint.pt`` of `run_bagnet` (``weights_only=True``), in eval mode."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != "bagnet":
-        raise OptionError(f"{path}: expected a checkpoint of `mil train bagnet`, got kind {ckpt.get('kind') if isinstance(ckpt, dict) else type(ckpt).__name__!r} instead.")
-    net = create_bagnet(**ckpt["bagnet"])
-    net.load_state_dict(ckpt["state_dict"])
-    return net.to(device).eval(), ckpt
 
 
 def _cpu_state(net: torch.nn.Module) -> dict:

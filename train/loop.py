@@ -18,16 +18,17 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import log_loss, roc_auc_score, roc_curve
-from torch.utils.data import DataLoader
-
-from mil.errors import OptionError
-from mil.heads import Standardized, create_head
-from mil.train.data import BagDataset, collate_bags, feature_stats
 from mil.train.instances import InstanceLabels
 from mil.train.mining import MinedSet, mine_hard_negatives
 from mil.train.objective import Objective, recipe_defaults
 from mil.train.sampling import BalancedBatchSampler
+from sklearn.metrics import log_loss, roc_auc_score, roc_curve
+from torch.utils.data import DataLoader
+
+from mil.data import BagDataset, collate_bags, feature_stats
+from mil.errors import OptionError
+from mil.heads import Standardized, create_head
+from mil.predict import predict
 
 LOSS_PARTS = ("bag", "max_instance", "ranking", "hnm_instance", "instance")
 
@@ -105,18 +106,6 @@ class FoldResult:
     history: list[dict]  # one row per epoch: epoch, losses (total and by part), val_loss, val_auc, n_hard_negatives
     val_predictions: pd.DataFrame  # slide_id, label, probability
     mined: MinedSet | None = None  # hard negatives of the training bags under the selected model (mining on)
-
-
-@torch.inference_mode()
-def predict(model: torch.nn.Module, ds: BagDataset) -> pd.DataFrame:
-    """Probabilities of every bag of `ds` (one bag at a time: no padding, any size)."""
-    model.eval()
-    rows = []
-    for i in range(len(ds)):
-        X, y, sid = ds[i]  # (N, D)
-        p = torch.sigmoid(model(X[None]).logits)[0].item()
-        rows.append((sid, int(y), p))
-    return pd.DataFrame(rows, columns=["slide_id", "label", "probability"])
 
 
 def _auc(pred: pd.DataFrame) -> float:

@@ -25,7 +25,7 @@ import torch
 from mil.atomic import write_csv
 from mil.errors import OptionError
 from mil.features import read_bag
-from mil.train.data import BagDataset
+from mil.data import BagDataset
 
 PSEUDO_LABEL_THRESHOLD = 0.3  # θ of the authors' pseudo-label binarisation (methods.md §1.2)
 

@@ -27,17 +27,15 @@ from typing import Callable
 
 import pandas as pd
 import torch
-
-import mil
-from mil.atomic import atomic_path, remove_stale_temporaries, write_csv, write_text
-from mil.errors import ManifestError, MilError, OptionError, SettingsMismatchError
-from mil.heads import Standardized
-from mil.train.data import CACHE_MODES, BagDataset, resolve_feature_files
 from mil.train.instances import read_instance_labels
 from mil.train.loop import TrainConfig, fit_fold
 from mil.train.mining import export_hard_negatives
 from mil.train.splits import make_splits, splits_table
 
+import mil
+from mil.atomic import atomic_path, remove_stale_temporaries, write_csv, write_text
+from mil.data import CACHE_MODES, BagDataset, resolve_feature_files
+from mil.errors import ManifestError, MilError, OptionError, SettingsMismatchError
 
 RUN_FILES = ("config.json", "slides.csv", "splits.csv", "metrics.csv", "predictions.csv", "summary.csv")
 
@@ -180,13 +178,3 @@ def _check_binary(slides: pd.DataFrame, head: str) -> None:
             f"expected binary labels 0/1 for head {head!r}, got label {bad.iloc[0]} for slide {slides['slide_id'][i]!r}"
             f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''} instead; every head is a binary slide classifier."
         )
-
-
-def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, dict]:
-    """Rebuild a head from a checkpoint written by `run_train` (``weights_only=True``)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    model = mil.create_head(ckpt["head"], in_dim=ckpt["in_dim"], **ckpt["head_kwargs"])
-    if ckpt.get("standardize", False):  # mean/std buffers are filled by load_state_dict
-        model = Standardized(model, torch.zeros(ckpt["in_dim"]), torch.ones(ckpt["in_dim"]))
-    model.load_state_dict(ckpt["state_dict"])
-    return model.eval(), ckpt

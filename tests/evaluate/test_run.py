@@ -13,7 +13,8 @@ from sklearn.metrics import roc_auc_score
 
 from mil.manifest import read_manifest
 from mil.train.loop import TrainConfig
-from mil.train.run import load_checkpoint, run_train
+from mil.checkpoint import load_head
+from mil.train.run import run_train
 from tests.conftest import invoke_mil
 from tests.train.test_run import needle_cohort
 
@@ -59,7 +60,7 @@ def test_threshold_comes_from_the_checkpoint_not_the_evaluated_labels(runs, tmp_
     from mil.evaluate.run import evaluate_run
 
     run = copy_run(runs, "a", tmp_path)
-    _, ckpt = load_checkpoint(run / "checkpoints" / "split.pt")
+    _, ckpt = load_head(run / "checkpoints" / "split.pt")
     doc, out = evaluate_run(run, n_boot=50)
     pred = pd.read_csv(out / "predictions.csv")
     assert (pred["threshold"] == ckpt["threshold"]).all()
@@ -81,7 +82,7 @@ def test_cross_validated_run_scores_every_held_out_slide_once(runs, tmp_path):
     assert len(pred) == 80 and pred["slide_id"].is_unique and set(pred["fold"]) == {"r0f0", "r0f1", "r0f2"}
     assert len(doc["per_fold"]) == 3 and len(doc["fold_mean_sd"]["auc"]) == 2
     for f in doc["per_fold"]:  # each fold with its own checkpoint threshold
-        _, ckpt = load_checkpoint(run / "checkpoints" / f"{f['fold']}.pt")
+        _, ckpt = load_head(run / "checkpoints" / f"{f['fold']}.pt")
         assert f["threshold"] == ckpt["threshold"]
 
 

@@ -19,7 +19,7 @@ from mil.extract.crops import (
     positive_positions,
 )
 from mil.extract.synthetic import MASK_DOWNSAMPLE, load_masks, make_cohort
-from mil.imagesets import SPLITS, read_meta, read_split
+from mil.imagesets import read_meta, read_split
 from tests.conftest import invoke_mil
 
 SIZE, LEVEL, DS = 128, 1, 4  # crops of 128 px at level 1 (4 level-0 px per crop px) = 512 level-0 px

@@ -21,7 +21,7 @@ from mil.extract.grid import GridSpec
 from mil.extract.tiles import TilingConfig, run_tiles
 from mil.features import read_bag
 from mil.manifest import read_manifest
-from tests.conftest import invoke_mil, run_mil
+from tests.conftest import invoke_mil
 
 # Small and fast: 64-px tiles at 1 µm/px on 0.25 µm/px slides, resnet18 with random weights.
 TILING = TilingConfig(grid=GridSpec(target_mpp=1.0, tile_size=64))

@@ -16,10 +16,10 @@ import pytest
 
 from mil.extract.grid import GridSpec, tile_grid, tissue_fraction
 from mil.extract.reader import TileDataset
-from mil.extract.slides import open_slide, slide_geometry
+from mil.slides import open_slide, slide_geometry
 from mil.extract.tiles import TilingConfig, run_tiles
 from mil.manifest import read_manifest
-from tests.conftest import ellipse_mask, invoke_mil, run_mil
+from tests.conftest import ellipse_mask, invoke_mil
 
 MASK_DS = 16  # level-0 px per pixel of the masks given to slide_factory
 

@@ -23,7 +23,7 @@ from hypothesis.extra import numpy as hnp
 
 import mil
 from mil.errors import MilError
-from mil.train.data import BagDataset, collate_bags
+from mil.data import BagDataset, collate_bags
 
 SETTINGS = settings(max_examples=int(__import__("os").environ.get("MIL_HYPOTHESIS_EXAMPLES", 50)), deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from mil import create_bagnet
+from mil.checkpoint import load_bagnet
 from mil.errors import OptionError, SettingsMismatchError
 from mil.imagesets import ImageSetDataset, check_split, write_meta, write_split
 from mil.train.bagnet import (
     BagNetTrainConfig,
     balanced_subset,
     build_optimizer,
-    load_bagnet_checkpoint,
     make_loader,
     run_bagnet,
     scaled_milestones,
@@ -115,7 +115,7 @@ def test_learns_the_toy_task_and_writes_the_run_directory(toy, tmp_path):
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     assert ckpt["kind"] == "bagnet" and ckpt["best_epoch"] == best and ckpt["threshold"] == 0.5
     assert ckpt["imageset"]["generator"] == "toy" and ckpt["bagnet"]["rf"] == 9
-    net, _ = load_bagnet_checkpoint(run / "checkpoint.pt")
+    net, _ = load_bagnet(run / "checkpoint.pt")
     preds = pd.read_csv(run / "predictions.csv")
     assert list(preds.columns) == ["index", "label", "probability", "o2i"] and len(preds) == 32
     ds = ImageSetDataset(toy, "val")
@@ -222,7 +222,7 @@ def test_norm_option_builds_batchnorm_and_is_recorded(toy, tmp_path):
     assert r.returncode == 0, r.stderr
     doc = json.loads((tmp_path / "run" / "config.json").read_text())
     assert doc["train"]["norm"] == "bn" and doc["bagnet"]["norm"] == "bn"
-    net, _ = load_bagnet_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    net, _ = load_bagnet(tmp_path / "run" / "checkpoint.pt")
     kinds = {type(m).__name__ for m in net.modules()}
     assert "BatchNorm2d" in kinds and "InstanceNorm2d" not in kinds
     net.eval()

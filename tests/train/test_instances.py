@@ -16,7 +16,8 @@ from mil.losses import ExclusiveCrossEntropy
 from mil.manifest import read_manifest
 from mil.train.instances import instance_targets, read_instance_labels
 from mil.train.loop import TrainConfig
-from mil.train.run import load_checkpoint, run_train
+from mil.checkpoint import load_head
+from mil.train.run import run_train
 from tests.conftest import invoke_mil
 
 D = 16
@@ -107,7 +108,7 @@ EPOCHS = 3  # the stretched ECE schedule samples background tiles in the last ep
 
 def instance_auc(root, run) -> float:
     """AUC of the run's tile scores on its positive validation bags: 3 witnesses against 27 other tiles each."""
-    model, _ = load_checkpoint(run / "checkpoints" / "split.pt")
+    model, _ = load_head(run / "checkpoints" / "split.pt")
     val = pd.read_csv(run / "predictions.csv")
     scores, truth = [], []
     for sid, y in zip(val["slide_id"], val["label"]):

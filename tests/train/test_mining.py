@@ -9,7 +9,7 @@ import torch
 
 from mil.bags import BagOutput
 from mil.errors import OptionError
-from mil.train.data import BagDataset
+from mil.data import BagDataset
 from mil.train.mining import mine_hard_negatives
 
 

@@ -13,7 +13,8 @@ import torch
 from mil.errors import OptionError, SettingsMismatchError
 from mil.features import FeatureFileError
 from mil.train.loop import TrainConfig
-from mil.train.run import load_checkpoint, run_train
+from mil.checkpoint import load_head
+from mil.train.run import run_train
 from tests.conftest import invoke_mil
 
 D = 16
@@ -78,7 +79,7 @@ def test_learns_and_writes_the_run_directory(tmp_path):
     assert {"loss_bag", "loss_ranking", "ranking_steps"} <= set(metrics.columns)
     preds = pd.read_csv(run / "predictions.csv")
     assert set(preds["slide_id"]) == set(splits.query("set == 'val'")["slide_id"])  # validation only
-    model, ckpt = load_checkpoint(run / "checkpoints" / "split.pt")
+    model, ckpt = load_head(run / "checkpoints" / "split.pt")
     assert ckpt["head"] == "abmil" and 0 <= ckpt["threshold"] <= 1
     X = torch.from_numpy(np.random.default_rng(1).normal(size=(1, 30, D)).astype(np.float32))
     assert torch.isfinite(model(X).logits).all()
@@ -168,7 +169,7 @@ def test_hard_negative_mining_trains_and_logs_the_mined_count(tmp_path):
 def test_standardize_uses_training_statistics_and_round_trips(tmp_path):
     """--standardize: the checkpoint holds the training bags' mean/sd and reproduces the fold's predictions."""
     from mil.manifest import read_manifest
-    from mil.train.data import BagDataset, feature_stats
+    from mil.data import BagDataset, feature_stats
 
     rng = np.random.default_rng(3)
     rows = []
@@ -180,7 +181,7 @@ def test_standardize_uses_training_statistics_and_round_trips(tmp_path):
     pd.DataFrame(rows).to_csv(tmp_path / "manifest.csv", index=False)
     run = tmp_path / "run"
     run_train(tmp_path, read_manifest(tmp_path / "manifest.csv"), run, TrainConfig(epochs=3, patience=3, seed=0, standardize=True))
-    model, ckpt = load_checkpoint(run / "checkpoints" / "split.pt")
+    model, ckpt = load_head(run / "checkpoints" / "split.pt")
     assert ckpt["standardize"] is True
     splits = pd.read_csv(run / "splits.csv")
     train_ids = splits.loc[splits["set"] == "train", "slide_id"].tolist()

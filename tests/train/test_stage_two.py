@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from mil.errors import OptionError
 from mil.heads import create_head
 from mil.manifest import read_manifest
-from mil.train.data import BagDataset
+from mil.data import BagDataset
 from mil.train.loop import TrainConfig, fit_fold
 from mil.train.mining import MinedSet
 from mil.train.objective import Objective

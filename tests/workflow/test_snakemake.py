@@ -154,7 +154,7 @@ def test_slurm_profile_dry_run_gives_features_a_gpu(plan_only):
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"manifest": "missing.csv"}, "expected a manifest CSV, got 'missing.csv' which does not exist"),
+        ({"manifest": "missing.csv"}, "config manifest: expected a manifest CSV file, got 'missing.csv' which does not exist"),
         ({"compare": [["abmil", "nope"]]}, "['nope'] not among the training configurations"),
         ({"training": {"../x": "--head abmil"}}, "expected a filename-safe name"),
         ({"out": "../elsewhere"}, "expected a folder inside the working directory"),

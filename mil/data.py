@@ -1,4 +1,4 @@
-"""Training data: feature files → bags → padded batches.
+"""The bag data contract shared by training and evaluation: feature files → bags → padded batches.
 
 * `resolve_feature_files` maps a manifest's slides to their feature files and checks, from the
   files' attrs only (cheap), that every slide has one and that all were made the same way
@@ -27,7 +27,13 @@ from torch import Tensor
 
 from mil.bags import BagError
 from mil.errors import OptionError
-from mil.features import FEATURE_SUFFIXES, FeatureFileError, check_finite, read_bag, read_bag_attrs
+from mil.features import (
+    FEATURE_SUFFIXES,
+    FeatureFileError,
+    check_finite,
+    read_bag,
+    read_bag_attrs,
+)
 
 CACHE_MODES = ("auto", "ram", "stream")
 _FP16_BYTES = 2

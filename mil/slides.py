@@ -6,6 +6,9 @@ level-0 microns per pixel come from, in order: a per-slide override (manifest ``
 column), a global override (``--mpp``), OpenSlide's ``openslide.mpp-x/y``, the TIFF
 resolution tags. A slide with none of these is an error that names the slide and the two
 overrides; it is never guessed.
+
+Every reader of slide pixels (tiles, tissue, crops, heatmaps) turns OpenSlide's RGBA into RGB
+with `rgba_to_rgb`: transparent pixels lie outside the scanned area and become white.
 """
 
 from __future__ import annotations
@@ -133,3 +136,9 @@ def slides_from_folder(folder: str | Path) -> pd.DataFrame:
             "mpp": np.nan,
         }
     )
+
+
+def rgba_to_rgb(region) -> np.ndarray:
+    """OpenSlide's RGBA region (a PIL image or an ``(h, w, 4)`` array) → ``(h, w, 3)`` uint8, transparent as white."""
+    a = np.asarray(region)  # (h, w, 4)
+    return np.where(a[..., 3:] == 0, np.uint8(255), a[..., :3]).astype(np.uint8, copy=False)  # (h, w, 3)
