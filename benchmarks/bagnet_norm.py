@@ -48,9 +48,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     a = parse(argv)
     if a.source is None and not FASHION.is_dir():  # no silent fallback: digits give numbers unlike the README's
-        print(f"error: Fashion-MNIST not found in {FASHION}; install the Debian package dataset-fashion-mnist "
-              "(apt-get install dataset-fashion-mnist), or pass --source sklearn-digits for an offline run "
-              "(its numbers are not comparable with the README's)", file=sys.stderr)  # fmt: skip
+        print(
+            f"error: Fashion-MNIST not found in {FASHION}; install the Debian package dataset-fashion-mnist "
+            "(apt-get install dataset-fashion-mnist), or pass --source sklearn-digits for an offline run "
+            "(its numbers are not comparable with the README's)",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
     threads = torch.get_num_threads()
     torch.set_num_threads(a.threads)
@@ -68,14 +71,24 @@ def compare(a: argparse.Namespace) -> pd.DataFrame:
     from mil.train.bagnet import RMSPROP_EPS, balanced_subset, epoch_seed, make_loader, train_epoch, validate
 
     idx_dir, source = (FASHION, "idx") if a.source is None else (None, a.source)
-    run_needles(a.work_dir / "data", target=a.target, canvases=[a.canvas], idx_dir=idx_dir, source=source, seed=1234,
-                max_per_split=(a.max_train, a.n_val, 2), progress=False)  # fmt: skip
+    run_needles(
+        a.work_dir / "data",
+        target=a.target,
+        canvases=[a.canvas],
+        idx_dir=idx_dir,
+        source=source,
+        seed=1234,
+        max_per_split=(a.max_train, a.n_val, 2),
+        progress=False,
+    )
     data = a.work_dir / "data" / f"canvas_{a.canvas}"
     train_ds, val_ds = ImageSetDataset(data, "train"), ImageSetDataset(data, "val")
     indices = balanced_subset(train_ds.split.labels, a.max_train, 0)  # (n,)
     device, rows = torch.device("cpu"), []
-    print(f"{source}, target {a.target}, canvas {a.canvas}², {len(indices)} training / {len(val_ds)} validation images, "
-          f"rf 33, {a.pooling} pooling, width {a.width}, RMSprop lr {a.lr} (constant)")  # fmt: skip
+    print(
+        f"{source}, target {a.target}, canvas {a.canvas}², {len(indices)} training / {len(val_ds)} validation images, "
+        f"rf 33, {a.pooling} pooling, width {a.width}, RMSprop lr {a.lr} (constant)"
+    )
     for norm in a.norms.split(","):
         torch.manual_seed(0)
         net = create_bagnet(rf=33, pooling=a.pooling, width=a.width, norm=norm)
@@ -85,10 +98,22 @@ def compare(a: argparse.Namespace) -> pd.DataFrame:
             t = time.perf_counter()
             tr = train_epoch(net, loader, opt, 1, device)
             val, _ = validate(net, val_ds, a.batch_size, device)
-            rows.append({"norm": norm, "epoch": epoch + 1, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_acc": val["acc"],
-                         "val_auc": val["auc"], "train_images_per_s": tr["n"] / max(tr["seconds"], 1e-9)})  # fmt: skip
-            print(f"  {norm:>6} epoch {epoch + 1}: train loss {tr['loss']:.3f} acc {tr['acc']:.3f} · val acc {val['acc']:.3f} "
-                  f"AUC {val['auc']:.3f} · {rows[-1]['train_images_per_s']:.0f} images/s ({time.perf_counter() - t:.0f} s)", flush=True)  # fmt: skip
+            rows.append(
+                {
+                    "norm": norm,
+                    "epoch": epoch + 1,
+                    "train_loss": tr["loss"],
+                    "train_acc": tr["acc"],
+                    "val_acc": val["acc"],
+                    "val_auc": val["auc"],
+                    "train_images_per_s": tr["n"] / max(tr["seconds"], 1e-9),
+                }
+            )
+            print(
+                f"  {norm:>6} epoch {epoch + 1}: train loss {tr['loss']:.3f} acc {tr['acc']:.3f} · val acc {val['acc']:.3f} "
+                f"AUC {val['auc']:.3f} · {rows[-1]['train_images_per_s']:.0f} images/s ({time.perf_counter() - t:.0f} s)",
+                flush=True,
+            )
     table = pd.DataFrame(rows)
     best = table.groupby("norm", sort=False)["val_acc"].max()
     print("\nbest validation accuracy per norm: " + ", ".join(f"{k} {v:.3f}" for k, v in best.items()))

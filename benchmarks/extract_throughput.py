@@ -85,10 +85,17 @@ def interleaved(slides: pd.DataFrame, feat_dir: Path, enc, config: FeatureConfig
             refs.append(encoder_alone(enc, n, config.batch_size))
     ratio = np.asarray(pipes) / np.asarray(refs)  # (rounds,)
     q1, med, q3 = np.percentile(ratio, [25, 50, 75])
-    return {"tiles": n, "rounds": rounds, "encoder alone tiles/s": float(np.median(refs)),
-            "encoder alone IQR": float(np.subtract(*np.percentile(refs, [75, 25]))),
-            "pipeline tiles/s": float(np.median(pipes)), "ratio median": float(med), "ratio q1": float(q1),
-            "ratio q3": float(q3), "goal 0.90": "met" if q1 >= GOAL else "not met"}  # fmt: skip
+    return {
+        "tiles": n,
+        "rounds": rounds,
+        "encoder alone tiles/s": float(np.median(refs)),
+        "encoder alone IQR": float(np.subtract(*np.percentile(refs, [75, 25]))),
+        "pipeline tiles/s": float(np.median(pipes)),
+        "ratio median": float(med),
+        "ratio q1": float(q1),
+        "ratio q3": float(q3),
+        "goal 0.90": "met" if q1 >= GOAL else "not met",
+    }
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
@@ -96,9 +103,12 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap.add_argument("--encoders", default="resnet18,resnet50_trunc")
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--size-um", type=float, default=4096.0, help="slide side in microns")
-    ap.add_argument("--slide-mpp", default="0.5,0.25",
-                    help="level-0 µm/px of the test slides: 0.5 reads 224 px tiles as they are, "
-                         "0.25 reads 448 px and halves them (no 2x pyramid level)")  # fmt: skip
+    ap.add_argument(
+        "--slide-mpp",
+        default="0.5,0.25",
+        help="level-0 µm/px of the test slides: 0.5 reads 224 px tiles as they are, "
+        "0.25 reads 448 px and halves them (no 2x pyramid level)",
+    )
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--input-size", type=int, default=None, help="encoder input px (default: the encoder's own)")
@@ -106,8 +116,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap.add_argument("--rounds", "--repeats", type=int, default=7, help="interleaved (reference, pipeline) rounds per configuration")
     ap.add_argument("--threads", type=int, default=None, help="torch threads of the main process (default: torch's)")
     ap.add_argument("--out", default="bench_out/extract")
-    ap.add_argument("--quick", action="store_true",
-                    help="smoke run: one tiny slide, resnet18 at 32 px, no workers, 5 rounds")
+    ap.add_argument("--quick", action="store_true", help="smoke run: one tiny slide, resnet18 at 32 px, no workers, 5 rounds")
     args = ap.parse_args(argv)
     if args.quick:
         args.encoders, args.size_um, args.slide_mpp, args.workers, args.rounds = "resnet18", 448.0, "0.5", 0, 5
@@ -139,18 +148,21 @@ def measure(args: argparse.Namespace) -> pd.DataFrame:
         for name in args.encoders.split(","):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # random weights: speed does not depend on them
-                enc = create_encoder(name, weights="none", precision=args.precision, device=args.device,
-                                     input_size=args.input_size)  # fmt: skip
+                enc = create_encoder(name, weights="none", precision=args.precision, device=args.device, input_size=args.input_size)
             res = interleaved(slides, out / f"features_{name}_{slide_mpp}", enc, config, args.rounds)
             rows.append({"slide µm/px": slide_mpp, "encoder": name, "precision": enc.precision, **res})
     table = pd.DataFrame(rows)
     with pd.option_context("display.float_format", "{:,.2f}".format, "display.width", 200):
         print(table.to_string(index=False))
-    print(f"ratio = pipeline / encoder alone per round; medians and quartiles over {args.rounds} interleaved rounds; "
-          f"goal {GOAL:.2f} met only where the lower quartile (q1) reaches it")  # fmt: skip
+    print(
+        f"ratio = pipeline / encoder alone per round; medians and quartiles over {args.rounds} interleaved rounds; "
+        f"goal {GOAL:.2f} met only where the lower quartile (q1) reaches it"
+    )
     print(f"threads: torch {torch.get_num_threads()}, workers {args.workers}, batch {args.batch_size}, device {args.device}")
-    print(f"peak RSS: main process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB, "
-          f"largest worker {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024:,.0f} MiB")  # fmt: skip
+    print(
+        f"peak RSS: main process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB, "
+        f"largest worker {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024:,.0f} MiB"
+    )
     return table
 
 

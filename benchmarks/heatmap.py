@@ -98,8 +98,11 @@ def setup(out: Path, size: int, tile_size: int, dim: int) -> tuple[Path, Path, P
 
 
 def child(run: Path, manifest: Path, slide: Path, feats: Path, png: Path, size: int, mode: str) -> dict:
-    r = subprocess.run([sys.executable, "-c", CHILD, str(run), str(manifest), str(slide), str(feats), str(png), str(size), mode],
-                       capture_output=True, text=True)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-c", CHILD, str(run), str(manifest), str(slide), str(feats), str(png), str(size), mode],
+        capture_output=True,
+        text=True,
+    )
     if r.returncode != 0:
         raise SystemExit(r.stderr[-3000:])
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -117,8 +120,11 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     if args.quick:
         args.size, args.dim, args.thumbnails = 3000, 16, "256"
     if not os.access("/proc/self/clear_refs", os.W_OK):
-        print("error: heatmap.py needs a writable /proc/self/clear_refs (Linux procfs) to reset the peak-RSS counter; "
-              "run it on Linux with /proc mounted", file=sys.stderr)  # fmt: skip
+        print(
+            "error: heatmap.py needs a writable /proc/self/clear_refs (Linux procfs) to reset the peak-RSS counter; "
+            "run it on Linux with /proc mounted",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
     out = Path(args.out)
     slide, manifest, feats, run, n = setup(out, args.size, args.tile_size, args.dim)
@@ -128,15 +134,43 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         ref = child(run, manifest, slide, feats, out / "ref.png", size, "reference")
         hm = child(run, manifest, slide, feats, out / f"heatmap_{size}.png", size, "heatmap")
         t0 = time.perf_counter()
-        cli = subprocess.run([sys.executable, "-m", "mil.cli", "evaluate", "heatmap", str(run), "--slide", "big", "--slides", str(manifest),
-                              "--out", str(out / f"cli_{size}.png"), "--thumbnail-size", str(size)], capture_output=True, text=True)  # fmt: skip
+        cli = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mil.cli",
+                "evaluate",
+                "heatmap",
+                str(run),
+                "--slide",
+                "big",
+                "--slides",
+                str(manifest),
+                "--out",
+                str(out / f"cli_{size}.png"),
+                "--thumbnail-size",
+                str(size),
+            ],
+            capture_output=True,
+            text=True,
+        )
         if cli.returncode != 0:
             raise SystemExit(cli.stderr[-3000:])
-        rows.append({"thumbnail px": size, "`mil evaluate heatmap` end to end s": time.perf_counter() - t0,
-                     "imports s (torch, sklearn, matplotlib)": hm["import_s"], "heatmap call s": hm["seconds"], "ref s (get_thumbnail + forward)": ref["seconds"],
-                     "heatmap / ref": hm["seconds"] / ref["seconds"], "RSS after imports MiB": hm["rss_imports"],
-                     "RSS with bag MiB": hm["rss_bag"], "peak RSS during call MiB": hm["rss_peak"],
-                     "peak − with bag MiB": hm["rss_peak"] - hm["rss_bag"], "ref peak − with bag MiB": ref["rss_peak"] - ref["rss_bag"]})  # fmt: skip
+        rows.append(
+            {
+                "thumbnail px": size,
+                "`mil evaluate heatmap` end to end s": time.perf_counter() - t0,
+                "imports s (torch, sklearn, matplotlib)": hm["import_s"],
+                "heatmap call s": hm["seconds"],
+                "ref s (get_thumbnail + forward)": ref["seconds"],
+                "heatmap / ref": hm["seconds"] / ref["seconds"],
+                "RSS after imports MiB": hm["rss_imports"],
+                "RSS with bag MiB": hm["rss_bag"],
+                "peak RSS during call MiB": hm["rss_peak"],
+                "peak − with bag MiB": hm["rss_peak"] - hm["rss_bag"],
+                "ref peak − with bag MiB": ref["rss_peak"] - ref["rss_bag"],
+            }
+        )
     table = pd.DataFrame(rows)
     with pd.option_context("display.float_format", "{:,.2f}".format, "display.width", 200):
         print(table.set_index("thumbnail px").T.to_string())

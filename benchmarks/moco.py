@@ -46,14 +46,23 @@ import pandas as pd
 MODES = {
     # slides, side (px), lesion fraction, MoCo epochs, batch, queue, throughput steps, abmil epochs
     "default": dict(n_slides=40, size=4096, lesion=0.05, epochs=6, batch=64, queue=1024, tput_steps=5, mil_epochs=10),
-    "quick": dict(n_slides=12, size=2048, lesion=0.1, epochs=1, batch=16, queue=64, tput_steps=1, mil_epochs=2,
-                  moco_steps=3),
+    "quick": dict(n_slides=12, size=2048, lesion=0.1, epochs=1, batch=16, queue=64, tput_steps=1, mil_epochs=2, moco_steps=3),
 }
 LAUNCH = {  # (processes, threads each) -> command prefix
     (1, 1): [sys.executable, "-m", "mil.extract.moco_cli"],
     (1, 2): [sys.executable, "-m", "mil.extract.moco_cli"],
-    (2, 1): [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", "2",
-             "-m", "mil.extract.moco_cli"],
+    (2, 1): [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "mil.extract.moco_cli",
+    ],
 }
 ARCH, TILE, MPP = "resnet18", 112, 1.0
 
@@ -61,10 +70,37 @@ ARCH, TILE, MPP = "resnet18", 112, 1.0
 def moco_command(manifest: Path, out: Path, p: dict, nproc: int, *extra: str) -> list[str]:
     """The `mil extract moco` arguments; BatchNorm groups of half the global batch either way
     (one process: 2 groups, keys shuffled between them; two processes: shuffled across them)."""
-    return [str(manifest), "--out", str(out), "--arch", ARCH, "--tile-size", str(TILE), "--target-mpp", str(MPP),
-            "--bn-splits", str(2 // nproc),
-            "--batch-size", str(p["batch"]), "--queue", str(p["queue"]), "--momentum", "0.99", "--lr", "0.03",
-            "--temperature", "0.2", "--workers", "1", "--device", "cpu", "--precision", "fp32", "--no-progress", *extra]  # fmt: skip
+    return [
+        str(manifest),
+        "--out",
+        str(out),
+        "--arch",
+        ARCH,
+        "--tile-size",
+        str(TILE),
+        "--target-mpp",
+        str(MPP),
+        "--bn-splits",
+        str(2 // nproc),
+        "--batch-size",
+        str(p["batch"]),
+        "--queue",
+        str(p["queue"]),
+        "--momentum",
+        "0.99",
+        "--lr",
+        "0.03",
+        "--temperature",
+        "0.2",
+        "--workers",
+        "1",
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def run(cmd: list[str], env: dict | None = None) -> float:
@@ -86,7 +122,7 @@ def tile_labels(feature_file: Path, masks: Path, mask_ds: int) -> np.ndarray:
         coords, size0 = f["coords"][:], int(f["coords"].attrs["patch_size_level0"])  # (N, 2)
         sid = f.attrs["slide_id"]
     _, lesion = load_masks(masks, sid)  # (h, w) bool at mask_ds level-0 px per pixel
-    frac = [lesion[y // mask_ds:(y + size0) // mask_ds, x // mask_ds:(x + size0) // mask_ds].mean() for x, y in coords]
+    frac = [lesion[y // mask_ds : (y + size0) // mask_ds, x // mask_ds : (x + size0) // mask_ds].mean() for x, y in coords]
     return np.asarray(frac) > 0.5  # (N,)
 
 
@@ -111,7 +147,7 @@ def gray_sets(slides: pd.DataFrame, tiles: Path, masks: Path, mask_ds: int, enco
     from mil.extract.reader import TileDataset
 
     rows = []  # (slide index, tile index, label)
-    for i, (sid, path) in enumerate(zip(slides["slide_id"], slides["path"])):
+    for i, sid in enumerate(slides["slide_id"]):
         lab = tile_labels(tiles / f"{sid}.h5", masks, mask_ds)
         rows += [(i, j, bool(v)) for j, v in enumerate(lab)]
     rows = np.asarray(rows, dtype=np.int64)  # (N, 3)
@@ -129,7 +165,7 @@ def gray_sets(slides: pd.DataFrame, tiles: Path, masks: Path, mask_ds: int, enco
     gray = luma[..., None].expand(-1, -1, -1, 3).contiguous()  # (M, T, T, 3)
     out = {}
     for name, enc in encoders.items():
-        X = torch.cat([enc.encode(gray[k:k + 64]) for k in range(0, len(gray), 64)]).numpy()  # (M, D)
+        X = torch.cat([enc.encode(gray[k : k + 64]) for k in range(0, len(gray), 64)]).numpy()  # (M, D)
         out[name] = (X, keep[:, 2].astype(bool), keep[:, 0])
     return out
 
@@ -158,14 +194,20 @@ def probe(X: np.ndarray, y: np.ndarray, g: np.ndarray) -> dict:
             fold_auc.append(roc_auc_score(y[te], prob[te]))
     pred = prob > 0.5
     knn_bal = balanced_accuracy_score(y, knn > y.mean())  # threshold at the prevalence (k-NN votes are imbalanced)
-    return {"tiles": int(len(y)), "positive_tiles": int(y.sum()), "auc": roc_auc_score(y, prob),
-            "auc_fold_sd": float(np.std(fold_auc, ddof=1)), "balanced_accuracy": balanced_accuracy_score(y, pred),
-            "accuracy": accuracy_score(y, pred), "majority_accuracy": float(max(y.mean(), 1 - y.mean())),
-            "knn_auc": roc_auc_score(y, knn), "knn_balanced_accuracy": knn_bal}  # fmt: skip
+    return {
+        "tiles": int(len(y)),
+        "positive_tiles": int(y.sum()),
+        "auc": roc_auc_score(y, prob),
+        "auc_fold_sd": float(np.std(fold_auc, ddof=1)),
+        "balanced_accuracy": balanced_accuracy_score(y, pred),
+        "accuracy": accuracy_score(y, pred),
+        "majority_accuracy": float(max(y.mean(), 1 - y.mean())),
+        "knn_auc": roc_auc_score(y, knn),
+        "knn_balanced_accuracy": knn_bal,
+    }
 
 
-def slide_auc(feature_dir: Path, slides: pd.DataFrame, runs: Path, seeds: int, epochs: int,
-              standardize: bool) -> list[float]:
+def slide_auc(feature_dir: Path, slides: pd.DataFrame, runs: Path, seeds: int, epochs: int, standardize: bool) -> list[float]:
     """abmil, 5-fold CV, one run per seed → test AUC over every slide (each scored once), raw or standardised."""
     from mil.evaluate.run import evaluate_run
     from mil.train.loop import TrainConfig
@@ -237,16 +279,23 @@ def main(argv: list[str] | None = None) -> dict:
             warnings.simplefilter("ignore")
             encoders[name] = create_encoder(ARCH, weights=weights, precision="fp32", input_size=TILE, seed=0)
         feats[name] = out / f"features_{name}"
-        report = run_features(slides, feats[name], encoders[name], FeatureConfig(tiling=tiling, batch_size=64, workers=1),
-                              coords_dir=tiles, progress=False)  # fmt: skip
+        report = run_features(
+            slides, feats[name], encoders[name], FeatureConfig(tiling=tiling, batch_size=64, workers=1), coords_dir=tiles, progress=False
+        )
         if (report["status"] == "error").any():
             sys.exit(f"feature extraction failed:\n{report}")
         times[f"features_{name}"] = time.perf_counter() - t0
 
     # 5. (a) probes on tile labels: colour tiles, and grayscale tiles (texture only); (b) abmil slide AUC over seeds
-    results = {"mode": "quick" if args.quick else "default", "params": p, "n_slides": len(slides), "n_tiles": n_tiles,
-               "moco_launch": {"processes": launch[0], "threads": launch[1]}, "moco_history": history.to_dict("list"),
-               "throughput": tput}  # fmt: skip
+    results = {
+        "mode": "quick" if args.quick else "default",
+        "params": p,
+        "n_slides": len(slides),
+        "n_tiles": n_tiles,
+        "moco_launch": {"processes": launch[0], "threads": launch[1]},
+        "moco_history": history.to_dict("list"),
+        "throughput": tput,
+    }
     masks = out / "slides" / "masks"
     t0 = time.perf_counter()
     for name, (X, y, g) in gray_sets(slides, tiles, masks, mask_ds, encoders).items():
@@ -263,24 +312,30 @@ def main(argv: list[str] | None = None) -> dict:
     (out / "results.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
 
     # report
-    print(f"\ncohort: {len(slides)} slides of {p['size']}² px, {n_tiles:,} tiles of {TILE} px at {MPP} µm/px; "
-          f"MoCo {ARCH}: {p['epochs']} epochs × batch {p['batch']}, queue {p['queue']}, m 0.99, T 0.2, lr 0.03 (fp32)")
+    print(
+        f"\ncohort: {len(slides)} slides of {p['size']}² px, {n_tiles:,} tiles of {TILE} px at {MPP} µm/px; "
+        f"MoCo {ARCH}: {p['epochs']} epochs × batch {p['batch']}, queue {p['queue']}, m 0.99, T 0.2, lr 0.03 (fp32)"
+    )
     print(f"\nMoCo training ({launch[0]} process(es) × {launch[1]} thread(s)):")
     print(history.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    print("\nthroughput, global batch %d (epoch 2 of 2, %d steps each):" % (p["batch"], p["tput_steps"]))
+    print(f"\nthroughput, global batch {p['batch']} (epoch 2 of 2, {p['tput_steps']} steps each):")
     print("| processes × threads | images/s (all) | images/s per process | ÷ 1 process × 1 thread | ÷ 1 process × 2 threads |")
     print("|---|---|---|---|---|")
     for r in tput.values():
-        print(f"| {r['processes']} × {r['threads']} | {r['images_per_s']:.1f} | {r['per_process']:.1f} | "
-              f"{r['images_per_s'] / tput['1x1']['images_per_s']:.2f} | {r['images_per_s'] / tput['1x2']['images_per_s']:.2f} |")
+        print(
+            f"| {r['processes']} × {r['threads']} | {r['images_per_s']:.1f} | {r['per_process']:.1f} | "
+            f"{r['images_per_s'] / tput['1x1']['images_per_s']:.2f} | {r['images_per_s'] / tput['1x2']['images_per_s']:.2f} |"
+        )
     print("\n| features | tiles | linear probe AUC | balanced acc. | acc. (majority) | 20-NN AUC | 20-NN bal. acc. |")
     print("|---|---|---|---|---|---|---|")
     for kind in ("probe", "gray_probe"):
         for name in feats:
             pr = results[f"{kind}_{name}"]
-            print(f"| {name}{', grayscale tiles' if kind == 'gray_probe' else ''} | {pr['tiles']:,} ({pr['positive_tiles']} lesion) | "
-                  f"{pr['auc']:.3f} (fold sd {pr['auc_fold_sd']:.3f}) | {pr['balanced_accuracy']:.3f} | "
-                  f"{pr['accuracy']:.3f} ({pr['majority_accuracy']:.3f}) | {pr['knn_auc']:.3f} | {pr['knn_balanced_accuracy']:.3f} |")
+            print(
+                f"| {name}{', grayscale tiles' if kind == 'gray_probe' else ''} | {pr['tiles']:,} ({pr['positive_tiles']} lesion) | "
+                f"{pr['auc']:.3f} (fold sd {pr['auc_fold_sd']:.3f}) | {pr['balanced_accuracy']:.3f} | "
+                f"{pr['accuracy']:.3f} ({pr['majority_accuracy']:.3f}) | {pr['knn_auc']:.3f} | {pr['knn_balanced_accuracy']:.3f} |"
+            )
     print(f"\n| features | abmil input | abmil slide AUC, 5-fold CV, mean ± sd over {seeds} seeds | per seed |")
     print("|---|---|---|---|")
     for std in (False, True):

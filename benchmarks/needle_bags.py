@@ -84,8 +84,8 @@ def test_scores(run: Path, root: Path, kinds: dict) -> dict:
     import torch
     from sklearn.metrics import roc_auc_score
 
-    from mil.features import read_bag
     from mil.checkpoint import load_head
+    from mil.features import read_bag
 
     slides = pd.read_csv(root / "manifest.csv")
     model, _ = load_head(run / "checkpoints" / "split.pt")
@@ -99,8 +99,11 @@ def test_scores(run: Path, root: Path, kinds: dict) -> dict:
             score.append(out.instance_scores[0].numpy())
     kind, score = np.concatenate(kind), np.concatenate(score)
     wm = kind > 0  # witnesses and mimics
-    return {"bag_auc": roc_auc_score(bag_y, bag_p), "instance_auc": roc_auc_score(kind == 1, score),
-            "witness_vs_mimic_auc": roc_auc_score(kind[wm] == 1, score[wm])}  # fmt: skip
+    return {
+        "bag_auc": roc_auc_score(bag_y, bag_p),
+        "instance_auc": roc_auc_score(kind == 1, score),
+        "witness_vs_mimic_auc": roc_auc_score(kind[wm] == 1, score[wm]),
+    }
 
 
 def run_job(job: dict) -> list[dict]:
@@ -119,9 +122,17 @@ def run_job(job: dict) -> list[dict]:
         rows, curves = [], []
         for arm in job["arms"]:
             t0 = time.perf_counter()
-            cfg = TrainConfig(epochs=job["epochs"], patience=job["patience"], lr=job["lr"], batch_size=1, seed=job["seed"],
-                              standardize=job["standardize"], hnm_warmup=job["hnm_warmup"], hnm_every=job["hnm_every"],
-                              **job["arms"][arm])  # fmt: skip
+            cfg = TrainConfig(
+                epochs=job["epochs"],
+                patience=job["patience"],
+                lr=job["lr"],
+                batch_size=1,
+                seed=job["seed"],
+                standardize=job["standardize"],
+                hnm_warmup=job["hnm_warmup"],
+                hnm_every=job["hnm_every"],
+                **job["arms"][arm],
+            )
             run = root / arm.replace(" ", "_")
             run_train(root, slides, run, cfg)
             row = {"witness": job["witness"], "seed": job["seed"], "arm": arm, **test_scores(run, root, kinds)}
@@ -156,8 +167,17 @@ def paired(results: pd.DataFrame, n_boot: int = 10_000, seed: int = 0) -> pd.Dat
                 d = (t[(metric, a)] - t[(metric, b)]).to_numpy()  # (seeds,)
                 boot = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(1)  # (n_boot,)
                 lo, hi = np.percentile(boot, [2.5, 97.5])
-                out.append({"witness": w, "pair": f"{a} − {b}", "metric": metric, "mean_diff": d.mean(),
-                            "ci_low": lo, "ci_high": hi, "wins": f"{int((d > 0).sum())}/{len(d)}"})  # fmt: skip
+                out.append(
+                    {
+                        "witness": w,
+                        "pair": f"{a} − {b}",
+                        "metric": metric,
+                        "mean_diff": d.mean(),
+                        "ci_low": lo,
+                        "ci_high": hi,
+                        "wins": f"{int((d > 0).sum())}/{len(d)}",
+                    }
+                )
     return pd.DataFrame(out)
 
 
@@ -218,9 +238,22 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         for seed in range(args.seeds):
             todo = [a for a in arms if (round(w, 6), seed, a) not in have]
             if todo:
-                jobs.append(dict(witness=w, seed=seed, arms={a: ARMS[a] for a in todo}, bags=args.bags, bag_size=args.bag_size, shift=args.shift,
-                                 epochs=args.epochs, patience=args.patience, lr=args.lr, hnm_warmup=warm, hnm_every=every,
-                                 standardize=not args.no_standardize))  # fmt: skip
+                jobs.append(
+                    dict(
+                        witness=w,
+                        seed=seed,
+                        arms={a: ARMS[a] for a in todo},
+                        bags=args.bags,
+                        bag_size=args.bag_size,
+                        shift=args.shift,
+                        epochs=args.epochs,
+                        patience=args.patience,
+                        lr=args.lr,
+                        hnm_warmup=warm,
+                        hnm_every=every,
+                        standardize=not args.no_standardize,
+                    )
+                )
     t0 = time.perf_counter()
     if args.jobs > 1 and len(jobs) > 1:  # worker processes import this file as a module: run it as a script
         pool = mp.get_context("spawn").Pool(min(args.jobs, len(jobs)))
@@ -243,8 +276,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         print(summary.to_string())
         if "mined_mimic_share" in results:
             mined = results.dropna(subset=["mined_mimic_share"]).groupby(["witness", "arm"], sort=False)
-            print(f"\nmined set (selected model): size, share of mimics (base rate {MIMIC_RATE:.0%} of negative instances) and "
-                  "share of the training negatives' mimics that were mined")
+            print(
+                f"\nmined set (selected model): size, share of mimics (base rate {MIMIC_RATE:.0%} of negative instances) and "
+                "share of the training negatives' mimics that were mined"
+            )
             print(mined[["mined", "mined_mimic_share", "mimic_recall"]].mean().to_string())
         print("\npaired differences over seeds (bootstrap 95 % CI over seeds)")
         print(pairs.to_string(index=False))

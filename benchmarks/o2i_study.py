@@ -69,9 +69,12 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     a = parse(argv)
     if a.source is None and a.idx_dir is None:  # no silent fallback: digits give numbers unlike the README's
         if not FASHION.is_dir():
-            print(f"error: Fashion-MNIST not found in {FASHION}; install the Debian package dataset-fashion-mnist "
-                  "(apt-get install dataset-fashion-mnist), or pass --source sklearn-digits for an offline run "
-                  "(its numbers are not comparable with the README's)", file=sys.stderr)  # fmt: skip
+            print(
+                f"error: Fashion-MNIST not found in {FASHION}; install the Debian package dataset-fashion-mnist "
+                "(apt-get install dataset-fashion-mnist), or pass --source sklearn-digits for an offline run "
+                "(its numbers are not comparable with the README's)",
+                file=sys.stderr,
+            )
             raise SystemExit(2)
         a.idx_dir, a.source = FASHION, "idx"
     threads = torch.get_num_threads()
@@ -94,8 +97,16 @@ def study(a: argparse.Namespace) -> pd.DataFrame:
     t0 = time.time()
     source = a.source or "idx"
     print(f"image sets: {'IDX files in ' + str(a.idx_dir) if source == 'idx' else source}, target class {a.target}, canvases {canvases}")
-    run_needles(work / "data", target=a.target, canvases=canvases, idx_dir=a.idx_dir, source=source, seed=1234,
-                max_per_split=(a.max_train, a.n_val, a.n_test), progress=False)  # fmt: skip
+    run_needles(
+        work / "data",
+        target=a.target,
+        canvases=canvases,
+        idx_dir=a.idx_dir,
+        source=source,
+        seed=1234,
+        max_per_split=(a.max_train, a.n_val, a.n_test),
+        progress=False,
+    )
     t_data = time.time() - t0
     print(f"  ready in {t_data:.0f} s")
 
@@ -104,21 +115,35 @@ def study(a: argparse.Namespace) -> pd.DataFrame:
         for pooling in poolings:
             for seed in seeds:
                 run = work / "runs" / f"canvas{canvas}_{pooling}_seed{seed}"
-                config = BagNetTrainConfig(rf=a.rf, pooling=pooling, width=a.width, norm=a.norm, epochs=a.epochs, batch_size=a.batch_size,
-                                           lr=a.lr, max_train=a.max_train, seed=seed)  # fmt: skip
+                config = BagNetTrainConfig(
+                    rf=a.rf,
+                    pooling=pooling,
+                    width=a.width,
+                    norm=a.norm,
+                    epochs=a.epochs,
+                    batch_size=a.batch_size,
+                    lr=a.lr,
+                    max_train=a.max_train,
+                    seed=seed,
+                )
                 t = time.time()
                 summary = run_bagnet(work / "data" / f"canvas_{canvas}", run, config, device="cpu")
                 row = summary.iloc[0]
                 done = "skipped (finished before)" if summary.attrs.get("skipped") else f"{time.time() - t:.0f} s"
-                print(f"  {run.name}: best epoch {int(row['best_epoch'])}, val acc {row['val_acc']:.3f}, "
-                      f"{row['train_images_per_s']:.1f} train images/s, {done}", flush=True)  # fmt: skip
+                print(
+                    f"  {run.name}: best epoch {int(row['best_epoch'])}, val acc {row['val_acc']:.3f}, "
+                    f"{row['train_images_per_s']:.1f} train images/s, {done}",
+                    flush=True,
+                )
                 runs.append(run)
                 speed.append({"canvas": canvas, "pooling": pooling, "images/s": row["train_images_per_s"]})
 
     points, docs = evaluate_o2i(runs, work / "o2i.png", split="test", group_by="pooling", device="cpu")
     table = points.drop(columns=["data"], errors="ignore").assign(o2i=lambda t: (100 * t["o2i"]).map("{:.2f} %".format))
-    print(f"\ntest split ({a.n_test} images per canvas), BagNet rf {a.rf}, width {a.width}, norm {a.norm}, {a.epochs} epochs, "
-          f"{a.max_train} training images, seeds {seeds}:")
+    print(
+        f"\ntest split ({a.n_test} images per canvas), BagNet rf {a.rf}, width {a.width}, norm {a.norm}, {a.epochs} epochs, "
+        f"{a.max_train} training images, seeds {seeds}:"
+    )
     print(table.to_string(index=False, float_format="{:.3f}".format))
     sp = pd.DataFrame(speed).groupby("canvas")["images/s"].mean()
     print("\nBagNet training throughput (mean over runs; batch", a.batch_size, f", {a.threads} threads):")

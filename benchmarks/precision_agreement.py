@@ -51,8 +51,16 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             b = create_encoder(name, weights="none", precision="bf16").encode(tiles)  # (n, D)
         cos = torch.nn.functional.cosine_similarity(a, b, dim=1)  # (n,)
         rel = (a - b).norm(dim=1) / a.norm(dim=1)  # (n,)
-        rows.append({"encoder": name, "tiles": len(tiles), "cosine min": cos.min().item(), "cosine mean": cos.mean().item(),
-                     "rel. L2 error mean": rel.mean().item(), "rel. L2 error max": rel.max().item()})  # fmt: skip
+        rows.append(
+            {
+                "encoder": name,
+                "tiles": len(tiles),
+                "cosine min": cos.min().item(),
+                "cosine mean": cos.mean().item(),
+                "rel. L2 error mean": rel.mean().item(),
+                "rel. L2 error max": rel.max().item(),
+            }
+        )
     table = pd.DataFrame(rows)
     with pd.option_context("display.float_format", "{:.5f}".format, "display.width", 160):
         print(table.to_string(index=False))

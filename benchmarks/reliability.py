@@ -54,8 +54,8 @@ from tests.reliability.cases import (  # noqa: E402
     BAD_SLIDES,
     FAST_FEATURES,
     FAST_TILES,
-    bag_cohort,
     bad_slide_batch,
+    bag_cohort,
     feature_state,
     features_started,
     invoke,
@@ -102,7 +102,9 @@ def check_bad_slides(work: Path) -> None:
             lines = [line for line in r.stderr.splitlines() if line.startswith(f"error {sid}:")]
             ok = got == status and (status != "error" or (reason in err and len(lines) == 1))
             exp = status if status != "error" else f"error: …{reason}…"
-            obs = f"{got}" + (f", n_tiles {report.loc[sid, 'n_tiles']}" if got in ("ok", "empty") else f": {short(err.split(': ', 1)[-1], 90)}")
+            obs = f"{got}" + (
+                f", n_tiles {report.loc[sid, 'n_tiles']}" if got in ("ok", "empty") else f": {short(err.split(': ', 1)[-1], 90)}"
+            )
             row(f"bad slides: extract {stage}", f"{sid} ({desc})", exp, obs, ok)
         partial = []
         for p in out.glob("*.h5"):
@@ -112,21 +114,54 @@ def check_bad_slides(work: Path) -> None:
                 if stage == "features" and report.loc[p.stem, "status"] == "error" and "features" in f:
                     partial.append(p.name)
         tmp = leftovers(out)
-        row(f"bad slides: extract {stage}", "partial output", "no temporaries, no half-written .h5",
-            f"{len(tmp)} temporaries, {len(partial)} partial files", not tmp and not partial)  # fmt: skip
-        row(f"bad slides: extract {stage}", "stderr", "no traceback", "traceback printed" if "Traceback" in r.stderr else "no traceback",
-            "Traceback" not in r.stderr and "Exception ignored" not in r.stderr)  # fmt: skip
+        row(
+            f"bad slides: extract {stage}",
+            "partial output",
+            "no temporaries, no half-written .h5",
+            f"{len(tmp)} temporaries, {len(partial)} partial files",
+            not tmp and not partial,
+        )
+        row(
+            f"bad slides: extract {stage}",
+            "stderr",
+            "no traceback",
+            "traceback printed" if "Traceback" in r.stderr else "no traceback",
+            "Traceback" not in r.stderr and "Exception ignored" not in r.stderr,
+        )
         r = run("extract", stage, manifest, "--out", out, *extra, "--skip-errors")
-        row(f"bad slides: extract {stage}", "rerun with --skip-errors", "exit 0, good slides skipped",
+        row(
+            f"bad slides: extract {stage}",
+            "rerun with --skip-errors",
+            "exit 0, good slides skipped",
             f"exit {r.returncode}, good0 {pd.read_csv(out / 'extract_report.csv').set_index('slide_id').loc['good0', 'status']}",
-            r.returncode == 0)  # fmt: skip
+            r.returncode == 0,
+        )
 
 
 # ----------------------------------------------------------------------------------------------
 # 2. kill -9
 
-KILL_FEATURES = ["--encoder", "resnet18", "--weights", "none", "--precision", "fp32", "--device", "cpu", "--target-mpp", "1.0",
-                 "--tile-size", "64", "--input-size", "64", "--batch-size", "8", "--workers", "1", "--no-progress"]  # fmt: skip
+KILL_FEATURES = [
+    "--encoder",
+    "resnet18",
+    "--weights",
+    "none",
+    "--precision",
+    "fp32",
+    "--device",
+    "cpu",
+    "--target-mpp",
+    "1.0",
+    "--tile-size",
+    "64",
+    "--input-size",
+    "64",
+    "--batch-size",
+    "8",
+    "--workers",
+    "1",
+    "--no-progress",
+]
 KILL_FOLDS = 2
 KILL_SHARE = (0.05, 0.8)  # each kill lands this share (seeded) of the reference's marker-to-exit window after the marker
 
@@ -143,12 +178,21 @@ def _kill_series(check: str, n: int, rng: random.Random, window: float, command,
         same, why = compare(out) if rerun.returncode == 0 else (False, f"rerun exit {rerun.returncode}")
         tmp = leftovers(out)
         hits, attempts = hits + kill.interrupted, attempts + kill.attempts
-        row(check, f"#{i + 1} {kill.describe()}", "killed inside the work; rerun = reference, no temporaries",
+        row(
+            check,
+            f"#{i + 1} {kill.describe()}",
+            "killed inside the work; rerun = reference, no temporaries",
             f"{'interrupted work' if kill.interrupted else 'MISSED: did not interrupt work'}; rerun {why}, {len(tmp)} temporaries",
-            kill.interrupted and same and not tmp)  # fmt: skip
+            kill.interrupted and same and not tmp,
+        )
         shutil.rmtree(out, ignore_errors=True)
-    row(check, "summary", f"{n} of {n} kills interrupted work",
-        f"{hits} of {n} kills interrupted work ({attempts} attempts; a kill that misses is retried with half the delay)", hits == n)  # fmt: skip
+    row(
+        check,
+        "summary",
+        f"{n} of {n} kills interrupted work",
+        f"{hits} of {n} kills interrupted work ({attempts} attempts; a kill that misses is retried with half the delay)",
+        hits == n,
+    )
 
 
 def check_kills(work: Path, n: int, seed: int, quick: bool, stages: set[str]) -> None:
@@ -161,12 +205,24 @@ def check_kills(work: Path, n: int, seed: int, quick: bool, stages: set[str]) ->
         ref = work / "kill_ref"
         w = watch(["extract", "features", manifest, "--out", ref, *KILL_FEATURES], ref, features_started)
         assert w.returncode == 0, w.stderr
-        row("kill -9: extract features", "uninterrupted reference (marker: a slide's first .h5 or its temporary; "
-            f"complete: all {n_slides} feature files)", "exit 0",
-            f"exit 0 in {w.end_s:.1f} s, first output at {w.marker_s:.1f} s ({n_slides} slides × 21 tiles)", True)  # fmt: skip
-        _kill_series("kill -9: extract features", n, rng, w.window_s,
-                     lambda out: ["extract", "features", manifest, "--out", out, *KILL_FEATURES], features_started,
-                     partial(feature_state, n_slides=n_slides), lambda out: same_features(ref, out, ids), str(work / "kill_f"))  # fmt: skip
+        row(
+            "kill -9: extract features",
+            f"uninterrupted reference (marker: a slide's first .h5 or its temporary; complete: all {n_slides} feature files)",
+            "exit 0",
+            f"exit 0 in {w.end_s:.1f} s, first output at {w.marker_s:.1f} s ({n_slides} slides × 21 tiles)",
+            True,
+        )
+        _kill_series(
+            "kill -9: extract features",
+            n,
+            rng,
+            w.window_s,
+            lambda out: ["extract", "features", manifest, "--out", out, *KILL_FEATURES],
+            features_started,
+            partial(feature_state, n_slides=n_slides),
+            lambda out: same_features(ref, out, ids),
+            str(work / "kill_f"),
+        )
 
     if "training" in stages:
         epochs = 4 if quick else 12
@@ -175,11 +231,24 @@ def check_kills(work: Path, n: int, seed: int, quick: bool, stages: set[str]) ->
         ref = work / "kill_run_ref"
         w = watch(["train", "features", bags.parent, "--manifest", bags, "--out", ref, *train], ref, training_started)
         assert w.returncode == 0, w.stderr
-        row("kill -9: train features", f"uninterrupted reference (marker: splits.csv; complete: all {KILL_FOLDS} fold checkpoints)",
-            "exit 0", f"exit 0 in {w.end_s:.1f} s, splits.csv at {w.marker_s:.1f} s ({KILL_FOLDS} folds × {epochs} epochs)", True)  # fmt: skip
-        _kill_series("kill -9: train features", n, rng, w.window_s,
-                     lambda out: ["train", "features", bags.parent, "--manifest", bags, "--out", out, *train], training_started,
-                     partial(run_state, n_folds=KILL_FOLDS), lambda out: same_run_outputs(ref, out), str(work / "kill_t"))  # fmt: skip
+        row(
+            "kill -9: train features",
+            f"uninterrupted reference (marker: splits.csv; complete: all {KILL_FOLDS} fold checkpoints)",
+            "exit 0",
+            f"exit 0 in {w.end_s:.1f} s, splits.csv at {w.marker_s:.1f} s ({KILL_FOLDS} folds × {epochs} epochs)",
+            True,
+        )
+        _kill_series(
+            "kill -9: train features",
+            n,
+            rng,
+            w.window_s,
+            lambda out: ["train", "features", bags.parent, "--manifest", bags, "--out", out, *train],
+            training_started,
+            partial(run_state, n_folds=KILL_FOLDS),
+            lambda out: same_run_outputs(ref, out),
+            str(work / "kill_t"),
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,7 +265,10 @@ def check_bad_inputs(work: Path, quick: bool) -> None:
     root = work / "bad_inputs"
     slides = slide_cohort(root / "slides", n=2)
     bags = bag_cohort(root / "bags", n=24)
-    assert invoke("train", "features", bags.parent, "--manifest", bags, "--out", root / "run", "--epochs", "1", "--no-progress").returncode == 0
+    assert (
+        invoke("train", "features", bags.parent, "--manifest", bags, "--out", root / "run", "--epochs", "1", "--no-progress").returncode
+        == 0
+    )
     assert invoke("evaluate", "run", root / "run", "--n-boot", "10").returncode == 0
     ctx = matrix.Ctx(root, slides, bags, root / "run")
     for i, name in enumerate(names):
@@ -207,10 +279,16 @@ def check_bad_inputs(work: Path, quick: bool) -> None:
         r = invoke(*argv)
         problems = matrix.check_refusal(r, culprit, before, cases.snapshot(watched))
         errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-        obs = f"exit {r.returncode}: " + (short(errors[0][len('error: '):], 100) if errors else short(r.stderr, 100))
+        obs = f"exit {r.returncode}: " + (short(errors[0][len("error: ") :], 100) if errors else short(r.stderr, 100))
         if problems:
             obs += f" — {'; '.join(problems)}"
-        row("bad input: " + name.split("/")[0], name.split("/", 1)[1], f"exit 2, names {short(culprit, 40)!r}, writes nothing", obs, not problems)
+        row(
+            "bad input: " + name.split("/")[0],
+            name.split("/", 1)[1],
+            f"exit 2, names {short(culprit, 40)!r}, writes nothing",
+            obs,
+            not problems,
+        )
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -221,12 +299,20 @@ def check_bad_inputs(work: Path, quick: bool) -> None:
 def check_properties() -> None:
     print("4. properties (hypothesis)", flush=True)
     t0 = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(REPO / "tests/reliability/test_properties.py")],
-                       capture_output=True, text=True, cwd=REPO)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(REPO / "tests/reliability/test_properties.py")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     last = [line for line in r.stdout.splitlines() if line.strip()][-1] if r.stdout.strip() else r.stderr[-200:]
-    row("properties", "read_bag / read_bag_attrs / check_finite / BagDataset / check_bag / collate_bags on arbitrary input "
-        "(50 examples each)", "only MilError subclasses, never a crash or NaN from finite input",
-        f"{short(last, 60)} ({time.monotonic() - t0:.0f} s)", r.returncode == 0)  # fmt: skip
+    row(
+        "properties",
+        "read_bag / read_bag_attrs / check_finite / BagDataset / check_bag / collate_bags on arbitrary input (50 examples each)",
+        "only MilError subclasses, never a crash or NaN from finite input",
+        f"{short(last, 60)} ({time.monotonic() - t0:.0f} s)",
+        r.returncode == 0,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,7 +324,9 @@ def check_determinism(work: Path) -> None:
     bags = bag_cohort(work / "det_bags", n=24)
     for run_name, seed in (("a", 7), ("b", 7), ("c", 8)):
         out = work / f"det_{run_name}"
-        r = invoke("train", "features", bags.parent, "--manifest", bags, "--out", out, "--epochs", "3", "--seed", str(seed), "--no-progress")
+        r = invoke(
+            "train", "features", bags.parent, "--manifest", bags, "--out", out, "--epochs", "3", "--seed", str(seed), "--no-progress"
+        )
         assert r.returncode == 0, r.stderr
         assert invoke("evaluate", "run", out, "--n-boot", "50").returncode == 0
     same, why = same_run_outputs(work / "det_a", work / "det_b")
@@ -272,9 +360,13 @@ def check_security(work: Path) -> None:
     files = sec.package_sources()
     problems = [p for f in files for p in sec.unsafe_calls(f)]
     n_loads = sum(f.read_text().count("torch.load(") for f in files)
-    row("security", f"ast scan of {len(files)} package files: torch.load, pickle, eval/exec, yaml, np.load, shell",
-        "every torch.load weights_only=True; no unsafe call", f"{n_loads} torch.load calls, {len(problems)} problems "
-        + short("; ".join(problems), 60), not problems)  # fmt: skip
+    row(
+        "security",
+        f"ast scan of {len(files)} package files: torch.load, pickle, eval/exec, yaml, np.load, shell",
+        "every torch.load weights_only=True; no unsafe call",
+        f"{n_loads} torch.load calls, {len(problems)} problems " + short("; ".join(problems), 60),
+        not problems,
+    )
 
     marker = work / "PWNED"
     evil = sec.Evil(marker)
@@ -285,8 +377,13 @@ def check_security(work: Path) -> None:
         obs = "loaded"
     except RunError as e:
         obs = "refused: " + short(str(e).split("(", 1)[-1], 80)
-    row("security", "checkpoint whose pickle runs os.system", "refused, code not run", obs + ("; CODE RAN" if marker.exists() else ""),
-        obs.startswith("refused") and not marker.exists())  # fmt: skip
+    row(
+        "security",
+        "checkpoint whose pickle runs os.system",
+        "refused, code not run",
+        obs + ("; CODE RAN" if marker.exists() else ""),
+        obs.startswith("refused") and not marker.exists(),
+    )
     bag = work / "evil_bag.pt"
     torch.save({"features": torch.zeros(3, 4), "x": evil}, bag)
     try:
@@ -294,15 +391,24 @@ def check_security(work: Path) -> None:
         obs = "loaded"
     except mil.FeatureFileError as e:
         obs = "refused: " + short(str(e).split(": ", 1)[-1], 80)
-    row("security", ".pt feature file whose pickle runs os.system", "refused, code not run", obs + ("; CODE RAN" if marker.exists() else ""),
-        obs.startswith("refused") and not marker.exists())  # fmt: skip
+    row(
+        "security",
+        ".pt feature file whose pickle runs os.system",
+        "refused, code not run",
+        obs + ("; CODE RAN" if marker.exists() else ""),
+        obs.startswith("refused") and not marker.exists(),
+    )
     weights = work / "evil_weights.pth"
     torch.save({"state_dict": {}, "x": evil}, weights)
     slides = slide_cohort(work / "sec_slides", n=1)
     r = invoke("extract", "features", slides, "--out", work / "sec_out", *FAST_FEATURES[:2], "--weights", weights, *FAST_FEATURES[4:])
-    row("security", "--weights file whose pickle runs os.system", "exit 2, code not run, nothing written",
+    row(
+        "security",
+        "--weights file whose pickle runs os.system",
+        "exit 2, code not run, nothing written",
         f"exit {r.returncode}: {short(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else '', 80)}",
-        r.returncode == 2 and not marker.exists() and not (work / "sec_out").exists())  # fmt: skip
+        r.returncode == 2 and not marker.exists() and not (work / "sec_out").exists(),
+    )
     raw = work / "evil_raw.pt"
     raw.write_bytes(pickle.dumps(evil))
     try:
@@ -310,7 +416,9 @@ def check_security(work: Path) -> None:
         obs = "loaded"
     except RunError:
         obs = "refused"
-    row("security", "bare pickle (not a torch file) as a checkpoint", "refused, code not run", obs, obs == "refused" and not marker.exists())
+    row(
+        "security", "bare pickle (not a torch file) as a checkpoint", "refused, code not run", obs, obs == "refused" and not marker.exists()
+    )
 
     refused = []
     for sid in ("../x", "/abs/x", "a/b", "..", ".hidden", "x/../../y", "a\\b", "$(touch PWNED)"):
@@ -318,15 +426,24 @@ def check_security(work: Path) -> None:
             check_slide_id(sid)
         except mil.ManifestError:
             refused.append(sid)
-    row("security", "slide ids ../x, /abs/x, a/b, .., .hidden, x/../../y, a\\b, $(…)", "all refused by the manifest reader",
-        f"{len(refused)}/8 refused", len(refused) == 8)  # fmt: skip
+    row(
+        "security",
+        "slide ids ../x, /abs/x, a/b, .., .hidden, x/../../y, a\\b, $(…)",
+        "all refused by the manifest reader",
+        f"{len(refused)}/8 refused",
+        len(refused) == 8,
+    )
     m = work / "sec_slides" / "escape.csv"
     pd.DataFrame({"slide_id": ["../../escaped"], "path": ["s0.tiff"]}).to_csv(m, index=False)
     r = invoke("extract", "tiles", m, "--out", work / "sec_tiles", *FAST_TILES)
     escaped = list(work.rglob("escaped*"))
-    row("security", "extract tiles with slide_id ../../escaped", "exit 2, nothing written anywhere",
+    row(
+        "security",
+        "extract tiles with slide_id ../../escaped",
+        "exit 2, nothing written anywhere",
         f"exit {r.returncode}, {len(escaped)} files named escaped*, out folder {'exists' if (work / 'sec_tiles').exists() else 'absent'}",
-        r.returncode == 2 and not escaped and not (work / "sec_tiles").exists())  # fmt: skip
+        r.returncode == 2 and not escaped and not (work / "sec_tiles").exists(),
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -380,8 +497,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     print_table(ROWS)
     wall = time.monotonic() - t0
     n_fail = int((~table["pass"]).sum())
-    print(f"\n{len(table) - n_fail}/{len(table)} checks passed in {wall:.0f} s wall time "
-          f"({os.cpu_count()} CPUs, torch threads {__import__('torch').get_num_threads()})")  # fmt: skip
+    print(
+        f"\n{len(table) - n_fail}/{len(table)} checks passed in {wall:.0f} s wall time "
+        f"({os.cpu_count()} CPUs, torch threads {__import__('torch').get_num_threads()})"
+    )
     if args.out is not None:
         table.to_csv(args.out, index=False)
     table.attrs["wall_s"] = wall

@@ -33,7 +33,9 @@ COMMANDS = {
 
 # The child reports its own peak RSS at exit: VmHWM belongs to the memory map that exec created,
 # whereas rusage's ru_maxrss of a child keeps the high-water mark of the parent it was forked from.
-PEAK = "import atexit, sys\natexit.register(lambda: print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0], file=sys.stderr))\n"
+PEAK = (
+    "import atexit, sys\natexit.register(lambda: print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0], file=sys.stderr))\n"
+)
 
 
 def run_once(code: str) -> tuple[float, float]:
@@ -79,8 +81,12 @@ def main(argv: list[str] | None = None) -> dict:
         ratio = float(np.median(w / base))
         torch = "-" if name == "python -c pass" else imports_torch(name.split()[1:])
         result[name] = {
-            "wall_s": float(med), "q1": float(q1), "q3": float(q3), "ratio": ratio,
-            "rss_mib": float(np.median(rss[name])), "imports_torch": torch,
+            "wall_s": float(med),
+            "q1": float(q1),
+            "q3": float(q3),
+            "ratio": ratio,
+            "rss_mib": float(np.median(rss[name])),
+            "imports_torch": torch,
         }
         print(f"| `{name}` | {med:.2f} [{q1:.2f}, {q3:.2f}] | {ratio:.1f} | {np.median(rss[name]):.0f} | {torch} |")
     met = result["mil --help"]["wall_s"] <= GOAL_S

@@ -23,10 +23,10 @@ from torch.utils.data import DataLoader
 
 from mil.extract.grid import tile_grid, tissue_fraction
 from mil.extract.reader import TileDataset
-from mil.slides import open_slide, slide_geometry
 from mil.extract.synthetic import random_masks, write_slide
 from mil.extract.tiles import TilingConfig, run_tiles
 from mil.extract.tissue import detect_tissue, read_low_res
+from mil.slides import open_slide, slide_geometry
 
 
 def timed(fn, *a, **kw):
@@ -47,8 +47,13 @@ def tile_steps(path: Path, config: TilingConfig) -> dict:
     coords = tile_grid(geom.width, geom.height, config.grid, geom.level0_mpp)
     frac = tissue_fraction(mask, ds, coords, size0)
     t_grid = time.perf_counter() - t0
-    return {"low-res read s": t_read, "tissue s": t_detect, "grid s": t_grid, "grid tiles": len(coords),
-            "kept tiles": int((frac >= config.tissue_threshold).sum())}  # fmt: skip
+    return {
+        "low-res read s": t_read,
+        "tissue s": t_detect,
+        "grid s": t_grid,
+        "grid tiles": len(coords),
+        "kept tiles": int((frac >= config.tissue_threshold).sum()),
+    }
 
 
 def reader_throughput(ds: TileDataset, order: np.ndarray, workers: int) -> float:
@@ -100,14 +105,18 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         ds[0]  # open the slide and pick the level
         raw = raw_throughput(path, ds.coords[rand_order], ds._level, ds._read)
         reader_random = reader_throughput(ds, rand_order, 0)  # the same measurement in the row and in the ratio
-        rows.append({
-            "slide": f"{size:,}²", **steps, "whole stage s": t_stage,
-            "reader grid tiles/s": reader_throughput(ds, grid_order, 0),
-            "reader random tiles/s": reader_random,
-            "read_region random tiles/s (ref)": raw,
-            "reader random / ref": reader_random / raw,
-            "reader 2 workers tiles/s": reader_throughput(ds, rand_order, 2),
-        })  # fmt: skip
+        rows.append(
+            {
+                "slide": f"{size:,}²",
+                **steps,
+                "whole stage s": t_stage,
+                "reader grid tiles/s": reader_throughput(ds, grid_order, 0),
+                "reader random tiles/s": reader_random,
+                "read_region random tiles/s (ref)": raw,
+                "reader random / ref": reader_random / raw,
+                "reader 2 workers tiles/s": reader_throughput(ds, rand_order, 2),
+            }
+        )
     table = pd.DataFrame(rows).set_index("slide").T
     with pd.option_context("display.float_format", "{:,.2f}".format, "display.width", 160):
         print(table.to_string())

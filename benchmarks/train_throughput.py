@@ -91,8 +91,16 @@ def write_cohort(work: Path, n_bags: int, n_inst: int, dim: int, n_val: int, see
     from mil import __version__
     from mil.atomic import atomic_path
 
-    params = {"bags": n_bags, "instances": n_inst, "dim": dim, "val_bags": n_val, "seed": seed,
-              "witness_fraction": WITNESS_FRACTION, "shift": SHIFT, "layout": 1}  # fmt: skip
+    params = {
+        "bags": n_bags,
+        "instances": n_inst,
+        "dim": dim,
+        "val_bags": n_val,
+        "seed": seed,
+        "witness_fraction": WITNESS_FRACTION,
+        "shift": SHIFT,
+        "layout": 1,
+    }
     marker = work / MARKER
     train, val = _bag_names(n_bags, n_val)
     if marker.is_file() and json.loads(marker.read_text()) == params and all((work / f"{s}.h5").is_file() for s in train + val):
@@ -115,8 +123,14 @@ def write_cohort(work: Path, n_bags: int, n_inst: int, dim: int, n_val: int, see
             f.create_dataset("features", data=X, chunks=(min(n_inst, ROWS_PER_CHUNK), dim))
             c = f.create_dataset("coords", data=coords)
             c.attrs.update(patch_size=224, patch_size_level0=448, target_mpp=0.5, level0_mpp=0.25, overlap=0)
-            f.attrs.update(slide_id=sid, encoder="synthetic", encoder_weights_sha256="none", feature_dim=dim,
-                           tissue_params="{}", mil_version=__version__)  # fmt: skip
+            f.attrs.update(
+                slide_id=sid,
+                encoder="synthetic",
+                encoder_weights_sha256="none",
+                feature_dim=dim,
+                tissue_params="{}",
+                mil_version=__version__,
+            )
     marker.write_text(json.dumps(params))
     return time.perf_counter() - t0, False
 
@@ -137,8 +151,13 @@ def resident_fraction(paths: list[Path]) -> float | None:
     if shutil.which("fincore") is None:
         return None
     try:
-        out = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES,SIZE", *map(str, paths)],
-                             capture_output=True, text=True, check=True, timeout=120).stdout  # fmt: skip
+        out = subprocess.run(
+            ["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES,SIZE", *map(str, paths)],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        ).stdout
         res = size = 0
         for line in out.split("\n"):
             if line.strip():
@@ -237,8 +256,24 @@ def run_mode(mode: str, work: Path, n_bags: int, n_val: int, epochs: int, thread
 
 def _run_in_subprocess(mode: str, work: Path, n_bags: int, args: argparse.Namespace) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", mode, "--work-dir", str(work), "--bags", str(n_bags),
-           "--val-bags", str(args.val_bags), "--epochs", str(args.epochs), "--threads", str(args.threads), "--seed", str(args.seed)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        mode,
+        "--work-dir",
+        str(work),
+        "--bags",
+        str(n_bags),
+        "--val-bags",
+        str(args.val_bags),
+        "--epochs",
+        str(args.epochs),
+        "--threads",
+        str(args.threads),
+        "--seed",
+        str(args.seed),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         raise SystemExit(f"mode {mode} failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
@@ -259,16 +294,22 @@ def summarise(results: list[dict]) -> tuple[pd.DataFrame, dict]:
     rows = []
     for r in results:
         ep = _epoch_s(r["epoch_s"])
-        rows.append({
-            "mode": r["mode"], "bags": r["bags"],
-            "load s": r["load_s"] if r["load_s"] is not None else float("nan"),
-            "epoch 1 s": r["epoch_s"][0], "epoch s": ep, "ms/step": 1000 * ep / r["bags"],
-            "val s/epoch": statistics.mean(r["val_s"]) if r["val_s"] else float("nan"),
-            "peak RSS MiB": r["rss_peak_mib"], "RSS after imports MiB": r["rss_start_mib"],
-            "peak − imports MiB": r["rss_peak_mib"] - r["rss_start_mib"],
-            "train loss (last epoch)": r["train_loss"][-1],
-            "page cache": r.get("resident", float("nan")),
-        })  # fmt: skip
+        rows.append(
+            {
+                "mode": r["mode"],
+                "bags": r["bags"],
+                "load s": r["load_s"] if r["load_s"] is not None else float("nan"),
+                "epoch 1 s": r["epoch_s"][0],
+                "epoch s": ep,
+                "ms/step": 1000 * ep / r["bags"],
+                "val s/epoch": statistics.mean(r["val_s"]) if r["val_s"] else float("nan"),
+                "peak RSS MiB": r["rss_peak_mib"],
+                "RSS after imports MiB": r["rss_start_mib"],
+                "peak − imports MiB": r["rss_peak_mib"] - r["rss_start_mib"],
+                "train loss (last epoch)": r["train_loss"][-1],
+                "page cache": r.get("resident", float("nan")),
+            }
+        )
     table = pd.DataFrame(rows)
     by = {r["mode"]: r for r in rows}
     ratios = {
@@ -278,11 +319,11 @@ def summarise(results: list[dict]) -> tuple[pd.DataFrame, dict]:
         "peak RSS ram / plain": by["ram"]["peak RSS MiB"] / by["plain"]["peak RSS MiB"],
         "peak RSS stream / plain": by["stream"]["peak RSS MiB"] / by["plain"]["peak RSS MiB"],
         "RSS above imports, stream / plain": by["stream"]["peak − imports MiB"] / max(by["plain"]["peak − imports MiB"], 1e-9),
-        f"peak RSS stream {by['stream']['bags']} bags / {by['stream-small']['bags']} bags":
-            by["stream"]["peak RSS MiB"] / by["stream-small"]["peak RSS MiB"],
-        f"RSS above imports, stream {by['stream']['bags']} bags / {by['stream-small']['bags']} bags":
-            by["stream"]["peak − imports MiB"] / max(by["stream-small"]["peak − imports MiB"], 1e-9),
-    }  # fmt: skip
+        f"peak RSS stream {by['stream']['bags']} bags / {by['stream-small']['bags']} bags": by["stream"]["peak RSS MiB"]
+        / by["stream-small"]["peak RSS MiB"],
+        f"RSS above imports, stream {by['stream']['bags']} bags / {by['stream-small']['bags']} bags": by["stream"]["peak − imports MiB"]
+        / max(by["stream-small"]["peak − imports MiB"], 1e-9),
+    }
     table.attrs["ratios"] = ratios
     return table, ratios
 
@@ -297,9 +338,13 @@ def main(argv: list[str] | None = None) -> pd.DataFrame | None:
     ap.add_argument("--val-bags", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2, help="torch threads of each training process")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--work-dir", type=Path, default=None,
-                    help="where the bags are written (kept, and reused by a rerun with the same parameters); "
-                         "default: a temporary folder under /tmp, removed at the end unless --keep")  # fmt: skip
+    ap.add_argument(
+        "--work-dir",
+        type=Path,
+        default=None,
+        help="where the bags are written (kept, and reused by a rerun with the same parameters); "
+        "default: a temporary folder under /tmp, removed at the end unless --keep",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the temporary work folder")
     ap.add_argument("--quick", action="store_true", help="smoke preset: 12 bags × 300 × 64, 1 epoch, 6 small bags")
     ap.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
@@ -321,8 +366,11 @@ def main(argv: list[str] | None = None) -> pd.DataFrame | None:
     work = Path(tempfile.mkdtemp(prefix="train_throughput_", dir="/tmp")) if own_dir else args.work_dir
     try:
         gb = args.bags * args.instances * args.dim * 4 / 1e9
-        print(f"cohort: {args.bags} training + {args.val_bags} validation bags of {args.instances:,} × {args.dim} float32 "
-              f"(≈ {gb * (1 + args.val_bags / args.bags):.1f} GB) in {work}", flush=True)  # fmt: skip
+        print(
+            f"cohort: {args.bags} training + {args.val_bags} validation bags of {args.instances:,} × {args.dim} float32 "
+            f"(≈ {gb * (1 + args.val_bags / args.bags):.1f} GB) in {work}",
+            flush=True,
+        )
         secs, reused = write_cohort(work, args.bags, args.instances, args.dim, args.val_bags, args.seed)
         print("  reused the files of an earlier run" if reused else f"  written in {secs:.0f} s", flush=True)
         train, val = _bag_names(args.bags, args.val_bags)
@@ -338,8 +386,12 @@ def main(argv: list[str] | None = None) -> pd.DataFrame | None:
             r = _run_in_subprocess(mode, work, n, args)
             r["resident"] = resident if resident is not None else float("nan")
             results.append(r)
-            print(f"  {mode:<12} {n} bags: {time.perf_counter() - t0:.0f} s wall (process), epochs "
-                  + ", ".join(f"{t:.1f}" for t in r["epoch_s"]) + f" s, peak RSS {r['rss_peak_mib']:.0f} MiB", flush=True)  # fmt: skip
+            print(
+                f"  {mode:<12} {n} bags: {time.perf_counter() - t0:.0f} s wall (process), epochs "
+                + ", ".join(f"{t:.1f}" for t in r["epoch_s"])
+                + f" s, peak RSS {r['rss_peak_mib']:.0f} MiB",
+                flush=True,
+            )
     finally:
         if own_dir and not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -347,11 +399,23 @@ def main(argv: list[str] | None = None) -> pd.DataFrame | None:
             print(f"work folder kept: {work}")
 
     table, ratios = summarise(results)
-    print(f"\nabmil (default kwargs), batch size 1, {args.epochs} epoch(s), torch threads {args.threads}, seed {args.seed}; "
-          f"each mode in a fresh process. Epoch times are training only (ram/stream validation on {args.val_bags} bags "
-          "timed apart); 'epoch s' = median of epochs 2..E (epoch 1 if E = 1).")  # fmt: skip
-    fmt = {"load s": "{:.1f}", "epoch 1 s": "{:.1f}", "epoch s": "{:.1f}", "ms/step": "{:.1f}", "val s/epoch": "{:.2f}",
-           "peak RSS MiB": "{:,.0f}", "RSS after imports MiB": "{:,.0f}", "peak − imports MiB": "{:,.0f}", "train loss (last epoch)": "{:.3f}", "page cache": "{:.0%}"}  # fmt: skip
+    print(
+        f"\nabmil (default kwargs), batch size 1, {args.epochs} epoch(s), torch threads {args.threads}, seed {args.seed}; "
+        f"each mode in a fresh process. Epoch times are training only (ram/stream validation on {args.val_bags} bags "
+        "timed apart); 'epoch s' = median of epochs 2..E (epoch 1 if E = 1)."
+    )
+    fmt = {
+        "load s": "{:.1f}",
+        "epoch 1 s": "{:.1f}",
+        "epoch s": "{:.1f}",
+        "ms/step": "{:.1f}",
+        "val s/epoch": "{:.2f}",
+        "peak RSS MiB": "{:,.0f}",
+        "RSS after imports MiB": "{:,.0f}",
+        "peak − imports MiB": "{:,.0f}",
+        "train loss (last epoch)": "{:.3f}",
+        "page cache": "{:.0%}",
+    }
     shown = table.copy()
     for col, f in fmt.items():
         shown[col] = [("–" if pd.isna(v) else f.format(v)) for v in table[col]]
@@ -361,9 +425,11 @@ def main(argv: list[str] | None = None) -> pd.DataFrame | None:
         print(f"  {k:<50} {v:6.2f}")
     res = table["page cache"].dropna()
     cached = f"{res.min():.0%}–{res.max():.0%} of the cohort was" if len(res) else "the cohort was most likely"
-    print(f"\npage cache: {cached} in the OS page cache before each run (read once more right before it), so 'stream' and "
-          "'plain' read from memory, not from disk; cold-disk reads (a cohort larger than RAM) are not measured here: "
-          "dropping the cache needs root.")  # fmt: skip
+    print(
+        f"\npage cache: {cached} in the OS page cache before each run (read once more right before it), so 'stream' and "
+        "'plain' read from memory, not from disk; cold-disk reads (a cohort larger than RAM) are not measured here: "
+        "dropping the cache needs root."
+    )
     print(f"total wall time: {time.perf_counter() - t_start:.0f} s")
     return table
 

@@ -7,7 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-app = typer.Typer(help="Stage 3: run directories → metrics, plots, comparisons, heatmaps, O2I studies.", no_args_is_help=True, rich_markup_mode="rich")
+app = typer.Typer(
+    help="Stage 3: run directories → metrics, plots, comparisons, heatmaps, O2I studies.", no_args_is_help=True, rich_markup_mode="rich"
+)
 
 
 @app.command()
@@ -15,26 +17,33 @@ def run(
     run_dir: Annotated[Path, typer.Argument(help="Run directory from `mil train features`.")],
     features: Annotated[Optional[Path], typer.Option(help="Folder of feature files (default: the run's feature_dir).")] = None,
     manifest: Annotated[Optional[Path], typer.Option(help="Manifest giving the labels (default: the run's slides.csv).")] = None,
-    split: Annotated[str, typer.Option(help="Which set of splits.csv to score: test (each fold's held-out slides), val or train.")] = "test",
+    split: Annotated[
+        str, typer.Option(help="Which set of splits.csv to score: test (each fold's held-out slides), val or train.")
+    ] = "test",
     n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for the confidence intervals.")] = 1000,
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
 ) -> None:
     """Score a run's held-out slides: AUC with a bootstrap CI, thresholded metrics, ROC/PR plots."""
     from mil.evaluate.run import evaluate_run
-
     from mil.manifest import read_manifest
 
     labels = read_manifest(manifest, require_labels=False, check_files=False) if manifest is not None else None
     doc, out = evaluate_run(run_dir, features=features, labels=labels, split=split, n_boot=n_boot, seed=seed)
     a = doc["auc"]
     typer.echo(f"{split}: {doc['n_slides']} slides ({doc['n_positive']} positive), folds {', '.join(doc['folds'])}")
-    typer.echo(f"  AUC {a['auc']:.3f}  95% CI [{a['ci_low']:.3f}, {a['ci_high']:.3f}]  ({a['n_boot']} stratified bootstrap resamples, seed {a['seed']})")
-    typer.echo(f"  at the validation thresholds: balanced accuracy {doc['balanced_accuracy']:.3f}  sensitivity {doc['sensitivity']:.3f}  "
-               f"specificity {doc['specificity']:.3f}  F1 {doc['f1']:.3f}")  # fmt: skip
+    typer.echo(
+        f"  AUC {a['auc']:.3f}  95% CI [{a['ci_low']:.3f}, {a['ci_high']:.3f}]  ({a['n_boot']} stratified bootstrap resamples, seed {a['seed']})"
+    )
+    typer.echo(
+        f"  at the validation thresholds: balanced accuracy {doc['balanced_accuracy']:.3f}  sensitivity {doc['sensitivity']:.3f}  "
+        f"specificity {doc['specificity']:.3f}  F1 {doc['f1']:.3f}"
+    )
     if "fold_mean_sd" in doc:
         m = doc["fold_mean_sd"]
-        typer.echo(f"  over {len(doc['per_fold'])} folds: AUC {m['auc'][0]:.3f} ± {m['auc'][1]:.3f}  balanced accuracy "
-                   f"{m['balanced_accuracy'][0]:.3f} ± {m['balanced_accuracy'][1]:.3f}  (mean ± sd)")  # fmt: skip
+        typer.echo(
+            f"  over {len(doc['per_fold'])} folds: AUC {m['auc'][0]:.3f} ± {m['auc'][1]:.3f}  balanced accuracy "
+            f"{m['balanced_accuracy'][0]:.3f} ± {m['balanced_accuracy'][1]:.3f}  (mean ± sd)"
+        )
     typer.echo(f"wrote {out}")
 
 
@@ -64,16 +73,21 @@ def heatmap(
     slides: Annotated[Path, typer.Option("--slides", help="Manifest CSV giving the slide's path (and mpp).")],
     out: Annotated[Optional[Path], typer.Option(help="PNG to write (default RUN_DIR/heatmaps/<slide>.png).")] = None,
     features: Annotated[Optional[Path], typer.Option(help="Folder of feature files (default: the run's feature_dir).")] = None,
-    fold: Annotated[Optional[str], typer.Option(help="Checkpoint to use (default: the fold that held the slide out, else the first).")] = None,
-    score: Annotated[str, typer.Option(help="attention | instance: what to paint (attention falls back to instance scores for heads without it).")] = "attention",
+    fold: Annotated[
+        Optional[str], typer.Option(help="Checkpoint to use (default: the fold that held the slide out, else the first).")
+    ] = None,
+    score: Annotated[
+        str, typer.Option(help="attention | instance: what to paint (attention falls back to instance scores for heads without it).")
+    ] = "attention",
     top_k: Annotated[int, typer.Option(help="Tiles in the montage of the highest-scoring tiles.")] = 8,
     thumbnail_size: Annotated[int, typer.Option(help="Longest side of the thumbnail in pixels.")] = 1024,
 ) -> None:
     """Paint each tile's attention (or instance score) over the slide thumbnail, with the top-k tiles."""
     from mil.evaluate.heatmap import render_heatmap
 
-    path = render_heatmap(run_dir, slide, slides, out=out, features=features, fold=fold, score=score, top_k=top_k,
-                          thumbnail_size=thumbnail_size)  # fmt: skip
+    path = render_heatmap(
+        run_dir, slide, slides, out=out, features=features, fold=fold, score=score, top_k=top_k, thumbnail_size=thumbnail_size
+    )
     typer.echo(f"wrote {path}")
 
 
@@ -92,12 +106,15 @@ def o2i(
     """Accuracy, AUC and localisation AP of BagNet runs, plotted against the O2I ratio of their image sets."""
     from mil.evaluate.o2i import evaluate_o2i
 
-    points, docs = evaluate_o2i(run_dirs, out, data=data, split=split, group_by=group_by, device=device, batch_size=batch_size,
-                                n_boot=n_boot, seed=seed)  # fmt: skip
+    points, docs = evaluate_o2i(
+        run_dirs, out, data=data, split=split, group_by=group_by, device=device, batch_size=batch_size, n_boot=n_boot, seed=seed
+    )
     for d in docs:
         auc = f"{d['auc']['auc']:.3f}" if d["auc"] else "-"
         ap = f"{d['loc_ap']:.3f}" if d["loc_ap"] is not None else "-"
-        typer.echo(f"{d['run']}: {split} n={d['n']}  O2I {100 * (d['o2i'] or 0):.3g}%  accuracy {d['accuracy']:.3f}  AUC {auc}  loc AP {ap}")
+        typer.echo(
+            f"{d['run']}: {split} n={d['n']}  O2I {100 * (d['o2i'] or 0):.3g}%  accuracy {d['accuracy']:.3f}  AUC {auc}  loc AP {ap}"
+        )
     table = points.drop(columns=["data"]).assign(o2i=lambda t: (100 * t["o2i"]).map("{:.3g}%".format))
     typer.echo(table.to_string(index=False, float_format="{:.3f}".format))
     typer.echo(f"wrote {out} and {out.with_suffix('.csv')}")

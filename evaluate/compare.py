@@ -11,10 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
-from mil.evaluate.metrics import auc_ci, paired_auc_test
-from mil.evaluate.run import RunError
 
 from mil.errors import OptionError
+from mil.evaluate.metrics import auc_ci, paired_auc_test
+from mil.evaluate.run import RunError
 
 
 def slide_probabilities(run_dir: str | Path, split: str = "test") -> pd.DataFrame:
@@ -35,9 +35,13 @@ def compare_runs(run_dirs: list[str | Path], split: str = "test", n_boot: int = 
     for r, t in zip(run_dirs[1:], tables[1:]):
         if set(t.index) != set(ref.index):
             only = sorted(set(t.index) ^ set(ref.index))
-            raise OptionError(f"expected {r} to be evaluated on the same slides as {run_dirs[0]}, got {len(only)} different: {', '.join(only[:10])}.")
+            raise OptionError(
+                f"expected {r} to be evaluated on the same slides as {run_dirs[0]}, got {len(only)} different: {', '.join(only[:10])}."
+            )
         if not (t.loc[ref.index, "label"].to_numpy() == ref["label"].to_numpy()).all():
-            raise OptionError(f"expected the same labels in {r} and {run_dirs[0]}, got different ones; were they trained on different manifests?")
+            raise OptionError(
+                f"expected the same labels in {r} and {run_dirs[0]}, got different ones; were they trained on different manifests?"
+            )
     rows = []
     for r, t in zip(run_dirs, tables):
         t = t.loc[ref.index]

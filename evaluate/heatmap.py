@@ -66,8 +66,17 @@ class Heatmap:
     tiles: list[np.ndarray]
 
 
-def compute_heatmap(run_dir: str | Path, slide_id: str, slides_manifest: str | Path, *, features: str | Path | None = None,
-                    fold: str | None = None, score: str = "attention", top_k: int = 8, thumbnail_size: int = 1024) -> Heatmap:  # fmt: skip
+def compute_heatmap(
+    run_dir: str | Path,
+    slide_id: str,
+    slides_manifest: str | Path,
+    *,
+    features: str | Path | None = None,
+    fold: str | None = None,
+    score: str = "attention",
+    top_k: int = 8,
+    thumbnail_size: int = 1024,
+) -> Heatmap:
     """Score one slide's tiles with a run's checkpoint and paint them at thumbnail resolution.
 
     Checkpoint: `fold` if given, else the fold whose test set holds the slide, else the first fold.
@@ -76,10 +85,9 @@ def compute_heatmap(run_dir: str | Path, slide_id: str, slides_manifest: str | P
     missing, unreadable checkpoint), FeatureFileError, SettingsMismatchError (features or slide do
     not match the checkpoint), SlideError, ManifestError.
     """
-    from mil.evaluate.run import load_run
-
     from mil.checkpoint import load_head
     from mil.data import FeatureSpec, resolve_feature_files
+    from mil.evaluate.run import load_run
     from mil.manifest import read_manifest
     from mil.slides import open_slide
 
@@ -100,13 +108,17 @@ def compute_heatmap(run_dir: str | Path, slide_id: str, slides_manifest: str | P
     path = files[slide_id]
     diff = FeatureSpec(**ckpt["feature_spec"]).first_difference(spec)
     if diff is not None:
-        raise SettingsMismatchError(f"{path}: expected {diff[0]}={diff[1]!r} as checkpoint {fold} was trained on, got "
-                                    f"{diff[0]}={diff[2]!r} instead; use the features the run was trained on (--features).")  # fmt: skip
+        raise SettingsMismatchError(
+            f"{path}: expected {diff[0]}={diff[1]!r} as checkpoint {fold} was trained on, got "
+            f"{diff[0]}={diff[2]!r} instead; use the features the run was trained on (--features)."
+        )
     bag = read_bag(path, dtype=np.float32)
     check_finite(bag)
     if bag.n_instances == 0 or (bag.n_instances > 1 and not np.ptp(bag.coords, axis=0).any()):
-        raise FeatureFileError(f"{path}: expected tiles with level-0 coords, got {bag.n_instances} tiles "
-                               f"{'' if bag.n_instances == 0 else 'all at one position'} instead; nothing to paint.")  # fmt: skip
+        raise FeatureFileError(
+            f"{path}: expected tiles with level-0 coords, got {bag.n_instances} tiles "
+            f"{'' if bag.n_instances == 0 else 'all at one position'} instead; nothing to paint."
+        )
     with torch.no_grad():
         out = model(torch.from_numpy(bag.features)[None])  # BagOutput: logits (1,), instance_scores (1, N), attention (1, N) | None
     note = "" if score == "instance" or out.attention is not None else f"head {ckpt['head']} has no attention: instance scores shown"
@@ -121,21 +133,48 @@ def compute_heatmap(run_dir: str | Path, slide_id: str, slides_manifest: str | P
         W, H = slide.dimensions
         w0, h0 = bag.attrs.get("level0_width"), bag.attrs.get("level0_height")
         if w0 is not None and h0 is not None and (int(w0), int(h0)) != (W, H):
-            raise SettingsMismatchError(f"{path}: expected tiles of a {W}x{H} slide like {row['path'].iloc[0]}, got a feature file "
-                                        f"made on a {w0}x{h0} slide instead; check the manifest's path for {slide_id!r}.")  # fmt: skip
+            raise SettingsMismatchError(
+                f"{path}: expected tiles of a {W}x{H} slide like {row['path'].iloc[0]}, got a feature file "
+                f"made on a {w0}x{h0} slide instead; check the manifest's path for {slide_id!r}."
+            )
         thumb = read_thumbnail(slide, thumbnail_size)  # (h, w, 3)
         tiles = [_read_tile(slide, bag.coords[i], size0) for i in top]
     finally:
         slide.close()
     scale = np.array([thumb.shape[1] / W, thumb.shape[0] / H])  # (2,) thumbnail px per level-0 px
     image = score_image(bag.coords, norm, size0, thumb.shape[:2], scale)  # (h, w)
-    return Heatmap(slide_id, fold, held_out, "instance score" if note or score == "instance" else "attention", note,
-                   float(torch.sigmoid(out.logits[0])), thumb, image, values, bag.coords, size0, scale, float(lo), float(hi), top, tiles)  # fmt: skip
+    return Heatmap(
+        slide_id,
+        fold,
+        held_out,
+        "instance score" if note or score == "instance" else "attention",
+        note,
+        float(torch.sigmoid(out.logits[0])),
+        thumb,
+        image,
+        values,
+        bag.coords,
+        size0,
+        scale,
+        float(lo),
+        float(hi),
+        top,
+        tiles,
+    )
 
 
-def render_heatmap(run_dir: str | Path, slide_id: str, slides_manifest: str | Path, *, out: str | Path | None = None,
-                   features: str | Path | None = None, fold: str | None = None, score: str = "attention", top_k: int = 8,
-                   thumbnail_size: int = 1024) -> Path:  # fmt: skip
+def render_heatmap(
+    run_dir: str | Path,
+    slide_id: str,
+    slides_manifest: str | Path,
+    *,
+    out: str | Path | None = None,
+    features: str | Path | None = None,
+    fold: str | None = None,
+    score: str = "attention",
+    top_k: int = 8,
+    thumbnail_size: int = 1024,
+) -> Path:
     """Write the heatmap figure of `compute_heatmap` as a PNG (default RUN_DIR/heatmaps/<slide_id>.png); return its path.
 
     The painted thumbnail is pasted into the rendered figure at its native resolution (one figure pixel
@@ -150,12 +189,15 @@ def render_heatmap(run_dir: str | Path, slide_id: str, slides_manifest: str | Pa
 
     from mil.atomic import atomic_path
 
-    hm = compute_heatmap(run_dir, slide_id, slides_manifest, features=features, fold=fold, score=score, top_k=top_k,
-                         thumbnail_size=thumbnail_size)  # fmt: skip
+    hm = compute_heatmap(
+        run_dir, slide_id, slides_manifest, features=features, fold=fold, score=score, top_k=top_k, thumbnail_size=thumbnail_size
+    )
     out = Path(out) if out is not None else Path(run_dir) / "heatmaps" / f"{slide_id}.png"
     where = f"slide in its {hm.held_out} set" if hm.held_out != "none" else "slide not in its splits"
-    lines = [f"{hm.slide_id}: {hm.score_name} · checkpoint {hm.fold} ({where}) · P(positive) = {hm.probability:.3f}",
-             f"colours: {hm.score_name} clipped to its 1st–99th percentile over {len(hm.values):,} tiles, scaled linearly"]  # fmt: skip
+    lines = [
+        f"{hm.slide_id}: {hm.score_name} · checkpoint {hm.fold} ({where}) · P(positive) = {hm.probability:.3f}",
+        f"colours: {hm.score_name} clipped to its 1st–99th percentile over {len(hm.values):,} tiles, scaled linearly",
+    ]
     lines += [f"({hm.note})"] if hm.note else []
     th, tw = hm.image.shape
     k, rows = len(hm.tiles), max(1, -(-len(hm.tiles) // 2))
@@ -251,8 +293,10 @@ def read_thumbnail(slide, max_side: int) -> np.ndarray:
     (wl, hl), dl = slide.level_dimensions[level], slide.level_downsamples[level]
     f = max(1, int(ds / dl))  # box reduction at that level
     strip = f * max(1, _STRIP_PX // (wl * f))  # level rows per read, a multiple of f
-    parts = [np.asarray(Image.fromarray(rgba_to_rgb(slide.read_region((0, round(y * dl)), level, (wl, min(strip, hl - y))))).reduce(f))
-             for y in range(0, hl, strip)]  # fmt: skip
+    parts = [
+        np.asarray(Image.fromarray(rgba_to_rgb(slide.read_region((0, round(y * dl)), level, (wl, min(strip, hl - y))))).reduce(f))
+        for y in range(0, hl, strip)
+    ]
     size = (max(1, round(W / ds)), max(1, round(H / ds)))
     return np.asarray(Image.fromarray(np.concatenate(parts)).resize(size, Image.LANCZOS))  # (h, w, 3)
 

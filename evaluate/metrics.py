@@ -37,7 +37,9 @@ def check_predictions(labels, probs) -> tuple[np.ndarray, np.ndarray]:
     if not np.isin(y, (0, 1)).all():
         raise OptionError(f"expected labels 0/1, got {sorted(set(y.tolist()) - {0, 1})[:5]} instead.")
     if len(np.unique(y)) < 2:
-        raise OptionError(f"expected both classes among the evaluated slides to compute an AUC, got only label {int(y[0]) if len(y) else '-'} ({len(y)} slides).")
+        raise OptionError(
+            f"expected both classes among the evaluated slides to compute an AUC, got only label {int(y[0]) if len(y) else '-'} ({len(y)} slides)."
+        )
     if not np.isfinite(p).all():
         raise OptionError("expected finite probabilities, got NaN or Inf instead.")
     return y.astype(int), p
@@ -103,8 +105,16 @@ def paired_auc_test(labels, probs_a, probs_b, n_boot: int = 2000, seed: int = 0,
     lo, hi = np.quantile(diff, [(1 - level) / 2, (1 + level) / 2])
     p = min(1.0, 2 * min((diff <= 0).mean(), (diff >= 0).mean()))
     auc_a, auc_b = float(roc_auc_score(y, pa)), float(roc_auc_score(y, pb))
-    return {"auc_a": auc_a, "auc_b": auc_b, "diff": auc_b - auc_a, "ci_low": float(lo), "ci_high": float(hi),
-            "p_value": max(p, 1.0 / n_boot), "n_boot": n_boot, "seed": seed}  # fmt: skip
+    return {
+        "auc_a": auc_a,
+        "auc_b": auc_b,
+        "diff": auc_b - auc_a,
+        "ci_low": float(lo),
+        "ci_high": float(hi),
+        "p_value": max(p, 1.0 / n_boot),
+        "n_boot": n_boot,
+        "seed": seed,
+    }
 
 
 def curve_bands(labels, probs, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, np.ndarray]:
@@ -125,5 +135,14 @@ def curve_bands(labels, probs, n_boot: int = 1000, seed: int = 0, level: float =
     tpr_band, prec_band = np.quantile(np.array(tprs), q, axis=0), np.quantile(np.array(precs), q, axis=0)  # (2, G) each
     fpr, tpr, _ = roc_curve(y, p)
     prec, rec, _ = precision_recall_curve(y, p)
-    return {"fpr": fpr, "tpr": tpr, "recall": rec, "precision": prec, "grid": GRID,
-            "tpr_low": tpr_band[0], "tpr_high": tpr_band[1], "precision_low": prec_band[0], "precision_high": prec_band[1]}  # fmt: skip
+    return {
+        "fpr": fpr,
+        "tpr": tpr,
+        "recall": rec,
+        "precision": prec,
+        "grid": GRID,
+        "tpr_low": tpr_band[0],
+        "tpr_high": tpr_band[1],
+        "precision_low": prec_band[0],
+        "precision_high": prec_band[1],
+    }

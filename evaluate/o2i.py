@@ -36,19 +36,18 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from mil.evaluate.metrics import auc_ci
 from sklearn.metrics import average_precision_score
 
 import mil
 from mil.checkpoint import load_bagnet
 from mil.device import resolve_device
 from mil.errors import OptionError, RunError
+from mil.evaluate.metrics import auc_ci
 from mil.imagesets import SPLITS, ImageSetDataset
 from mil.predict import predict_images
 
 GROUP_KEYS = ("pooling", "rf", "width")
 POINT_COLUMNS = ["group", "o2i", "n_runs", "acc_mean", "acc_sd", "auc_mean", "auc_sd", "loc_ap_mean", "data"]
-
 
 
 def cell_extents(n: int, size: int, stride: int = 8, offset: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -94,7 +93,9 @@ def load_bagnet_run(run_dir: str | Path) -> tuple[dict, Path]:
 
     def require(name: str) -> None:
         if not (path / name).is_file():
-            raise RunError(f"{path / name}: expected a finished run directory of `mil train bagnet`, got no {name}; check the path or finish training.")
+            raise RunError(
+                f"{path / name}: expected a finished run directory of `mil train bagnet`, got no {name}; check the path or finish training."
+            )
 
     require("config.json")
     try:
@@ -102,7 +103,9 @@ def load_bagnet_run(run_dir: str | Path) -> tuple[dict, Path]:
     except (OSError, ValueError) as e:
         raise RunError(f"{path / 'config.json'}: expected JSON, could not read it ({e}).") from None
     if config.get("stage") != "train_bagnet":
-        raise RunError(f"{path}: expected a run of `mil train bagnet`, got a {config.get('stage', 'unknown')!r} run instead; use `mil evaluate run` for it.")
+        raise RunError(
+            f"{path}: expected a run of `mil train bagnet`, got a {config.get('stage', 'unknown')!r} run instead; use `mil evaluate run` for it."
+        )
     require("checkpoint.pt")
     require("summary.csv")  # written last: the run is finished
     return config, path / "checkpoint.pt"
@@ -116,8 +119,9 @@ def _check_options(split: str, batch_size: int, n_boot: int) -> None:
             raise OptionError(f"expected --{name} >= 1, got {value!r} instead.")
 
 
-def _load_run(run_dir: str | Path, data: str | Path | None, split: str, dev, read_data: bool = True
-              ) -> tuple[dict, Path, object, dict, ImageSetDataset | None]:
+def _load_run(
+    run_dir: str | Path, data: str | Path | None, split: str, dev, read_data: bool = True
+) -> tuple[dict, Path, object, dict, ImageSetDataset | None]:
     """What scoring a run needs, each part checked: ``(config, image-set folder, net, checkpoint, dataset or None)``."""
     config, ckpt_path = load_bagnet_run(run_dir)
     folder = Path(data) if data is not None else Path(config["data"])
@@ -125,8 +129,15 @@ def _load_run(run_dir: str | Path, data: str | Path | None, split: str, dev, rea
     return config, folder, net, ckpt, ImageSetDataset(folder, split) if read_data else None
 
 
-def score_run(run_dir: str | Path, data: str | Path | None = None, split: str = "test", device: str = "cpu",
-              batch_size: int = 32, n_boot: int = 1000, seed: int = 0) -> dict:
+def score_run(
+    run_dir: str | Path,
+    data: str | Path | None = None,
+    split: str = "test",
+    device: str = "cpu",
+    batch_size: int = 32,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict:
     """Score `split` of a run's image set (or of `data`) and write ``RUN_DIR/eval/<split>/``; return metrics.json's content."""
     _check_options(split, batch_size, n_boot)
     dev = resolve_device(device)
@@ -141,13 +152,25 @@ def score_run(run_dir: str | Path, data: str | Path | None = None, split: str = 
     threshold = float(ckpt.get("threshold", 0.5))
     both = len(np.unique(s.labels)) == 2
     pos_o2i = s.o2i[s.labels == 1]
-    doc = {"run": str(Path(run_dir)), "split": split, "data": str(folder.resolve()), "n": len(s), "n_positive": int(s.labels.sum()),
-           "threshold": threshold, "accuracy": float(((prob >= threshold) == (s.labels == 1)).mean()),
-           "auc": auc_ci(s.labels, prob, n_boot=n_boot, seed=seed) if both else None,
-           "loc_ap": float(np.mean(aps)) if aps else None, "loc_ap_n": len(aps),
-           "o2i": float(np.median(pos_o2i)) if len(pos_o2i) else None,
-           "rf": net.rf, "pooling": config["train"]["pooling"], "width": config["train"]["width"], "seed": config["train"]["seed"],
-           "best_epoch": ckpt["best_epoch"], "mil_version": mil.__version__}  # fmt: skip
+    doc = {
+        "run": str(Path(run_dir)),
+        "split": split,
+        "data": str(folder.resolve()),
+        "n": len(s),
+        "n_positive": int(s.labels.sum()),
+        "threshold": threshold,
+        "accuracy": float(((prob >= threshold) == (s.labels == 1)).mean()),
+        "auc": auc_ci(s.labels, prob, n_boot=n_boot, seed=seed) if both else None,
+        "loc_ap": float(np.mean(aps)) if aps else None,
+        "loc_ap_n": len(aps),
+        "o2i": float(np.median(pos_o2i)) if len(pos_o2i) else None,
+        "rf": net.rf,
+        "pooling": config["train"]["pooling"],
+        "width": config["train"]["width"],
+        "seed": config["train"]["seed"],
+        "best_epoch": ckpt["best_epoch"],
+        "mil_version": mil.__version__,
+    }
     pred = pd.DataFrame({"index": np.arange(len(s)), "label": s.labels.astype(int), "probability": prob, "o2i": s.o2i})
     _write_eval(Path(run_dir) / "eval" / split, doc, pred)
     return doc
@@ -192,11 +215,24 @@ def o2i_points(docs: list[dict], group_by: str = "auto") -> pd.DataFrame:
     for (group, data), part in table.groupby(["group", "data"], sort=False):
         other = [k for k in GROUP_KEYS if k not in keys and part[k].nunique() > 1]
         if other:
-            warnings.warn(f"runs of group {group!r} on {data} differ in {', '.join(other)}, not only in their seed; they are averaged together.", stacklevel=2)
-        sd = (lambda v: float(v.std(ddof=1)) if v.notna().sum() > 1 else 0.0)
-        rows.append({"group": group, "o2i": float(part["o2i"].iloc[0]), "n_runs": len(part), "acc_mean": float(part["accuracy"].mean()),
-                     "acc_sd": sd(part["accuracy"]), "auc_mean": float(part["auc_value"].mean()), "auc_sd": sd(part["auc_value"]),
-                     "loc_ap_mean": float(part["loc_ap"].mean()), "data": data})  # fmt: skip
+            warnings.warn(
+                f"runs of group {group!r} on {data} differ in {', '.join(other)}, not only in their seed; they are averaged together.",
+                stacklevel=2,
+            )
+        sd = lambda v: float(v.std(ddof=1)) if v.notna().sum() > 1 else 0.0
+        rows.append(
+            {
+                "group": group,
+                "o2i": float(part["o2i"].iloc[0]),
+                "n_runs": len(part),
+                "acc_mean": float(part["accuracy"].mean()),
+                "acc_sd": sd(part["accuracy"]),
+                "auc_mean": float(part["auc_value"].mean()),
+                "auc_sd": sd(part["auc_value"]),
+                "loc_ap_mean": float(part["loc_ap"].mean()),
+                "data": data,
+            }
+        )
     return pd.DataFrame(rows, columns=POINT_COLUMNS).sort_values(["group", "o2i"], ignore_index=True)
 
 
@@ -225,9 +261,17 @@ def plot_o2i(points: pd.DataFrame, out: Path, title: str = "") -> None:
     plt.close(fig)
 
 
-def evaluate_o2i(run_dirs: list[str | Path], out: str | Path, data: str | Path | None = None, split: str = "test",
-                 group_by: str = "auto", device: str = "cpu", batch_size: int = 32, n_boot: int = 1000, seed: int = 0
-                 ) -> tuple[pd.DataFrame, list[dict]]:
+def evaluate_o2i(
+    run_dirs: list[str | Path],
+    out: str | Path,
+    data: str | Path | None = None,
+    split: str = "test",
+    group_by: str = "auto",
+    device: str = "cpu",
+    batch_size: int = 32,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> tuple[pd.DataFrame, list[dict]]:
     """Score every run (`score_run`), then write the PNG `out` and the CSV beside it; return (points, per-run metrics)."""
     out = Path(out)
     if out.suffix.lower() != ".png":

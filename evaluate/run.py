@@ -26,23 +26,22 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from mil.evaluate.metrics import (
-    auc_ci,
-    check_predictions,
-    curve_bands,
-    threshold_metrics,
-)
 
 import mil
 from mil.atomic import TMP_MARKER, remove_stale_temporaries
 from mil.checkpoint import load_head
 from mil.data import BagDataset, FeatureSpec, resolve_feature_files
 from mil.errors import OptionError, RunError, SettingsMismatchError
+from mil.evaluate.metrics import (
+    auc_ci,
+    check_predictions,
+    curve_bands,
+    threshold_metrics,
+)
 from mil.predict import predict
 
 SPLITS = ("test", "val", "train")
 RUN_FILES = ("config.json", "splits.csv", "slides.csv")
-
 
 
 @dataclass
@@ -71,12 +70,16 @@ def load_run(run_dir: str | Path) -> Run:
         splits = pd.read_csv(path / "splits.csv", dtype={"slide_id": str, "fold": str})
         slides = pd.read_csv(path / "slides.csv", dtype={"slide_id": str})
     except (ValueError, pd.errors.ParserError) as e:
-        raise RunError(f"{path}: expected readable config.json / splits.csv / slides.csv, got {type(e).__name__}: {e}".splitlines()[0]) from None
+        raise RunError(
+            f"{path}: expected readable config.json / splits.csv / slides.csv, got {type(e).__name__}: {e}".splitlines()[0]
+        ) from None
     _check_run_tables(path, config, splits, slides)
     checkpoints = {f: path / "checkpoints" / f"{f}.pt" for f in dict.fromkeys(splits["fold"])}
     missing = [str(p) for p in checkpoints.values() if not p.is_file()]
     if missing:
-        raise RunError(f"{missing[0]}: expected a checkpoint for every fold of splits.csv, got {len(missing)} missing; was training interrupted?")
+        raise RunError(
+            f"{missing[0]}: expected a checkpoint for every fold of splits.csv, got {len(missing)} missing; was training interrupted?"
+        )
     return Run(path, config, splits, slides, checkpoints)
 
 
@@ -84,13 +87,17 @@ def _check_run_tables(path: Path, config, splits: pd.DataFrame, slides: pd.DataF
     """One-line `RunError` for a run file that parses but lacks what evaluation reads."""
     spec = config.get("feature_spec") if isinstance(config, dict) else None
     if not isinstance(config, dict) or not isinstance(config.get("feature_dir"), str) or not isinstance(spec, dict):
-        raise RunError(f"{path / 'config.json'}: expected the config of a `mil train features` run (with feature_dir and "
-                       "feature_spec), got something else; check the path or retrain.")  # fmt: skip
+        raise RunError(
+            f"{path / 'config.json'}: expected the config of a `mil train features` run (with feature_dir and "
+            "feature_spec), got something else; check the path or retrain."
+        )
     try:
         FeatureSpec(**spec)
     except TypeError:
-        raise RunError(f"{path / 'config.json'}: expected a feature_spec with {', '.join(FeatureSpec.__dataclass_fields__)}, "
-                       f"got keys {sorted(spec)}; check the path or retrain.") from None  # fmt: skip
+        raise RunError(
+            f"{path / 'config.json'}: expected a feature_spec with {', '.join(FeatureSpec.__dataclass_fields__)}, "
+            f"got keys {sorted(spec)}; check the path or retrain."
+        ) from None
     for name, table, cols in (("splits.csv", splits, ("fold", "set", "slide_id")), ("slides.csv", slides, ("slide_id", "label"))):
         missing = [c for c in cols if c not in table.columns]
         if missing:
@@ -118,12 +125,16 @@ def score_split(run: Run, features: str | Path, split: str = "test", labels: pd.
         raise OptionError(f"expected --split to be one of {', '.join(SPLITS)}, got {split!r} instead.")
     rows = run.splits[run.splits["set"] == split]
     if rows.empty:
-        raise OptionError(f"{run.path / 'splits.csv'}: expected slides in the {split!r} set, got none; a run on the manifest's split column needs test slides.")
+        raise OptionError(
+            f"{run.path / 'splits.csv'}: expected slides in the {split!r} set, got none; a run on the manifest's split column needs test slides."
+        )
     table = run.slides if labels is None else labels
     label = dict(zip(table["slide_id"].astype(str), table["label"]))
     unlabelled = [s for s in dict.fromkeys(rows["slide_id"]) if pd.isna(label.get(s, np.nan))]
     if unlabelled:
-        raise OptionError(f"expected a label for every {split} slide, got none for {len(unlabelled)}: {', '.join(unlabelled[:10])}; label them in the manifest.")
+        raise OptionError(
+            f"expected a label for every {split} slide, got none for {len(unlabelled)}: {', '.join(unlabelled[:10])}; label them in the manifest."
+        )
     files, spec = resolve_feature_files(pd.DataFrame({"slide_id": list(dict.fromkeys(rows["slide_id"]))}), features)
     diff = run.feature_spec.first_difference(spec)
     if diff is not None:
@@ -147,17 +158,31 @@ def summarise(pred: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> dict:
     """metrics.json's content from `score_split`'s table (see the module docstring)."""
     per_slide = pred.groupby("slide_id", sort=False).agg(label=("label", "first"), probability=("probability", "mean"))
     y, p = check_predictions(per_slide["label"], per_slide["probability"])
-    doc = {"n_slides": len(per_slide), "n_positive": int(y.sum()), "folds": sorted(pred["fold"].unique().tolist()),
-           "auc": auc_ci(y, p, n_boot=n_boot, seed=seed), **threshold_metrics(pred["label"], pred["predicted"])}  # fmt: skip
+    doc = {
+        "n_slides": len(per_slide),
+        "n_positive": int(y.sum()),
+        "folds": sorted(pred["fold"].unique().tolist()),
+        "auc": auc_ci(y, p, n_boot=n_boot, seed=seed),
+        **threshold_metrics(pred["label"], pred["predicted"]),
+    }
     per_fold = []
     for fold, part in pred.groupby("fold", sort=True):
         auc = auc_ci(part["label"], part["probability"], n_boot=1, seed=seed)["auc"] if part["label"].nunique() == 2 else float("nan")
-        per_fold.append({"fold": fold, "n": len(part), "auc": auc, "threshold": float(part["threshold"].iloc[0]),
-                         **threshold_metrics(part["label"], part["predicted"])})  # fmt: skip
+        per_fold.append(
+            {
+                "fold": fold,
+                "n": len(part),
+                "auc": auc,
+                "threshold": float(part["threshold"].iloc[0]),
+                **threshold_metrics(part["label"], part["predicted"]),
+            }
+        )
     doc["per_fold"] = per_fold
     if len(per_fold) > 1:
         keys = ("auc", "balanced_accuracy", "sensitivity", "specificity", "f1", "accuracy")
-        doc["fold_mean_sd"] = {k: [float(np.nanmean([f[k] for f in per_fold])), float(np.nanstd([f[k] for f in per_fold], ddof=1))] for k in keys}
+        doc["fold_mean_sd"] = {
+            k: [float(np.nanmean([f[k] for f in per_fold])), float(np.nanstd([f[k] for f in per_fold], ddof=1))] for k in keys
+        }
     return doc
 
 
@@ -209,12 +234,17 @@ def plot_curves(labels, probs, out_dir: Path, title: str, n_boot: int = 1000, se
     ]:
         fig, ax = plt.subplots(figsize=(4.2, 4.2), dpi=120)
         ax.fill_between(c["grid"], lo, hi, color="tab:blue", alpha=0.2, lw=0, label="95 % bootstrap band")
-        ax.plot(x, y, color="tab:blue", lw=1.8, drawstyle="steps-post" if name == "roc" else "default",
-                label=f"AUC {auc['auc']:.3f} [{auc['ci_low']:.3f}, {auc['ci_high']:.3f}]" if name == "roc" else "PR curve")  # fmt: skip
+        ax.plot(
+            x,
+            y,
+            color="tab:blue",
+            lw=1.8,
+            drawstyle="steps-post" if name == "roc" else "default",
+            label=f"AUC {auc['auc']:.3f} [{auc['ci_low']:.3f}, {auc['ci_high']:.3f}]" if name == "roc" else "PR curve",
+        )
         ax.plot(*chance, ls="--", color="grey", lw=0.8)
         ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel=xlabel, ylabel=ylabel, title=title)
         ax.legend(loc="lower right" if name == "roc" else "lower left", fontsize=8)
         fig.tight_layout()
         fig.savefig(out_dir / f"{name}.png")
         plt.close(fig)
-

@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from mil.extract.moco_cli import moco
 
 from mil.errors import OptionError
+from mil.extract.moco_cli import moco
 
 app = typer.Typer(help="Stage 1: slides → tiles → features.", no_args_is_help=True, rich_markup_mode="rich")
 
@@ -18,9 +18,8 @@ def load_slides(input_path: Path, slides_root: Path | None = None):
     """A validated slide table from a manifest CSV or a folder of slides (slide id = file stem).
 
     `slides_root` resolves a manifest's relative paths (default: the manifest's folder)."""
-    from mil.slides import slides_from_folder
-
     from mil.manifest import read_manifest
+    from mil.slides import slides_from_folder
 
     if input_path.is_dir():
         return slides_from_folder(input_path)
@@ -41,17 +40,24 @@ def synthetic(
     lesion_fraction: Annotated[float, typer.Option(help="Lesion area as a fraction of the tissue area.")] = 0.02,
 ) -> None:
     """Write a synthetic cohort: pyramidal JPEG-tiled slides with tissue, lesions, masks and a manifest."""
-    from mil.extract.synthetic import make_cohort
     from rich.progress import Progress
+
+    from mil.extract.synthetic import make_cohort
 
     written: list[str] = []
     with Progress(transient=True) as bar:
         task = bar.add_task("writing slides", total=n_slides)
         manifest = make_cohort(
-            out_dir, n_slides=n_slides, size=size, fmt=fmt, seed=seed, mpp=mpp,
-            positive_fraction=positive_fraction, lesion_fraction=lesion_fraction,
+            out_dir,
+            n_slides=n_slides,
+            size=size,
+            fmt=fmt,
+            seed=seed,
+            mpp=mpp,
+            positive_fraction=positive_fraction,
+            lesion_fraction=lesion_fraction,
             progress=lambda sid: (written.append(sid), bar.advance(task)),
-        )  # fmt: skip
+        )
     if written:
         typer.echo(f"wrote {len(written)} slides and {manifest}")
     else:
@@ -69,7 +75,9 @@ MaskMpp = Annotated[float, typer.Option(help="Resolution (µm/px) of tissue dete
 Mpp = Annotated[Optional[float], typer.Option(help="Level-0 mpp for slides whose file (and manifest) gives none.")]
 SkipErrors = Annotated[bool, typer.Option("--skip-errors", help="Exit 0 even if some slides failed (they are still reported).")]
 Progress_ = Annotated[bool, typer.Option(help="Show a progress bar.")]
-SlidesRoot = Annotated[Optional[Path], typer.Option(help="Folder that the manifest's relative slide paths start from (default: the manifest's folder).")]
+SlidesRoot = Annotated[
+    Optional[Path], typer.Option(help="Folder that the manifest's relative slide paths start from (default: the manifest's folder).")
+]
 
 
 def tiling_config(target_mpp, tile_size, overlap, tissue_threshold, saturation_threshold, mask_mpp, mpp):
@@ -119,8 +127,15 @@ def tiles(
 def features(
     input_path: Input,
     out: Annotated[Path, typer.Option("--out", help="Output folder for <slide_id>.h5 feature files and the report.")],
-    encoder: Annotated[str, typer.Option(help="Encoder name: resnet50_trunc, resnet50, resnet18, vit_small_patch16_224 or any timm model.")] = "resnet50_trunc",
-    weights: Annotated[str, typer.Option(help="'imagenet' (timm's weights, from the network or its cache), a local file (state dict, timm or MoCo v2 checkpoint), or 'none' (random, for testing).")] = "imagenet",
+    encoder: Annotated[
+        str, typer.Option(help="Encoder name: resnet50_trunc, resnet50, resnet18, vit_small_patch16_224 or any timm model.")
+    ] = "resnet50_trunc",
+    weights: Annotated[
+        str,
+        typer.Option(
+            help="'imagenet' (timm's weights, from the network or its cache), a local file (state dict, timm or MoCo v2 checkpoint), or 'none' (random, for testing)."
+        ),
+    ] = "imagenet",
     precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16 (auto: bf16 where the hardware supports it).")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Tiles per encoder batch.")] = 64,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes reading tiles.")] = 2,
@@ -137,14 +152,15 @@ def features(
     mpp: Mpp = None,
     slides_root: SlidesRoot = None,
     skip_errors: SkipErrors = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Re-extract slides whose features exist, even with other settings.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Re-extract slides whose features exist, even with other settings.")
+    ] = False,
     progress: Progress_ = True,
 ) -> None:
     """Embed every tile of every slide (tiling first where needed) into one HDF5 file per slide."""
+    from mil.device import resolve_device
     from mil.extract.encoders import create_encoder
     from mil.extract.features import FeatureConfig, run_features
-
-    from mil.device import resolve_device
 
     tiling = tiling_config(target_mpp, tile_size, overlap, tissue_threshold, saturation_threshold, mask_mpp, mpp)
     config = FeatureConfig(tiling=tiling, batch_size=batch_size, workers=workers, dtype=dtype)
@@ -202,11 +218,15 @@ def needles(
     target: Annotated[int, typer.Option(help="Class whose presence makes a canvas positive (e.g. 3).")],
     canvas: Annotated[str, typer.Option(help="Canvas sides in px, comma-separated, e.g. 64,128,256.")],
     idx_dir: Annotated[Optional[Path], typer.Option(help="Folder with the four MNIST-format IDX files (plain or .gz).")] = None,
-    source: Annotated[Optional[str], typer.Option(help="'sklearn-digits': scikit-learn's bundled 8×8 digits, upscaled to 28×28 (offline).")] = None,
+    source: Annotated[
+        Optional[str], typer.Option(help="'sklearn-digits': scikit-learn's bundled 8×8 digits, upscaled to 28×28 (offline).")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Random seed; same seed, identical image sets.")] = 1234,
     duplicates: Annotated[int, typer.Option(help="Times each target object is used, each with fresh clutter.")] = 2,
     val_size: Annotated[Optional[int], typer.Option(help="Objects at the end of the IDX train file that form val (default 5000).")] = None,
-    max_per_split: Annotated[Optional[str], typer.Option(help="Caps on canvases for train,val,test, e.g. 2000,500,500 (balance kept).")] = None,
+    max_per_split: Annotated[
+        Optional[str], typer.Option(help="Caps on canvases for train,val,test, e.g. 2000,500,500 (balance kept).")
+    ] = None,
     clutter_density: Annotated[Optional[float], typer.Option(help="Distractors per 64×64 px instead of the paper's table (≈1.56).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace image sets made with other options.")] = False,
     progress: Progress_ = True,
@@ -215,10 +235,19 @@ def needles(
     from mil.extract.needles import parse_ints, run_needles, summary
 
     results = run_needles(
-        out, target=target, canvases=parse_ints(canvas, "--canvas"), idx_dir=idx_dir, source=source or "idx",
-        seed=seed, duplicates=duplicates, val_size=val_size, max_per_split=parse_ints(max_per_split, "--max-per-split", 3),
-        clutter_density=clutter_density, overwrite=overwrite, progress=progress,
-    )  # fmt: skip
+        out,
+        target=target,
+        canvases=parse_ints(canvas, "--canvas"),
+        idx_dir=idx_dir,
+        source=source or "idx",
+        seed=seed,
+        duplicates=duplicates,
+        val_size=val_size,
+        max_per_split=parse_ints(max_per_split, "--max-per-split", 3),
+        clutter_density=clutter_density,
+        overwrite=overwrite,
+        progress=progress,
+    )
     for r in results:
         typer.echo(summary(r))
 
@@ -226,7 +255,9 @@ def needles(
 @app.command()
 def crops(
     manifest: Annotated[Path, typer.Option(help="Manifest CSV with slide_id, path, label and split columns.")],
-    masks: Annotated[Path, typer.Option(help="Folder of lesion masks <slide_id>_lesion.png (or <slide_id>.png) covering each positive slide.")],
+    masks: Annotated[
+        Path, typer.Option(help="Folder of lesion masks <slide_id>_lesion.png (or <slide_id>.png) covering each positive slide.")
+    ],
     out: Annotated[Path, typer.Option("--out", help="The image-set folder to write.")],
     size: Annotated[int, typer.Option(help="Crop side in px.")] = 256,
     o2i: Annotated[str, typer.Option(help="Range LOW-HIGH of the lesion fraction of positive crops, e.g. 0.01-0.1.")] = "0.01-0.1",
@@ -241,8 +272,9 @@ def crops(
     """nCAMELYON-style image set: crops holding one whole lesion (positives) or none (negative slides)."""
     from mil.extract.crops import CropConfig, parse_range, run_crops, summary
 
-    config = CropConfig(size=size, o2i=parse_range(o2i), level=level, level_mpp=level_mpp,
-                        per_lesion=per_lesion, per_slide=per_slide, seed=seed)  # fmt: skip
+    config = CropConfig(
+        size=size, o2i=parse_range(o2i), level=level, level_mpp=level_mpp, per_lesion=per_lesion, per_slide=per_slide, seed=seed
+    )
     typer.echo(summary(run_crops(manifest, masks, out, config, overwrite=overwrite, progress=progress)))
 
 

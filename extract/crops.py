@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from mil.extract.needles import MAX_BYTES, check_existing, mil_version, start_folder
 
 from mil.errors import ManifestError, OptionError
+from mil.extract.needles import MAX_BYTES, check_existing, mil_version, start_folder
 from mil.imagesets import SPLITS, check_split, write_meta, write_split
 
 POSITIONS_NAME = "crops.csv"  # sidecar beside the split files: where each crop came from
@@ -73,14 +73,18 @@ class CropConfig:
             (0 <= lo < hi <= 1, "--o2i", "a range LOW-HIGH with 0 <= LOW < HIGH <= 1", f"{lo}-{hi}"),
             (self.level is None or self.level >= 0, "--level", "an integer >= 0", self.level),
             (self.level_mpp is None or self.level_mpp > 0, "--level-mpp", "> 0 (µm per crop px)", self.level_mpp),
-            (self.level is None or self.level_mpp is None, "--level or --level-mpp", "only one of them",
-             f"--level {self.level} and --level-mpp {self.level_mpp}"),
+            (
+                self.level is None or self.level_mpp is None,
+                "--level or --level-mpp",
+                "only one of them",
+                f"--level {self.level} and --level-mpp {self.level_mpp}",
+            ),
             (self.per_lesion >= 1, "--per-lesion", "an integer >= 1", self.per_lesion),
             (self.per_slide >= 0, "--per-slide", "an integer >= 0", self.per_slide),
             (self.seed >= 0, "--seed", "an integer >= 0", self.seed),
             (self.tries >= 1, "tries", "an integer >= 1", self.tries),
             (0 <= self.min_tissue <= 1, "min_tissue", "in [0, 1]", self.min_tissue),
-        ]  # fmt: skip
+        ]
         for ok, opt, what, got in checks:
             if not ok:
                 raise OptionError(f"expected {opt} to be {what}, got {got!r} instead.")
@@ -141,9 +145,7 @@ def load_lesion_mask(masks_dir: str | Path, slide_id: str) -> np.ndarray:
             except OSError as e:
                 raise ManifestError(f"{p}: expected a lesion mask image, could not read it ({e}).") from None
             return (arr if arr.ndim == 2 else arr[..., 0]) > 0  # (h, w)
-    raise ManifestError(
-        f"{d}: expected a lesion mask for positive slide {slide_id!r} ({slide_id}_lesion.png or {slide_id}.png), got none."
-    )
+    raise ManifestError(f"{d}: expected a lesion mask for positive slide {slide_id!r} ({slide_id}_lesion.png or {slide_id}.png), got none.")
 
 
 def mask_scale(mask_shape: tuple[int, int], width: int, height: int, where: str = "") -> tuple[float, float]:
@@ -189,7 +191,7 @@ def _fraction(lesion: np.ndarray, x0: int, y0: int, size: int, ds: float, scale:
     cols = crop_index(x0, size, ds, scale[1], lesion.shape[1])
     wr = np.bincount(rows - rows[0]).astype(np.float32)  # (r,)
     wc = np.bincount(cols - cols[0]).astype(np.float32)  # (c,)
-    block = lesion[rows[0]:rows[0] + len(wr), cols[0]:cols[0] + len(wc)]  # (r, c)
+    block = lesion[rows[0] : rows[0] + len(wr), cols[0] : cols[0] + len(wc)]  # (r, c)
     return float(wr @ block @ wc) / (size * size)
 
 
@@ -204,8 +206,9 @@ class PositiveCrop:
     component: int
 
 
-def positive_positions(lesion: np.ndarray, width: int, height: int, ds: float, cfg: CropConfig,
-                       rng: np.random.Generator) -> tuple[list[PositiveCrop], dict[str, int]]:  # fmt: skip
+def positive_positions(
+    lesion: np.ndarray, width: int, height: int, ds: float, cfg: CropConfig, rng: np.random.Generator
+) -> tuple[list[PositiveCrop], dict[str, int]]:
     """Positive crop positions of one slide, from its lesion mask alone (no pixels read).
 
     Args:
@@ -262,8 +265,16 @@ def positive_positions(lesion: np.ndarray, width: int, height: int, ds: float, c
     return out, counts
 
 
-def negative_positions(tissue: np.ndarray, tissue_scale: float, width: int, height: int, ds: float, cfg: CropConfig,
-                       rng: np.random.Generator, n: int | None = None) -> list[tuple[int, int]]:  # fmt: skip
+def negative_positions(
+    tissue: np.ndarray,
+    tissue_scale: float,
+    width: int,
+    height: int,
+    ds: float,
+    cfg: CropConfig,
+    rng: np.random.Generator,
+    n: int | None = None,
+) -> list[tuple[int, int]]:
     """Random crop positions (x0, y0) in level-0 px whose tissue fraction is at least `cfg.min_tissue`.
 
     Args:
@@ -328,8 +339,9 @@ def _slide_ds(slide, geom_fn, cfg: CropConfig, where: str) -> float:
     return float(slide.level_downsamples[level])
 
 
-def run_crops(manifest: str | Path, masks_dir: str | Path, out: str | Path, cfg: CropConfig, *,
-              overwrite: bool = False, progress: bool = True) -> dict[str, Any]:  # fmt: skip
+def run_crops(
+    manifest: str | Path, masks_dir: str | Path, out: str | Path, cfg: CropConfig, *, overwrite: bool = False, progress: bool = True
+) -> dict[str, Any]:
     """Write an nCAMELYON-style image set (`mil.imagesets`) to `out`.
 
     Args:
@@ -343,7 +355,6 @@ def run_crops(manifest: str | Path, masks_dir: str | Path, out: str | Path, cfg:
     Returns:
         ``{"folder", "status" ("written" or "complete"), "meta"}``.
     """
-    from mil.extract.tissue import TissueParams, detect_tissue, read_low_res
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -353,6 +364,7 @@ def run_crops(manifest: str | Path, masks_dir: str | Path, out: str | Path, cfg:
         TimeElapsedColumn,
     )
 
+    from mil.extract.tissue import TissueParams, detect_tissue, read_low_res
     from mil.imagesets import read_meta
     from mil.slides import open_slide, slide_geometry
 
@@ -382,7 +394,7 @@ def run_crops(manifest: str | Path, masks_dir: str | Path, out: str | Path, cfg:
             slide = open_slide(row.path)
             try:
                 mpp = None if np.isnan(row.mpp) else float(row.mpp)
-                ds = _slide_ds(slide, lambda: slide_geometry(slide, row.path, mpp), cfg, where)
+                ds = _slide_ds(slide, lambda: slide_geometry(slide, row.path, mpp), cfg, where)  # noqa: B023 - called within the iteration
                 width, height = slide.dimensions
                 items = []
                 if row.label == 1:
@@ -421,10 +433,21 @@ def run_crops(manifest: str | Path, masks_dir: str | Path, out: str | Path, cfg:
 
     start_folder(out)
     balance_rng = np.random.default_rng([cfg.seed, 2**31])
-    meta = {"generator": "crops", "mil_version": mil_version(), "options": options, "seed": cfg.seed, "size": cfg.size, "channels": 3,
-            "n": {}, "n_positive": {}, "before_balance": {}, "o2i_range": None, "counts": counts,
-            "background_test": f"tissue fraction >= {cfg.min_tissue} (mil.extract.tissue at {cfg.tissue_mpp} µm/px) "
-                               f"and mean green <= {cfg.max_green}"}  # fmt: skip
+    meta = {
+        "generator": "crops",
+        "mil_version": mil_version(),
+        "options": options,
+        "seed": cfg.seed,
+        "size": cfg.size,
+        "channels": 3,
+        "n": {},
+        "n_positive": {},
+        "before_balance": {},
+        "o2i_range": None,
+        "counts": counts,
+        "background_test": f"tissue fraction >= {cfg.min_tissue} (mil.extract.tissue at {cfg.tissue_mpp} µm/px) "
+        f"and mean green <= {cfg.max_green}",
+    }
     o2i_all, rows = [], []
     for split in SPLITS:
         pos, neg = per_split[split]["pos"], per_split[split]["neg"]

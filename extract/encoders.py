@@ -12,9 +12,9 @@ import difflib
 import hashlib
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import timm
 import torch
@@ -83,8 +83,20 @@ class Encoder(nn.Module):
     device or precision, create a new encoder.
     """
 
-    def __init__(self, model: nn.Module, name: str, *, input_size: int, mean: tuple[float, ...], std: tuple[float, ...],
-                 weights: str, weights_sha256: str, seed: int, precision: str, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        name: str,
+        *,
+        input_size: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        weights: str,
+        weights_sha256: str,
+        seed: int,
+        precision: str,
+        device: torch.device,
+    ) -> None:
         super().__init__()
         self.model = model.eval().to(device, memory_format=torch.channels_last)
         self.name, self.weights, self.weights_sha256, self.seed = name, weights, weights_sha256, seed
@@ -126,15 +138,29 @@ class Encoder(nn.Module):
     def describe(self) -> dict:
         """JSON-ready settings (lists, not tuples, so they survive a JSON round trip unchanged)."""
         return {
-            "name": self.name, "feature_dim": self.feature_dim, "input_size": self.input_size,
-            "mean": list(self.mean), "std": list(self.std), "weights": self.weights,
-            "weights_sha256": self.weights_sha256, "seed": self.seed, "precision": self.precision,
+            "name": self.name,
+            "feature_dim": self.feature_dim,
+            "input_size": self.input_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "weights": self.weights,
+            "weights_sha256": self.weights_sha256,
+            "seed": self.seed,
+            "precision": self.precision,
         }
 
 
-def create_encoder(name: str, weights: str = "none", precision: str = "auto", *, device: str | torch.device = "cpu",
-                   input_size: int | None = None, mean: tuple[float, float, float] | None = None,
-                   std: tuple[float, float, float] | None = None, seed: int = 0) -> Encoder:
+def create_encoder(
+    name: str,
+    weights: str = "none",
+    precision: str = "auto",
+    *,
+    device: str | torch.device = "cpu",
+    input_size: int | None = None,
+    mean: tuple[float, float, float] | None = None,
+    std: tuple[float, float, float] | None = None,
+    seed: int = 0,
+) -> Encoder:
     """Build an encoder by name.
 
     Args:
@@ -184,8 +210,18 @@ def create_encoder(name: str, weights: str = "none", precision: str = "auto", *,
     size = input_size or int(data["input_size"][-1])
     if size != data["input_size"][-1] and hasattr(model, "set_input_size"):
         model.set_input_size(img_size=size)  # ViTs: resample the position embedding to the new patch grid
-    return Encoder(model, name, input_size=size, mean=tuple(mean or data["mean"]), std=tuple(std or data["std"]),
-                   weights=str(weights), weights_sha256=sha, seed=seed, precision=precision, device=device)
+    return Encoder(
+        model,
+        name,
+        input_size=size,
+        mean=tuple(mean or data["mean"]),
+        std=tuple(std or data["std"]),
+        weights=str(weights),
+        weights_sha256=sha,
+        seed=seed,
+        precision=precision,
+        device=device,
+    )
 
 
 def _build_pretrained(name: str, build: Callable[[bool], nn.Module]) -> nn.Module:
@@ -260,10 +296,12 @@ def load_weights(model: nn.Module, path: str | Path, *, removed_prefixes: tuple[
     unexpected = [k for k in state if k not in expected and not k.startswith(skip)]
     missing = [k for k in expected if k not in state]
     needed = [k for k in missing if not k.endswith("num_batches_tracked")]  # absent in old files; unused in eval
-    shapes = [f"{k} {tuple(state[k].shape)}≠{tuple(v.shape)}" for k, v in expected.items()
-              if k in state and state[k].shape != v.shape]
-    problems = [f"{len(keys)} {what} {keys[:3]}" for what, keys in
-                (("missing keys", needed), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if keys]
+    shapes = [f"{k} {tuple(state[k].shape)}≠{tuple(v.shape)}" for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    problems = [
+        f"{len(keys)} {what} {keys[:3]}"
+        for what, keys in (("missing keys", needed), ("unexpected keys", unexpected), ("shape mismatches", shapes))
+        if keys
+    ]
     if problems:
         arch = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
         raise MilError(

@@ -63,9 +63,7 @@ class FeatureConfig:
 def feature_settings(encoder, config: FeatureConfig) -> dict:
     """What determines a slide's features; stored in the file and compared on reruns."""
     d = encoder.describe()
-    return {k: d[k] for k in ("name", "weights_sha256", "input_size", "mean", "std", "precision", "seed")} | {
-        "dtype": config.dtype
-    }
+    return {k: d[k] for k in ("name", "weights_sha256", "input_size", "mean", "std", "precision", "seed")} | {"dtype": config.dtype}
 
 
 def _stored_feature_settings(path: Path) -> dict | None:
@@ -80,9 +78,7 @@ def _collate(batch: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(batch))  # (B, T, T, 3) uint8
 
 
-def embed_slide(
-    slide_id: str, slide_path: str, coords_file: Path, out_file: Path, encoder, config: FeatureConfig, on_batch=None
-) -> int:
+def embed_slide(slide_id: str, slide_path: str, coords_file: Path, out_file: Path, encoder, config: FeatureConfig, on_batch=None) -> int:
     """Embed every tile listed in `coords_file`; write ``out_file`` (temporary name, then rename).
 
     Args:
@@ -201,9 +197,12 @@ def run_features(
     console = Console(stderr=True)
     results: list[SlideResult] = []
     columns = (
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
-    )  # fmt: skip
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=console, disable=not progress) as bar:
         slide_task = bar.add_task("slides", total=len(slides), rate="")
         tile_task = bar.add_task("tiles", total=0, rate="")

@@ -35,9 +35,7 @@ class GridSpec:
         if self.tile_size < 8:
             raise OptionError(f"expected --tile-size of at least 8 px, got {self.tile_size!r} instead.")
         if not (0 <= self.overlap < self.tile_size):
-            raise OptionError(
-                f"expected 0 <= --overlap < --tile-size ({self.tile_size}), got {self.overlap!r} instead."
-            )
+            raise OptionError(f"expected 0 <= --overlap < --tile-size ({self.tile_size}), got {self.overlap!r} instead.")
 
     def scale(self, level0_mpp: float) -> float:
         """Level-0 px per target px."""

@@ -113,9 +113,7 @@ def import_csv_table(
             f"bag_col={bag_col} instead."
         )
     if prefix is not None and prefix != "" and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", prefix):
-        raise OptionError(
-            f"expected --prefix of letters, digits, '.', '_' or '-' starting with a letter or digit, got {prefix!r} instead."
-        )
+        raise OptionError(f"expected --prefix of letters, digits, '.', '_' or '-' starting with a letter or digit, got {prefix!r} instead.")
     bags, n_features = _parse(csv_path, label_col, bag_col)
     ids = _safe_ids([b.raw_id for b in bags], prefix or "", csv_path)
 
@@ -195,9 +193,7 @@ def _parse(path: Path, label_col: int, bag_col: int) -> tuple[list[_Bag], int]:
     if not bags:
         raise ManifestError(f"{path}: expected at least one instance row, found none.")
     if raw_labels >= {0, -1}:
-        raise ManifestError(
-            f"{path}: expected labels coded either 0/1 or -1/1, got both 0 and -1; recode the negative bags consistently."
-        )
+        raise ManifestError(f"{path}: expected labels coded either 0/1 or -1/1, got both 0 and -1; recode the negative bags consistently.")
     for bag in bags.values():
         bag.label = max(bag.label, 0)  # -1/1 coding → 0/1
     return list(bags.values()), len(feature_cols)
@@ -285,4 +281,3 @@ def _write_bag(out: Path, sid: str, bag: _Bag, source: str, csv_name: str) -> No
                 mil_version=mil.__version__,
                 source=source,
             )
-

@@ -46,7 +46,6 @@ from mil.errors import MilError, OptionError, SettingsMismatchError
 from mil.extract.tiles import TilingConfig
 from mil.manifest import SPLITS
 
-
 # ----------------------------------------------------------------------------------------------
 # The method
 # ----------------------------------------------------------------------------------------------
@@ -71,8 +70,7 @@ class MoCo(nn.Module):
             (the "SplitBatchNorm" of MoCo's CIFAR-10 demo).
     """
 
-    def __init__(self, backbone: nn.Module, dim: int = 128, K: int = 65536, m: float = 0.999, T: float = 0.2,
-                 bn_splits: int = 1) -> None:
+    def __init__(self, backbone: nn.Module, dim: int = 128, K: int = 65536, m: float = 0.999, T: float = 0.2, bn_splits: int = 1) -> None:
         super().__init__()
         self.K, self.m, self.T, self.bn_splits = K, m, T, bn_splits
         c = int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)  # feature size C
@@ -195,6 +193,7 @@ def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
 # Training
 # ----------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class MocoConfig:
     """Every option that decides the result of a MoCo run (compared on reruns).
@@ -253,9 +252,12 @@ class MocoConfig:
         """JSON-ready settings of a run on these slides (as they read back from config.json)."""
         from mil.extract.moco_data import Augment
 
-        d = asdict(self) | {"tiling": self.tiling.as_dict(), "augmentation": Augment().as_dict(),
-                            "splits": list(self.splits) if self.splits is not None else "all but test",
-                            "slides_sha256": hashlib.sha256("\n".join(map(str, slide_ids)).encode()).hexdigest()}  # fmt: skip
+        d = asdict(self) | {
+            "tiling": self.tiling.as_dict(),
+            "augmentation": Augment().as_dict(),
+            "splits": list(self.splits) if self.splits is not None else "all but test",
+            "slides_sha256": hashlib.sha256("\n".join(map(str, slide_ids)).encode()).hexdigest(),
+        }
         return json.loads(json.dumps(d))
 
     def resolve_bn_splits(self, world: int) -> int:
@@ -347,7 +349,9 @@ def _plan(out: Path, settings: dict, epochs: int, resume: bool, overwrite: bool)
     try:
         old = json.loads(cfg.read_text())["settings"]
     except (OSError, ValueError, KeyError):
-        raise SettingsMismatchError(f"{cfg}: exists but was not written by `mil extract moco`; choose another --out or pass --overwrite.") from None
+        raise SettingsMismatchError(
+            f"{cfg}: exists but was not written by `mil extract moco`; choose another --out or pass --overwrite."
+        ) from None
     changed = [k for k in dict.fromkeys([*settings, *old]) if old.get(k) != settings.get(k)]
     if changed:
         k = changed[0]
@@ -451,8 +455,11 @@ def run_moco(
                 "lower --batch-size, or add slides / tiles (--tiles-per-slide, --tissue-threshold)."
             )
         if config.queue > len(dataset) and rank == 0:
-            warnings.warn(f"--queue {config.queue} is larger than the {len(dataset)} tiles: a tile's own older keys "
-                          "will be among its negatives; a queue smaller than the number of tiles is advised.", stacklevel=2)
+            warnings.warn(
+                f"--queue {config.queue} is larger than the {len(dataset)} tiles: a tile's own older keys "
+                "will be among its negatives; a queue smaller than the number of tiles is advised.",
+                stacklevel=2,
+            )
 
         model.to(device)
         params = [p for p in model.parameters() if p.requires_grad]  # the query encoder and its head
@@ -464,13 +471,27 @@ def run_moco(
             optimizer.load_state_dict(ckpt["optimizer"])
             if (out / "metrics.csv").exists():
                 history = [r for r in pd.read_csv(out / "metrics.csv").to_dict("records") if r["epoch"] <= done]
-        runtime = {"device": str(device), "world_size": world, "precision": precision, "workers": workers,
-                   "bn_splits": bn_splits, "per_process_batch": config.batch_size // world}  # fmt: skip
+        runtime = {
+            "device": str(device),
+            "world_size": world,
+            "precision": precision,
+            "workers": workers,
+            "bn_splits": bn_splits,
+            "per_process_batch": config.batch_size // world,
+        }
         if rank == 0:
-            doc = {"stage": "moco", "mil_version": mil.__version__, "settings": settings, "runtime": runtime,
-                   "preprocessing": prep, "coords_dir": str(coords_dir), "n_slides": len(slides),
-                   "slide_ids": slides["slide_id"].astype(str).tolist(),
-                   "n_tiles": len(dataset), "failed_slides": failures}  # fmt: skip
+            doc = {
+                "stage": "moco",
+                "mil_version": mil.__version__,
+                "settings": settings,
+                "runtime": runtime,
+                "preprocessing": prep,
+                "coords_dir": str(coords_dir),
+                "n_slides": len(slides),
+                "slide_ids": slides["slide_id"].astype(str).tolist(),
+                "n_tiles": len(dataset),
+                "failed_slides": failures,
+            }
             with atomic_path(out / "config.json") as tmp:
                 tmp.write_text(json.dumps(doc, indent=2) + "\n")
 
@@ -488,9 +509,17 @@ def run_moco(
             for epoch in range(done, config.epochs):
                 torch.manual_seed(_seed(config.seed, epoch, rank))  # augmentations, key shuffles: the same on a resumed run
                 sampler.set_epoch(epoch)
-                loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, num_workers=workers, drop_last=True, collate_fn=collate_tiles,
-                                    pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(_seed(config.seed, epoch)),
-                                    prefetch_factor=4 if workers else None)  # fmt: skip
+                loader = DataLoader(
+                    dataset,
+                    batch_size=local_batch,
+                    sampler=sampler,
+                    num_workers=workers,
+                    drop_last=True,
+                    collate_fn=collate_tiles,
+                    pin_memory=device.type == "cuda",
+                    generator=torch.Generator().manual_seed(_seed(config.seed, epoch)),
+                    prefetch_factor=4 if workers else None,
+                )
                 bar.update(task, description=f"epoch {epoch + 1}/{config.epochs}")
                 sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss · n, correct, n
                 t0 = time.perf_counter()
@@ -519,8 +548,16 @@ def run_moco(
                 if world > 1:
                     dist.all_reduce(sums)
                 loss_, acc, n_all = (float(v) for v in sums)
-                history.append({"epoch": epoch + 1, "loss": loss_ / n_all, "pretext_acc": acc / n_all, "lr": lr,
-                                "images_per_s": n_all / seconds, "seconds": seconds})  # fmt: skip
+                history.append(
+                    {
+                        "epoch": epoch + 1,
+                        "loss": loss_ / n_all,
+                        "pretext_acc": acc / n_all,
+                        "lr": lr,
+                        "images_per_s": n_all / seconds,
+                        "seconds": seconds,
+                    }
+                )
                 if rank == 0:
                     with atomic_path(out / "metrics.csv") as tmp:
                         pd.DataFrame(history).to_csv(tmp, index=False)
@@ -529,8 +566,9 @@ def run_moco(
             with atomic_path(out / "encoder.pt") as tmp:  # last: marks the run finished
                 torch.save(model.backbone_state_dict(), tmp)
         _barrier(world)
-        return MocoResult("resumed" if state == "resume" else "trained", config.epochs - done, pd.DataFrame(history),
-                          model, out / "encoder.pt")  # fmt: skip
+        return MocoResult(
+            "resumed" if state == "resume" else "trained", config.epochs - done, pd.DataFrame(history), model, out / "encoder.pt"
+        )
     finally:
         if created:
             dist.destroy_process_group()
@@ -555,7 +593,13 @@ def _progress(enabled: bool):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("{task.fields[rate]:,.1f} img/s"),
-               TimeElapsedColumn(), TimeRemainingColumn())  # fmt: skip
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}"),
+        TextColumn("{task.fields[rate]:,.1f} img/s"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
     return Progress(*columns, console=Console(stderr=True), disable=not enabled)

@@ -17,33 +17,54 @@ import typer
 def moco(
     input_path: Annotated[Path, typer.Argument(metavar="INPUT", help="Manifest CSV, or a folder of slides.")],
     out: Annotated[Path, typer.Option("--out", help="ENCODER_DIR: encoder.pt, checkpoint.pt, metrics.csv, config.json, tiles/.")],
-    arch: Annotated[str, typer.Option(help="Backbone: an encoder name of `mil extract features` (resnet50, resnet18, resnet50_trunc, …) or any timm model.")] = "resnet50",
+    arch: Annotated[
+        str,
+        typer.Option(help="Backbone: an encoder name of `mil extract features` (resnet50, resnet18, resnet50_trunc, …) or any timm model."),
+    ] = "resnet50",
     epochs: Annotated[int, typer.Option(help="Passes over the sampled tiles.")] = 200,
     batch_size: Annotated[int, typer.Option(help="Global batch: tiles per step over all processes.")] = 256,
     queue: Annotated[int, typer.Option(help="Queue size K: negative keys kept from earlier batches.")] = 65536,
     momentum: Annotated[float, typer.Option(help="Momentum m of the key encoder.")] = 0.999,
     temperature: Annotated[float, typer.Option(help="Softmax temperature T.")] = 0.2,
-    lr: Annotated[float, typer.Option(help="Initial learning rate (SGD, momentum 0.9, weight decay 1e-4, cosine schedule); MoCo's 0.03 is for batch 256.")] = 0.03,
+    lr: Annotated[
+        float,
+        typer.Option(help="Initial learning rate (SGD, momentum 0.9, weight decay 1e-4, cosine schedule); MoCo's 0.03 is for batch 256."),
+    ] = 0.03,
     dim: Annotated[int, typer.Option(help="Output size of the MLP projection head.")] = 128,
     tiles_per_slide: Annotated[Optional[int], typer.Option(help="Tiles drawn per slide (seeded); default: all.")] = None,
     steps_per_epoch: Annotated[Optional[int], typer.Option(help="At most this many steps per epoch; default: a full pass.")] = None,
-    bn_splits: Annotated[int, typer.Option(help="BatchNorm groups per process and step; 0: auto (1 with several processes, else batch/32, at most 8).")] = 0,
-    splits: Annotated[Optional[str], typer.Option(help="Manifest splits to pretrain on, comma-separated (train,val,test); default: every split but test (slides without a split included).")] = None,
+    bn_splits: Annotated[
+        int, typer.Option(help="BatchNorm groups per process and step; 0: auto (1 with several processes, else batch/32, at most 8).")
+    ] = 0,
+    splits: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Manifest splits to pretrain on, comma-separated (train,val,test); default: every split but test (slides without a split included)."
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the initial weights, the tile sample, the order and the augmentations.")] = 0,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes reading and augmenting tiles (per process).")] = 4,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N (with torchrun: each process takes cuda:LOCAL_RANK).")] = "auto",
     precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 (auto: bf16 autocast where the hardware has it).")] = "auto",
-    coords_dir: Annotated[Optional[Path], typer.Option(help="Folder of `mil extract tiles` output to reuse (default: ENCODER_DIR/tiles).")] = None,
+    coords_dir: Annotated[
+        Optional[Path], typer.Option(help="Folder of `mil extract tiles` output to reuse (default: ENCODER_DIR/tiles).")
+    ] = None,
     target_mpp: Annotated[float, typer.Option(help="Microns per pixel of the tiles.")] = 0.5,
     tile_size: Annotated[int, typer.Option(help="Tile side in px at --target-mpp (also the side of the augmented views).")] = 224,
     overlap: Annotated[int, typer.Option(help="Overlap of neighbouring tiles in px at --target-mpp.")] = 0,
     tissue_threshold: Annotated[float, typer.Option(help="Keep tiles whose tissue fraction is at least this (0–1).")] = 0.5,
-    saturation_threshold: Annotated[Optional[float], typer.Option(help="Fixed saturation threshold for tissue (0–1); default: Otsu.")] = None,
+    saturation_threshold: Annotated[
+        Optional[float], typer.Option(help="Fixed saturation threshold for tissue (0–1); default: Otsu.")
+    ] = None,
     mask_mpp: Annotated[float, typer.Option(help="Resolution (µm/px) of tissue detection.")] = 8.0,
     mpp: Annotated[Optional[float], typer.Option(help="Level-0 mpp for slides whose file (and manifest) gives none.")] = None,
-    slides_root: Annotated[Optional[Path], typer.Option(help="Folder that the manifest's relative slide paths start from (default: the manifest's folder).")] = None,
+    slides_root: Annotated[
+        Optional[Path], typer.Option(help="Folder that the manifest's relative slide paths start from (default: the manifest's folder).")
+    ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an unfinished run from ENCODER_DIR/checkpoint.pt.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Discard a run in ENCODER_DIR made with other settings (or unfinished) and start again.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Discard a run in ENCODER_DIR made with other settings (or unfinished) and start again.")
+    ] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Pretrain a tile encoder with MoCo v2 on tiles read straight from the slides (self-supervised).
@@ -52,23 +73,43 @@ def moco(
     (DDP; NCCL on GPUs, gloo on CPUs). ENCODER_DIR/encoder.pt is then the --weights of
     `mil extract features --encoder ARCH`.
     """
+    from mil.device import resolve_device
     from mil.extract.cli import load_slides, tiling_config
     from mil.extract.moco import MocoConfig, run_moco
 
-    from mil.device import resolve_device
-
     tiling = tiling_config(target_mpp, tile_size, overlap, tissue_threshold, saturation_threshold, mask_mpp, mpp)
     config = MocoConfig(
-        arch=arch, epochs=epochs, batch_size=batch_size, queue=queue, momentum=momentum, temperature=temperature,
-        lr=lr, dim=dim, tiles_per_slide=tiles_per_slide, steps_per_epoch=steps_per_epoch, bn_splits=bn_splits,
-        seed=seed, tiling=tiling, splits=splits,
-    )  # fmt: skip
+        arch=arch,
+        epochs=epochs,
+        batch_size=batch_size,
+        queue=queue,
+        momentum=momentum,
+        temperature=temperature,
+        lr=lr,
+        dim=dim,
+        tiles_per_slide=tiles_per_slide,
+        steps_per_epoch=steps_per_epoch,
+        bn_splits=bn_splits,
+        seed=seed,
+        tiling=tiling,
+        splits=splits,
+    )
     slides = load_slides(input_path, slides_root)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     with warnings.catch_warnings(record=True) as caught:  # shown as plain lines
         warnings.simplefilter("always")
-        result = run_moco(slides, out, config, coords_dir=coords_dir, device=str(resolve_device(device)), precision=precision,
-                          workers=workers, resume=resume, overwrite=overwrite, progress=progress)  # fmt: skip
+        result = run_moco(
+            slides,
+            out,
+            config,
+            coords_dir=coords_dir,
+            device=str(resolve_device(device)),
+            precision=precision,
+            workers=workers,
+            resume=resume,
+            overwrite=overwrite,
+            progress=progress,
+        )
     if not rank0:
         return
     for w in caught:

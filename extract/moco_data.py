@@ -185,7 +185,7 @@ class Augment:
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
     """ITU-R 601 luma `(B, 1, S, S)` of RGB `(B, 3, S, S)` (torchvision's grayscale weights)."""
-    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])  # (B, 1, S, S)
+    return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]  # (B, 1, S, S)
 
 
 def _hue_rotation(angle: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,6 @@ _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 
 SOURCES = ("idx", "sklearn-digits")
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Reading objects
 
@@ -158,8 +157,8 @@ def digits_splits(size: int = 28) -> dict[str, SourceSplit]:
     Values 0–16 are rescaled to 0–255 and upscaled with bilinear `skimage.transform.resize`;
     splits are the first 60 % / next 20 % / last 20 % by index.
     """
-    from sklearn.datasets import load_digits
     from skimage.transform import resize
+    from sklearn.datasets import load_digits
 
     digits = load_digits()
     small = digits.images.astype(np.float32) / 16.0  # (n, 8, 8) in [0, 1]
@@ -259,7 +258,9 @@ def make_needles(
     targets = np.flatnonzero(labels == target)  # (T,)
     pool = np.flatnonzero(labels != target)  # (P,)
     if n_obj and not len(targets):
-        raise OptionError(f"expected objects of the target class {target} in this split, got none (classes {sorted(set(labels.tolist()))}).")
+        raise OptionError(
+            f"expected objects of the target class {target} in this split, got none (classes {sorted(set(labels.tolist()))})."
+        )
     if n_obj and n_clutter and not len(pool):
         raise OptionError(f"expected objects of classes other than the target {target} for clutter, got none.")
 
@@ -295,14 +296,14 @@ def make_needles(
                 x0 = int(cx) * GRID + int(rng.integers(0, GRID - w + 1))
             else:  # canvas smaller than one cell (or objects larger): anywhere
                 y0, x0 = (int(v) for v in rng.integers(0, (canvas - h + 1, canvas - w + 1)))
-            acc[y0:y0 + h, x0:x0 + w] += objects[target_of[i]]
+            acc[y0 : y0 + h, x0 : x0 + w] += objects[target_of[i]]
             bbox[i] = (x0, y0, x0 + w, y0 + h)
         k = n_clutter + (0 if is_pos[i] else 1)
         picks = pool[rng.integers(0, len(pool), k)] if k else pool[:0]  # (k,)
         ys = rng.integers(0, max(canvas - h, 1), k)  # (k,) top-left in [0, canvas − h)
         xs = rng.integers(0, max(canvas - w, 1), k)  # (k,)
         for j, y, x in zip(picks, ys, xs):
-            acc[y:y + h, x:x + w] += objects[j]
+            acc[y : y + h, x : x + w] += objects[j]
         np.minimum(acc, 255, out=acc)
         images[i, 0] = acc
         clutter_source[i, :k] = index[picks]
@@ -404,9 +405,17 @@ def run_needles(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    options = resolve_needles_options(target=target, canvases=canvases, idx_dir=idx_dir, source=source, seed=seed,
-                                      duplicates=duplicates, val_size=val_size, max_per_split=max_per_split,
-                                      clutter_density=clutter_density)  # fmt: skip
+    options = resolve_needles_options(
+        target=target,
+        canvases=canvases,
+        idx_dir=idx_dir,
+        source=source,
+        seed=seed,
+        duplicates=duplicates,
+        val_size=val_size,
+        max_per_split=max_per_split,
+        clutter_density=clutter_density,
+    )
     out = Path(out)
     todo, results = [], []
     for canvas, opts in options.items():  # every folder checked before any work
@@ -446,14 +455,36 @@ def run_needles(
         for canvas, folder, opts in todo:
             task = bar.add_task(f"canvas {canvas}", total=sum(totals.values()))
             start_folder(folder)
-            meta = {"generator": "needles", "mil_version": mil_version(), "options": opts, "seed": seed, "canvas": canvas, "channels": 1,
-                    "n_clutter": opts["n_clutter"], "objects_per_image": opts["n_clutter"] + 1, "n": {}, "n_positive": {},
-                    "o2i": None, "object_size": None, "origin": {}, "classes": labels}  # fmt: skip
+            meta = {
+                "generator": "needles",
+                "mil_version": mil_version(),
+                "options": opts,
+                "seed": seed,
+                "canvas": canvas,
+                "channels": 1,
+                "n_clutter": opts["n_clutter"],
+                "objects_per_image": opts["n_clutter"] + 1,
+                "n": {},
+                "n_positive": {},
+                "o2i": None,
+                "object_size": None,
+                "origin": {},
+                "classes": labels,
+            }
             for k, split in enumerate(SPLITS):
                 s = splits[split]
-                made = make_needles(s.objects, s.labels, target, canvas, n_clutter=opts["n_clutter"], n_images=caps[split],
-                                    duplicates=duplicates, seed=(seed, k, canvas), source_index=s.index,
-                                    progress=lambda d: bar.advance(task, d))  # fmt: skip
+                made = make_needles(
+                    s.objects,
+                    s.labels,
+                    target,
+                    canvas,
+                    n_clutter=opts["n_clutter"],
+                    n_images=caps[split],
+                    duplicates=duplicates,
+                    seed=(seed, k, canvas),
+                    source_index=s.index,
+                    progress=lambda d: bar.advance(task, d),  # noqa: B023 - used within the iteration
+                )
                 attrs = {"generator": "needles", "split": split, "canvas": canvas, "target": target, "origin": s.origin}
                 write_split(folder / f"{split}.h5", made.split, attrs)
                 meta["n"][split] = len(made.split)
@@ -469,8 +500,9 @@ def run_needles(
     return sorted(results, key=lambda r: order.index(r["folder"]))
 
 
-def resolve_needles_options(*, target, canvases, idx_dir, source, seed, duplicates, val_size, max_per_split,
-                            clutter_density) -> dict[int, dict[str, Any]]:  # fmt: skip
+def resolve_needles_options(
+    *, target, canvases, idx_dir, source, seed, duplicates, val_size, max_per_split, clutter_density
+) -> dict[int, dict[str, Any]]:
     """Validate the options and resolve them into one JSON-able dict per canvas (for imageset.json)."""
     if source not in SOURCES:
         raise OptionError(f"expected --source to be one of {', '.join(SOURCES)}, got {source!r} instead.")
@@ -479,7 +511,9 @@ def resolve_needles_options(*, target, canvases, idx_dir, source, seed, duplicat
     if source == "sklearn-digits" and idx_dir is not None:
         raise OptionError(f"expected either --idx-dir or --source sklearn-digits, got both (--idx-dir {idx_dir}).")
     if source == "sklearn-digits" and val_size is not None:
-        raise OptionError(f"expected no --val-size with --source sklearn-digits (its splits are 60/20/20 by index), got {val_size} instead.")
+        raise OptionError(
+            f"expected no --val-size with --source sklearn-digits (its splits are 60/20/20 by index), got {val_size} instead."
+        )
     if not canvases or min(canvases) < 1:
         raise OptionError(f"expected --canvas to be canvas sides in px such as 64,128,256, got {list(canvases)} instead.")
     if duplicates < 1:
@@ -494,9 +528,17 @@ def resolve_needles_options(*, target, canvases, idx_dir, source, seed, duplicat
         find_idx(idx_dir)  # a clear error before anything else
         idx_dir = str(Path(idx_dir).resolve())
         val_size = 5000 if val_size is None else int(val_size)
-    base = {"source": source, "idx_dir": idx_dir, "target": int(target), "seed": int(seed), "duplicates": int(duplicates),
-            "val_size": val_size, "max_per_split": None if max_per_split is None else [int(v) for v in max_per_split],
-            "clutter_density": clutter_density, "grid": GRID}  # fmt: skip
+    base = {
+        "source": source,
+        "idx_dir": idx_dir,
+        "target": int(target),
+        "seed": int(seed),
+        "duplicates": int(duplicates),
+        "val_size": val_size,
+        "max_per_split": None if max_per_split is None else [int(v) for v in max_per_split],
+        "clutter_density": clutter_density,
+        "grid": GRID,
+    }
     return {int(c): {**base, "canvas": int(c), "n_clutter": default_n_clutter(int(c), clutter_density)} for c in dict.fromkeys(canvases)}
 
 

@@ -42,7 +42,7 @@ class TileDataset(Dataset):
         self._read = self.size0
 
     @classmethod
-    def from_coords_file(cls, h5_path: str | Path, slide_path: str | Path) -> "TileDataset":
+    def from_coords_file(cls, h5_path: str | Path, slide_path: str | Path) -> TileDataset:
         """Build from a coords file written by `mil extract tiles` (or a TRIDENT patches file)."""
         with h5py.File(h5_path, "r") as f:
             d = f["coords"]

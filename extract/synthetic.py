@@ -59,9 +59,15 @@ def _upsample(field: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return ndimage.zoom(field.astype(np.float32), zoom, order=1, grid_mode=True, mode="nearest")
 
 
-def random_masks(width: int, height: int, *, rng: np.random.Generator,
-                 mask_downsample: int = MASK_DOWNSAMPLE, tissue_fraction: float = 0.4,
-                 lesion_fraction: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+def random_masks(
+    width: int,
+    height: int,
+    *,
+    rng: np.random.Generator,
+    mask_downsample: int = MASK_DOWNSAMPLE,
+    tissue_fraction: float = 0.4,
+    lesion_fraction: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Random tissue and lesion masks.
 
     Tissue is a few Gaussian bumps roughened by smooth noise and thresholded (smooth, irregular
@@ -88,7 +94,7 @@ def random_masks(width: int, height: int, *, rng: np.random.Generator,
     field = np.zeros((ch, cw))
     for _ in range(int(rng.integers(2, 5))):
         (cy, cx), (sy, sx) = rng.uniform(0.25, 0.75, 2), rng.uniform(0.1, 0.22, 2)
-        field += rng.uniform(0.6, 1.0) * np.exp(-((yy - cy) / sy) ** 2 / 2 - ((xx - cx) / sx) ** 2 / 2)
+        field += rng.uniform(0.6, 1.0) * np.exp(-(((yy - cy) / sy) ** 2) / 2 - ((xx - cx) / sx) ** 2 / 2)
     noise = ndimage.gaussian_filter(rng.standard_normal((ch, cw)), sigma=min(ch, cw) / 20)
     field += 0.25 * noise / (noise.std() + 1e-12)
     edge = np.minimum(np.minimum(yy, 1 - yy), np.minimum(xx, 1 - xx))
@@ -129,9 +135,11 @@ def _level_shapes(width: int, height: int) -> list[tuple[int, int]]:
     return shapes
 
 
-def _texture(rng: np.random.Generator, stroma: tuple, nucleus: tuple, *, n_nuclei: int,
-             radius: tuple[float, float], size: int = TEXTURE) -> np.ndarray:
+def _texture(
+    rng: np.random.Generator, stroma: tuple, nucleus: tuple, *, n_nuclei: int, radius: tuple[float, float], size: int = TEXTURE
+) -> np.ndarray:
     """One periodic (wraps seamlessly) H&E-like RGB texture, float32 (size, size, 3)."""
+
     def smooth(sigma: float | tuple) -> np.ndarray:
         f = ndimage.gaussian_filter(rng.standard_normal((size, size)), sigma, mode="wrap")
         return f / (f.std() + 1e-12)
@@ -141,7 +149,7 @@ def _texture(rng: np.random.Generator, stroma: tuple, nucleus: tuple, *, n_nucle
     # Nuclei: ellipses stamped with wrap-around; alpha ramps over ~1 px for antialiasing.
     alpha = np.zeros((size, size), np.float32)
     r_max = int(math.ceil(radius[1])) + 1
-    oy, ox = np.mgrid[-r_max:r_max + 1, -r_max:r_max + 1]
+    oy, ox = np.mgrid[-r_max : r_max + 1, -r_max : r_max + 1]
     for _ in range(n_nuclei):
         y, x = rng.integers(0, size, 2)
         a, b = rng.uniform(*radius), rng.uniform(*radius)
@@ -164,13 +172,17 @@ def _textures(seed: int) -> dict[str, np.ndarray]:
     n = TEXTURE * TEXTURE / 512**2
     grain = ndimage.gaussian_filter(rng.standard_normal((TEXTURE, TEXTURE)), 1, mode="wrap")
     # Mostly grey (same in all channels) noise keeps the background's saturation near 0.01.
-    bg = (np.asarray(_BACKGROUND, np.float32) + 3.0 * grain[..., None]
-          + 0.6 * rng.standard_normal((TEXTURE, TEXTURE, 3)))
-    tissue = _texture(rng, tuple(np.multiply(_STROMA, jitter)), tuple(np.multiply(_NUCLEUS, jitter)),
-                      n_nuclei=int(260 * n), radius=(3.0, 6.0))
-    lesion = _texture(rng, tuple(np.multiply(_LESION_STROMA, jitter)),
-                      tuple(np.multiply(_LESION_NUCLEUS, jitter)), n_nuclei=int(900 * n),
-                      radius=(5.0, 10.0))
+    bg = np.asarray(_BACKGROUND, np.float32) + 3.0 * grain[..., None] + 0.6 * rng.standard_normal((TEXTURE, TEXTURE, 3))
+    tissue = _texture(
+        rng, tuple(np.multiply(_STROMA, jitter)), tuple(np.multiply(_NUCLEUS, jitter)), n_nuclei=int(260 * n), radius=(3.0, 6.0)
+    )
+    lesion = _texture(
+        rng,
+        tuple(np.multiply(_LESION_STROMA, jitter)),
+        tuple(np.multiply(_LESION_NUCLEUS, jitter)),
+        n_nuclei=int(900 * n),
+        radius=(5.0, 10.0),
+    )
     return {"bg": bg, "tissue": tissue, "lesion": lesion}
 
 
@@ -199,8 +211,15 @@ def _interp(start: int, n: int, d: int, ds: int, n_mask: int) -> tuple[int, int,
     return lo, hi, w
 
 
-def _tiles(level_shape: tuple[int, int], d: int, tissue: np.ndarray, lesion: np.ndarray | None,
-           tex: dict[str, tuple[np.ndarray, int]], ds: int, tile: int) -> Iterator[np.ndarray]:
+def _tiles(
+    level_shape: tuple[int, int],
+    d: int,
+    tissue: np.ndarray,
+    lesion: np.ndarray | None,
+    tex: dict[str, tuple[np.ndarray, int]],
+    ds: int,
+    tile: int,
+) -> Iterator[np.ndarray]:
     """Yield the level's full (tile, tile, 3) uint8 tiles in row-major order."""
     h, w = level_shape
     rows = [_interp(y, tile, d, ds, tissue.shape[0]) for y in range(0, h, tile)]
@@ -208,10 +227,10 @@ def _tiles(level_shape: tuple[int, int], d: int, tissue: np.ndarray, lesion: np.
 
     def window(name: str, y: int, x: int) -> np.ndarray:
         arr, period = tex[name]
-        return arr[y % period:y % period + tile, x % period:x % period + tile]
+        return arr[y % period : y % period + tile, x % period : x % period + tile]
 
     def coverage(mask: np.ndarray, r: tuple, c: tuple) -> np.ndarray | bool:
-        sub = mask[r[0]:r[1] + 1, c[0]:c[1] + 1]
+        sub = mask[r[0] : r[1] + 1, c[0] : c[1] + 1]
         if not sub.any():
             return False
         if sub.all():
@@ -236,10 +255,20 @@ def _tiles(level_shape: tuple[int, int], d: int, tissue: np.ndarray, lesion: np.
             yield out
 
 
-def write_slide(path: str | os.PathLike, tissue: np.ndarray, lesion: np.ndarray | None, *,
-                width: int, height: int, mask_downsample: int = MASK_DOWNSAMPLE,
-                mpp: float | None = 0.25, fmt: str = "tiff", seed: int = 0, tile: int = 256,
-                jpeg_quality: int = 80) -> Path:
+def write_slide(
+    path: str | os.PathLike,
+    tissue: np.ndarray,
+    lesion: np.ndarray | None,
+    *,
+    width: int,
+    height: int,
+    mask_downsample: int = MASK_DOWNSAMPLE,
+    mpp: float | None = 0.25,
+    fmt: str = "tiff",
+    seed: int = 0,
+    tile: int = 256,
+    jpeg_quality: int = 80,
+) -> Path:
     """Stream a pyramidal JPEG-tiled slide rendered from the masks to `path`.
 
     Args:
@@ -268,37 +297,43 @@ def write_slide(path: str | os.PathLike, tissue: np.ndarray, lesion: np.ndarray 
     expected = _mask_shape(width, height, mask_downsample)
     for name, m in (("tissue", tissue), ("lesion", lesion)):
         if m is not None and m.shape != expected:
-            raise OptionError(f"expected the {name} mask to have shape {expected} for a "
-                              f"{width}x{height} slide at downsample {mask_downsample}, got {m.shape}")
+            raise OptionError(
+                f"expected the {name} mask to have shape {expected} for a "
+                f"{width}x{height} slide at downsample {mask_downsample}, got {m.shape}"
+            )
     path = Path(path)
     tex0 = _textures(seed)
     shapes = _level_shapes(width, height)
     # Classic TIFF offsets are 32-bit: use BigTIFF once the raw pixels alone could pass 4 GiB.
     bigtiff = width * height * 4 > 2**32
-    options: dict = dict(dtype=np.uint8, tile=(tile, tile), photometric="rgb",
-                         compression="jpeg", compressionargs={"level": jpeg_quality}, metadata=None)
+    options: dict = dict(
+        dtype=np.uint8, tile=(tile, tile), photometric="rgb", compression="jpeg", compressionargs={"level": jpeg_quality}, metadata=None
+    )
     if mpp is not None and fmt == "tiff":
         options.update(resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
     desc = None
     if fmt == "svs":
-        desc = (f"Aperio Image Library v12.0.15 \r\n{width}x{height} [0,0 {width}x{height}] "
-                f"({tile}x{tile}) JPEG/RGB Q={jpeg_quality}")
+        desc = f"Aperio Image Library v12.0.15 \r\n{width}x{height} [0,0 {width}x{height}] ({tile}x{tile}) JPEG/RGB Q={jpeg_quality}"
         if mpp is not None:
             desc += f"|AppMag = {40 if mpp <= 0.3 else 20}|MPP = {mpp:.4f}"
     with atomic_path(path) as tmp:
         with tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tif:
             for level, shape in enumerate(shapes):
-                d = LEVEL_FACTOR ** level
+                d = LEVEL_FACTOR**level
                 tex = {k: _level_texture(v, d, tile) for k, v in tex0.items()}
-                tif.write(_tiles(shape, d, tissue, lesion, tex, mask_downsample, tile),
-                          shape=(*shape, 3), subfiletype=0 if level == 0 else 1,
-                          description=desc if level == 0 else None, **options)
+                tif.write(
+                    _tiles(shape, d, tissue, lesion, tex, mask_downsample, tile),
+                    shape=(*shape, 3),
+                    subfiletype=0 if level == 0 else 1,
+                    description=desc if level == 0 else None,
+                    **options,
+                )
     return path
 
 
-def _check_cohort_args(n_slides: int, size: int, fmt: str, mpp: float,
-                       positive_fraction: float, lesion_fraction: float,
-                       tissue_fraction: float) -> None:
+def _check_cohort_args(
+    n_slides: int, size: int, fmt: str, mpp: float, positive_fraction: float, lesion_fraction: float, tissue_fraction: float
+) -> None:
     checks = [
         (n_slides >= 1, "--n-slides", "an integer >= 1", n_slides),
         (size >= 512, "--size", "an integer >= 512", size),
@@ -313,8 +348,7 @@ def _check_cohort_args(n_slides: int, size: int, fmt: str, mpp: float,
             raise OptionError(f"expected {opt} to be {what}, got {got!r} instead")
 
 
-def _labels_and_splits(n: int, positive_fraction: float,
-                       rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _labels_and_splits(n: int, positive_fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Labels (~positive_fraction positive, both present when n >= 2 and 0 < fraction < 1) and
     label-stratified splits (~25 % test per label, at least one when the label has >= 2)."""
     n_pos = int(round(positive_fraction * n))
@@ -326,16 +360,26 @@ def _labels_and_splits(n: int, positive_fraction: float,
     for lab in (0, 1):
         idx = rng.permutation(np.flatnonzero(labels == lab))
         if idx.size >= 2:
-            test[idx[:max(1, int(round(0.25 * idx.size)))]] = True
+            test[idx[: max(1, int(round(0.25 * idx.size)))]] = True
     return labels, np.where(test, "test", "train")
 
 
-def make_cohort(out_dir: str | os.PathLike, *, n_slides: int = 6, size: int = 8192,
-                fmt: str = "tiff", seed: int = 0, mpp: float = 0.25,
-                positive_fraction: float = 0.5, lesion_fraction: float = 0.02,
-                tissue_fraction: float = 0.4, progress: Callable[[str], None] | None = None,
-                mask_downsample: int = MASK_DOWNSAMPLE, tile: int = 256,
-                jpeg_quality: int = 80) -> Path:
+def make_cohort(
+    out_dir: str | os.PathLike,
+    *,
+    n_slides: int = 6,
+    size: int = 8192,
+    fmt: str = "tiff",
+    seed: int = 0,
+    mpp: float = 0.25,
+    positive_fraction: float = 0.5,
+    lesion_fraction: float = 0.02,
+    tissue_fraction: float = 0.4,
+    progress: Callable[[str], None] | None = None,
+    mask_downsample: int = MASK_DOWNSAMPLE,
+    tile: int = 256,
+    jpeg_quality: int = 80,
+) -> Path:
     """Write a cohort of square synthetic slides with masks, manifest.csv and synthetic.json.
 
     Args:
@@ -357,46 +401,72 @@ def make_cohort(out_dir: str | os.PathLike, *, n_slides: int = 6, size: int = 81
     Returns:
         Path of manifest.csv.
     """
-    _check_cohort_args(n_slides, size, fmt, mpp, positive_fraction, lesion_fraction,
-                       tissue_fraction)
+    _check_cohort_args(n_slides, size, fmt, mpp, positive_fraction, lesion_fraction, tissue_fraction)
     out = Path(out_dir)
     shapes = _level_shapes(size, size)
-    params = {"seed": seed, "n_slides": n_slides, "size": size, "fmt": fmt, "mpp": mpp,
-              "positive_fraction": positive_fraction, "lesion_fraction": lesion_fraction,
-              "tissue_fraction": tissue_fraction, "mask_downsample": mask_downsample,
-              "tile": tile, "jpeg_quality": jpeg_quality, "compression": "jpeg",
-              "level_downsample": LEVEL_FACTOR, "levels": len(shapes),
-              "level_dimensions": [[w, h] for h, w in shapes], "texture_period": TEXTURE}
+    params = {
+        "seed": seed,
+        "n_slides": n_slides,
+        "size": size,
+        "fmt": fmt,
+        "mpp": mpp,
+        "positive_fraction": positive_fraction,
+        "lesion_fraction": lesion_fraction,
+        "tissue_fraction": tissue_fraction,
+        "mask_downsample": mask_downsample,
+        "tile": tile,
+        "jpeg_quality": jpeg_quality,
+        "compression": "jpeg",
+        "level_downsample": LEVEL_FACTOR,
+        "levels": len(shapes),
+        "level_dimensions": [[w, h] for h, w in shapes],
+        "texture_period": TEXTURE,
+    }
     if _already_written(out, params):  # rerun with the same parameters: nothing to do
         return out / "manifest.csv"
     (out / "masks").mkdir(parents=True, exist_ok=True)
-    labels, splits = _labels_and_splits(n_slides, positive_fraction,
-                                        np.random.default_rng([seed, 2**31]))
+    labels, splits = _labels_and_splits(n_slides, positive_fraction, np.random.default_rng([seed, 2**31]))
     rows, per_slide = [], {}
     for i in range(n_slides):
         sid = f"synth_{i:03d}"
         ss = np.random.SeedSequence([seed, i])
         mask_rng, tex_seed = np.random.default_rng(ss), int(ss.generate_state(1)[0])
-        tissue, lesion = random_masks(size, size, rng=mask_rng, mask_downsample=mask_downsample,
-                                      tissue_fraction=tissue_fraction,
-                                      lesion_fraction=lesion_fraction if labels[i] else None)
+        tissue, lesion = random_masks(
+            size,
+            size,
+            rng=mask_rng,
+            mask_downsample=mask_downsample,
+            tissue_fraction=tissue_fraction,
+            lesion_fraction=lesion_fraction if labels[i] else None,
+        )
         for kind, m in (("tissue", tissue), ("lesion", lesion)):
             Image.fromarray(m.astype(np.uint8) * 255).save(out / "masks" / f"{sid}_{kind}.png")
         name = f"{sid}.{fmt}"
-        write_slide(out / name, tissue, lesion if labels[i] else None, width=size, height=size,
-                    mask_downsample=mask_downsample, mpp=mpp, fmt=fmt, seed=tex_seed, tile=tile,
-                    jpeg_quality=jpeg_quality)
-        rows.append({"slide_id": sid, "path": name, "label": int(labels[i]),
-                     "split": splits[i], "patient_id": sid})
-        per_slide[sid] = {"label": int(labels[i]), "split": str(splits[i]),
-                          "tissue_fraction": float(tissue.mean()),
-                          "lesion_fraction": float(lesion.sum() / max(tissue.sum(), 1))}
+        write_slide(
+            out / name,
+            tissue,
+            lesion if labels[i] else None,
+            width=size,
+            height=size,
+            mask_downsample=mask_downsample,
+            mpp=mpp,
+            fmt=fmt,
+            seed=tex_seed,
+            tile=tile,
+            jpeg_quality=jpeg_quality,
+        )
+        rows.append({"slide_id": sid, "path": name, "label": int(labels[i]), "split": splits[i], "patient_id": sid})
+        per_slide[sid] = {
+            "label": int(labels[i]),
+            "split": str(splits[i]),
+            "tissue_fraction": float(tissue.mean()),
+            "lesion_fraction": float(lesion.sum() / max(tissue.sum(), 1)),
+        }
         if progress is not None:
             progress(sid)
     manifest = out / "manifest.csv"
     with atomic_path(manifest) as tmp:
-        pd.DataFrame(rows, columns=["slide_id", "path", "label", "split", "patient_id"]).to_csv(
-            tmp, index=False)
+        pd.DataFrame(rows, columns=["slide_id", "path", "label", "split", "patient_id"]).to_csv(tmp, index=False)
     # synthetic.json last: it marks the cohort as complete for reruns.
     with atomic_path(out / "synthetic.json") as tmp:
         tmp.write_text(json.dumps({**params, "slides": per_slide}, indent=2) + "\n")
@@ -417,5 +487,7 @@ def _already_written(out: Path, params: dict) -> bool:
 def load_masks(masks_dir: str | os.PathLike, slide_id: str) -> tuple[np.ndarray, np.ndarray]:
     """Read back the (tissue, lesion) bool masks that make_cohort wrote for `slide_id`."""
     d = Path(masks_dir)
-    return tuple(np.asarray(Image.open(d / f"{slide_id}_{k}.png")) > 127  # type: ignore[return-value]
-                 for k in ("tissue", "lesion"))
+    return tuple(
+        np.asarray(Image.open(d / f"{slide_id}_{k}.png")) > 127  # type: ignore[return-value]
+        for k in ("tissue", "lesion")
+    )

@@ -30,8 +30,8 @@ import mil
 from mil.atomic import atomic_path, remove_stale_temporaries
 from mil.errors import SettingsMismatchError, SlideError
 from mil.extract.grid import GridSpec, tile_grid, tissue_fraction
-from mil.slides import MPP_TOLERANCE, open_slide, slide_geometry
 from mil.extract.tissue import TissueParams, detect_tissue, read_low_res
+from mil.slides import MPP_TOLERANCE, open_slide, slide_geometry
 
 REPORT_COLUMNS = ["slide_id", "status", "n_tiles", "seconds", "error"]
 THUMBNAIL_MAX_PX = 1024
@@ -59,8 +59,7 @@ class TilingConfig:
 
     def as_dict(self) -> dict:
         """Every option, for the config file written beside the outputs."""
-        return {"grid": asdict(self.grid), "tissue": asdict(self.tissue),
-                "tissue_threshold": self.tissue_threshold, "mpp": self.mpp}  # fmt: skip
+        return {"grid": asdict(self.grid), "tissue": asdict(self.tissue), "tissue_threshold": self.tissue_threshold, "mpp": self.mpp}
 
     def slide_mpp_override(self, manifest_mpp: float) -> float | None:
         """Manifest column first, then --mpp, else None (read from the slide)."""
@@ -215,15 +214,20 @@ def run_tiles(
         remove_stale_temporaries(folder)
     overrides = [config.slide_mpp_override(m) for m in slides["mpp"]]
     done = {
-        sid: (False if overwrite else check_existing(out_dir, sid, config.settings(o)))
-        for sid, o in zip(slides["slide_id"], overrides)
+        sid: (False if overwrite else check_existing(out_dir, sid, config.settings(o))) for sid, o in zip(slides["slide_id"], overrides)
     }
     write_config(out_dir / "tiles_config.json", config, slides)
 
     console = Console(stderr=True)
     results: list[SlideResult] = []
     total_tiles = 0
-    columns = (TextColumn("[bold]tiling"), BarColumn(), MofNCompleteColumn(), TextColumn("slides · {task.fields[tiles]:,} tiles"), TimeElapsedColumn())
+    columns = (
+        TextColumn("[bold]tiling"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("slides · {task.fields[tiles]:,} tiles"),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=console, disable=not progress, transient=False) as bar:
         task = bar.add_task("tiles", total=len(slides), tiles=0)
         for sid, path, override in zip(slides["slide_id"], slides["path"], overrides):

@@ -32,7 +32,7 @@ Architecture, following the authors' ``model/model.py``:
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -91,7 +91,9 @@ class Bottleneck(nn.Module):
     padding 1, or 1×1 (``int(2.5 · planes)`` wide when `compensate`).
     """
 
-    def __init__(self, c_in: int, planes: int, stride: int, kernel: int, norm: Callable[[int], nn.Module], compensate: bool, dropout: float) -> None:
+    def __init__(
+        self, c_in: int, planes: int, stride: int, kernel: int, norm: Callable[[int], nn.Module], compensate: bool, dropout: float
+    ) -> None:
         super().__init__()
         mid = int(2.5 * planes) if compensate and kernel == 1 else planes
         c_out = planes * EXPANSION
@@ -133,19 +135,39 @@ class BagNet(nn.Module):
     stride = STRIDE
     offset = OFFSET
 
-    def __init__(self, kernel3: Sequence[int], pooling: str = "max", width: float = 1.0, in_chans: int = 1, norm: str = "in_aff",
-                 compensate: bool = True, dropout: float = 0.0, **pool_kwargs) -> None:
+    def __init__(
+        self,
+        kernel3: Sequence[int],
+        pooling: str = "max",
+        width: float = 1.0,
+        in_chans: int = 1,
+        norm: str = "in_aff",
+        compensate: bool = True,
+        dropout: float = 0.0,
+        **pool_kwargs,
+    ) -> None:
         super().__init__()
         _check_kernel3(kernel3)
-        check_option("bagnet", "width", width, isinstance(width, (int, float)) and not isinstance(width, bool) and width > 0, "a number > 0")
+        check_option(
+            "bagnet", "width", width, isinstance(width, (int, float)) and not isinstance(width, bool) and width > 0, "a number > 0"
+        )
         check_option("bagnet", "in_chans", in_chans, isinstance(in_chans, int) and in_chans >= 1, "an integer >= 1")
         check_option("bagnet", "norm", norm, norm in NORMS, f"one of {', '.join(NORMS)}")
         check_dropout("bagnet", dropout)
         self.kernel3 = tuple(int(k) for k in kernel3)
         self.rf = receptive_field(self.kernel3)
         self.in_chans = in_chans
-        self.config = dict(rf=self.rf if self.kernel3 == KERNEL3.get(self.rf) else None, kernel3=self.kernel3, pooling=pooling,
-                           width=float(width), in_chans=in_chans, norm=norm, compensate=bool(compensate), dropout=float(dropout), **pool_kwargs)
+        self.config = dict(
+            rf=self.rf if self.kernel3 == KERNEL3.get(self.rf) else None,
+            kernel3=self.kernel3,
+            pooling=pooling,
+            width=float(width),
+            in_chans=in_chans,
+            norm=norm,
+            compensate=bool(compensate),
+            dropout=float(dropout),
+            **pool_kwargs,
+        )
         make_norm = NORMS[norm]
         base = max(1, round(64 * width))
         self.stem = nn.Sequential(_conv(in_chans, base), _conv(base, base, 3), make_norm(base), nn.ReLU(inplace=True))
@@ -154,7 +176,9 @@ class BagNet(nn.Module):
             planes = base * 2**s
             blocks = []
             for b in range(n):
-                blocks.append(Bottleneck(c, planes, stride if b == 0 else 1, 3 if b < k3 else 1, make_norm, compensate, dropout if b == 0 else 0.0))
+                blocks.append(
+                    Bottleneck(c, planes, stride if b == 0 else 1, 3 if b < k3 else 1, make_norm, compensate, dropout if b == 0 else 0.0)
+                )
                 c = planes * EXPANSION
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
@@ -222,8 +246,11 @@ class BagNet(nn.Module):
 
 
 def _check_kernel3(kernel3: object) -> None:
-    ok = isinstance(kernel3, (tuple, list)) and len(kernel3) == 4 and all(
-        isinstance(k, int) and not isinstance(k, bool) and 0 <= k <= n for k, n in zip(kernel3, BLOCKS))
+    ok = (
+        isinstance(kernel3, (tuple, list))
+        and len(kernel3) == 4
+        and all(isinstance(k, int) and not isinstance(k, bool) and 0 <= k <= n for k, n in zip(kernel3, BLOCKS))
+    )
     check_option("bagnet", "kernel3", kernel3, ok, "4 integers (k1, k2, k3, k4) with 0 <= k_s <= (3, 4, 6, 3)_s")
 
 
@@ -237,9 +264,18 @@ def _make_pooling(name: str, dim: int, pool_kwargs: dict) -> nn.Module:
 
 def _register(rf: int) -> None:
     @BAGNETS.register(name=f"bagnet{rf}")
-    def make(pooling: str = "max", width: float = 1.0, in_chans: int = 1, norm: str = "in_aff", compensate: bool = True,
-             dropout: float = 0.0, **pool_kwargs) -> BagNet:
-        return BagNet(KERNEL3[rf], pooling=pooling, width=width, in_chans=in_chans, norm=norm, compensate=compensate, dropout=dropout, **pool_kwargs)
+    def make(
+        pooling: str = "max",
+        width: float = 1.0,
+        in_chans: int = 1,
+        norm: str = "in_aff",
+        compensate: bool = True,
+        dropout: float = 0.0,
+        **pool_kwargs,
+    ) -> BagNet:
+        return BagNet(
+            KERNEL3[rf], pooling=pooling, width=width, in_chans=in_chans, norm=norm, compensate=compensate, dropout=dropout, **pool_kwargs
+        )
 
     make.__doc__ = f"BagNet with receptive field {rf} (kernel3 = {KERNEL3[rf]})."
 
@@ -248,8 +284,17 @@ for _rf in KERNEL3:
     _register(_rf)
 
 
-def create_bagnet(rf: int | None = 33, pooling: str = "max", width: float = 1.0, in_chans: int = 1, norm: str = "in_aff",
-                  compensate: bool = True, dropout: float = 0.0, kernel3: Sequence[int] | None = None, **pool_kwargs) -> BagNet:
+def create_bagnet(
+    rf: int | None = 33,
+    pooling: str = "max",
+    width: float = 1.0,
+    in_chans: int = 1,
+    norm: str = "in_aff",
+    compensate: bool = True,
+    dropout: float = 0.0,
+    kernel3: Sequence[int] | None = None,
+    **pool_kwargs,
+) -> BagNet:
     """Build a BagNet with receptive field `rf` (9, 33 or 177), or with an explicit `kernel3` layout.
 
     ``create_bagnet(rf=33, pooling="logsumexp", width=0.25, r=1.0)``; see `BagNet` for the arguments.
@@ -262,9 +307,13 @@ def create_bagnet(rf: int | None = 33, pooling: str = "max", width: float = 1.0,
         _check_kernel3(kernel3)
         got = receptive_field(kernel3)
         check_option("bagnet", "rf", rf, rf is None or rf == got, f"None or {got}, the receptive field of kernel3={tuple(kernel3)}")
-        return BagNet(kernel3, pooling=pooling, width=width, in_chans=in_chans, norm=norm, compensate=compensate, dropout=dropout, **pool_kwargs)
+        return BagNet(
+            kernel3, pooling=pooling, width=width, in_chans=in_chans, norm=norm, compensate=compensate, dropout=dropout, **pool_kwargs
+        )
     check_option("bagnet", "rf", rf, isinstance(rf, int) and rf in KERNEL3, f"one of {', '.join(map(str, KERNEL3))} (or give kernel3)")
-    return BAGNETS.create(f"bagnet{rf}", pooling=pooling, width=width, in_chans=in_chans, norm=norm, compensate=compensate, dropout=dropout, **pool_kwargs)
+    return BAGNETS.create(
+        f"bagnet{rf}", pooling=pooling, width=width, in_chans=in_chans, norm=norm, compensate=compensate, dropout=dropout, **pool_kwargs
+    )
 
 
 def list_bagnets() -> list[str]:

@@ -45,7 +45,6 @@ _TRIDENT_COORD_ATTRS = ("level0_magnification", "target_magnification", "savetod
 _OTHER_FEATURE_NAMES = {"feats": "STAMP", "patch_embeddings": "STAMP"}
 
 
-
 @dataclass
 class Bag:
     """One slide's instances, as read from a feature file.
@@ -204,8 +203,7 @@ def _h5_datasets(f: h5py.File, path: Path) -> tuple[h5py.Dataset, h5py.Dataset |
             got = "a group named 'features'"
         elif "coords" in f:
             raise FeatureFileError(
-                f"{path}: expected a 'features' dataset, got a file that has coords but no features: "
-                "run `mil extract features` first."
+                f"{path}: expected a 'features' dataset, got a file that has coords but no features: run `mil extract features` first."
             )
         else:
             got = f"datasets {found}" if found else "an empty file"
@@ -229,8 +227,7 @@ def _features_shape(shape: tuple, path: Path) -> tuple[tuple[int, int], bool]:
         return (int(shape[1]), int(shape[2])), True
     if len(shape) != 2:
         raise FeatureFileError(
-            f"{path}: expected 'features' of shape (N, D) (or (1, N, D)), got shape {tuple(shape)} instead; "
-            "store one row per instance."
+            f"{path}: expected 'features' of shape (N, D) (or (1, N, D)), got shape {tuple(shape)} instead; store one row per instance."
         )
     return (int(shape[0]), int(shape[1])), False
 
@@ -438,8 +435,7 @@ def _check_exists(path: Path) -> None:
         )
     if path.is_dir():
         raise FeatureFileError(
-            f"expected a feature file ({', '.join(FEATURE_SUFFIXES)}), got {str(path)!r} which is a folder; "
-            "pass one file per slide."
+            f"expected a feature file ({', '.join(FEATURE_SUFFIXES)}), got {str(path)!r} which is a folder; pass one file per slide."
         )
 
 

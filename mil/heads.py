@@ -20,8 +20,8 @@ only masked operations (`masked_softmax`, `masked_fill_value`).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -149,7 +149,9 @@ class Chowder(nn.Module):
         dropout: dropout in the MLP (the paper uses 0.5).
     """
 
-    def __init__(self, in_dim: int, r: int = 10, mlp_dims: Sequence[int] = (200, 100), hidden_dim: int | None = None, dropout: float = 0.0) -> None:
+    def __init__(
+        self, in_dim: int, r: int = 10, mlp_dims: Sequence[int] = (200, 100), hidden_dim: int | None = None, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         _check_dim("head chowder", "in_dim", in_dim)
         _check_dim("head chowder", "r", r)
@@ -263,7 +265,9 @@ def _lse(in_dim: int, hidden_dim: int = 128, dropout: float = 0.0, r: float = 5.
 
 
 @HEADS.register(name="chowder")
-def _chowder(in_dim: int, r: int = 10, mlp_dims: Sequence[int] = (200, 100), hidden_dim: int | None = None, dropout: float = 0.0) -> Chowder:
+def _chowder(
+    in_dim: int, r: int = 10, mlp_dims: Sequence[int] = (200, 100), hidden_dim: int | None = None, dropout: float = 0.0
+) -> Chowder:
     """CHOWDER: top/bottom-R instance scores → MLP."""
     return Chowder(in_dim, r=r, mlp_dims=mlp_dims, hidden_dim=hidden_dim, dropout=dropout)
 

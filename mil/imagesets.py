@@ -34,7 +34,6 @@ META_NAME = "imageset.json"
 _FIELDS = ("images", "labels", "o2i", "bbox", "source")
 
 
-
 @dataclass
 class ImageSplit:
     """One split held in memory.
@@ -57,9 +56,7 @@ class ImageSplit:
         return len(self.labels)
 
 
-def check_split(
-    images: np.ndarray, labels: np.ndarray, o2i: np.ndarray, bbox: np.ndarray, source: np.ndarray | None = None
-) -> ImageSplit:
+def check_split(images: np.ndarray, labels: np.ndarray, o2i: np.ndarray, bbox: np.ndarray, source: np.ndarray | None = None) -> ImageSplit:
     """Validate the arrays of one split and return them as an `ImageSplit` with the stored dtypes."""
     images = np.asarray(images)
     if images.ndim == 3:  # (n, H, W) grey images

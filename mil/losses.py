@@ -190,13 +190,26 @@ class ExclusiveCrossEntropy(nn.Module):
         epoch: the starting epoch.
     """
 
-    def __init__(self, exclusivity_threshold: float = 0.5, background_sampling_threshold: float = 0.5,
-                 exclusivity_epoch: float = 50.0, background_epoch: float = 150.0, temperature: float = 10.0,
-                 focal_alpha: float = 0.2, focal_gamma: float = 0.1, anneal: bool = True,
-                 confidence: str = "logit", reduction: str = "mean", epoch: int = 0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        exclusivity_threshold: float = 0.5,
+        background_sampling_threshold: float = 0.5,
+        exclusivity_epoch: float = 50.0,
+        background_epoch: float = 150.0,
+        temperature: float = 10.0,
+        focal_alpha: float = 0.2,
+        focal_gamma: float = 0.1,
+        anneal: bool = True,
+        confidence: str = "logit",
+        reduction: str = "mean",
+        epoch: int = 0,
+    ) -> None:
         super().__init__()
-        for name, v in [("focal_alpha", focal_alpha), ("focal_gamma", focal_gamma),
-                        ("background_sampling_threshold", background_sampling_threshold)]:  # fmt: skip
+        for name, v in [
+            ("focal_alpha", focal_alpha),
+            ("focal_gamma", focal_gamma),
+            ("background_sampling_threshold", background_sampling_threshold),
+        ]:
             _check_option("ece", name, v, isinstance(v, (int, float)) and v >= 0, "a float >= 0")
         _check_option("ece", "temperature", temperature, isinstance(temperature, (int, float)) and temperature > 0, "a float > 0")
         _check_option("ece", "confidence", confidence, confidence in ("logit", "probability"), "'logit' or 'probability'")
@@ -213,8 +226,10 @@ class ExclusiveCrossEntropy(nn.Module):
         """``(τ_x, τ_b)`` at `epoch`: the exclusivity threshold and the background sampling rate."""
         if not self.anneal:
             return self.exclusivity_threshold, self.background_sampling_threshold
-        return (self.exclusivity_threshold * _sigmoid((epoch - self.exclusivity_epoch) / self.temperature),
-                self.background_sampling_threshold * _sigmoid((epoch - self.background_epoch) / self.temperature))
+        return (
+            self.exclusivity_threshold * _sigmoid((epoch - self.exclusivity_epoch) / self.temperature),
+            self.background_sampling_threshold * _sigmoid((epoch - self.background_epoch) / self.temperature),
+        )
 
     def terms(self, loss, unannotated, confidence, uniform, epoch: float) -> torch.Tensor:
         """The reference combination, for any base loss (BCE, CE …); all arguments of one shape, returned likewise.
@@ -287,8 +302,16 @@ class GradLibraLoss(nn.Module):
         momentum: EMA momentum of ḡ. max_hardness: cap of h, so one outlier cannot dominate a batch.
     """
 
-    def __init__(self, num_classes: int = 2, gamma: float = 12.0, mu: float = 0.8, alpha: float = 4.0,
-                 beta: float = 1.0, momentum: float = 0.9, max_hardness: float = 10.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        num_classes: int = 2,
+        gamma: float = 12.0,
+        mu: float = 0.8,
+        alpha: float = 4.0,
+        beta: float = 1.0,
+        momentum: float = 0.9,
+        max_hardness: float = 10.0,
+    ) -> None:
         super().__init__()
         _check_option("grad_libra", "num_classes", num_classes, isinstance(num_classes, int) and num_classes >= 1, "an int >= 1")
         for name, v in [("gamma", gamma), ("alpha", alpha), ("beta", beta)]:
@@ -335,8 +358,10 @@ class GradLibraLoss(nn.Module):
             got = f"{tuple(targets.shape)} {targets.dtype}" if isinstance(targets, torch.Tensor) else type(targets).__name__
             raise ValueError(f"expected integer targets of shape ({logits.shape[0]},), got {got} instead.")
         if bool(((targets < 0) | (targets > self.num_classes)).any()):
-            raise ValueError(f"expected targets in [0, {self.num_classes}] ({self.num_classes} = background), "
-                             f"got values {targets.unique().tolist()} instead.")
+            raise ValueError(
+                f"expected targets in [0, {self.num_classes}] ({self.num_classes} = background), "
+                f"got values {targets.unique().tolist()} instead."
+            )
         y = F.one_hot(targets.long(), self.num_classes + 1)[:, :-1].to(logits.dtype)  # (M, C) background: all-zero row
         with torch.no_grad():
             g = (torch.sigmoid(logits) - y).abs()  # (M, C) |∂BCE/∂z|

@@ -28,8 +28,9 @@ def predict(model: torch.nn.Module, ds: BagDataset) -> pd.DataFrame:
 
 
 @torch.inference_mode()
-def predict_images(net: BagNet, ds: ImageSetDataset, batch_size: int, device: torch.device, saliency_for=None
-                   ) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+def predict_images(
+    net: BagNet, ds: ImageSetDataset, batch_size: int, device: torch.device, saliency_for=None
+) -> tuple[np.ndarray, dict[int, np.ndarray]]:
     """Logits of every image of `ds` in order, ``(n,)``, and saliency maps ``{row: (h, w)}`` for the rows in `saliency_for`.
 
     The saliency map is `BagNet.saliency`: the classifier applied to each position's embedding
@@ -46,9 +47,9 @@ def predict_images(net: BagNet, ds: ImageSetDataset, batch_size: int, device: to
         x = torch.stack([ds[i][0] for i in rows]).to(device)  # (B, C, H, W)
         if want.intersection(rows):
             out = net.forward_bag(x)
-            logits[start:start + len(rows)] = out.logits.float().cpu().numpy()  # (B,)
+            logits[start : start + len(rows)] = out.logits.float().cpu().numpy()  # (B,)
             scores = out.instance_scores.float().reshape(len(rows), h, w).cpu().numpy()  # (B, h, w)
             maps.update({i: scores[i - start] for i in rows if i in want})
         else:
-            logits[start:start + len(rows)] = net(x).float().cpu().numpy()  # (B,)
+            logits[start : start + len(rows)] = net(x).float().cpu().numpy()  # (B,)
     return logits, maps

@@ -1,18 +1,19 @@
 """Name → constructor registries (timm style), shared by poolings, heads and losses.
 
-    POOLINGS = Registry("pooling")
+POOLINGS = Registry("pooling")
 
-    @POOLINGS.register
-    def mean(dim, **kw): ...
+@POOLINGS.register
+def mean(dim, **kw): ...
 
-    POOLINGS.create("mean", dim=512)        # None-valued kwargs are dropped, so CLI defaults of
-                                            # None never override a constructor's own defaults
+POOLINGS.create("mean", dim=512)        # None-valued kwargs are dropped, so CLI defaults of
+                                        # None never override a constructor's own defaults
 """
 
 from __future__ import annotations
 
 import difflib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from mil.errors import OptionError
 

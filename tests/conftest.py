@@ -10,9 +10,9 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import warnings
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +41,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if IN_CI and skipped:
         terminalreporter.write_line(
             f"error: {len(skipped)} test(s) skipped under CI, which counts as a failure: install what the skip "
-            "reason names (pip install -e '.[dev,workflow]', ../shared/data or $MIL_SHARED_DATA)", red=True)
+            "reason names (pip install -e '.[dev,workflow]', ../shared/data or $MIL_SHARED_DATA)",
+            red=True,
+        )
 
 
 @pytest.fixture(autouse=True)

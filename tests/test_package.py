@@ -62,7 +62,7 @@ def test_editable_install_maps_stages_into_mil(tmp_path):
         "import importlib.util as u, mil.extract, mil.train, mil.evaluate; "
         "print(mil.extract.__file__); "
         "print([n for n in ('extract', 'train', 'evaluate') "
-        "if (s := u.find_spec(n)) is not None and str(s.origin or '').startswith(%r)])" % str(ROOT)
+        f"if (s := u.find_spec(n)) is not None and str(s.origin or '').startswith({str(ROOT)!r})])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path).stdout
     first, second = out.strip().splitlines()

@@ -28,9 +28,9 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -140,8 +140,14 @@ def make_loader(ds: ImageSetDataset, indices: np.ndarray, batch_size: int, seed:
     return DataLoader(sub, batch_size=batch_size, sampler=sampler, num_workers=workers, generator=g)
 
 
-def train_epoch(net: torch.nn.Module, loader: DataLoader, opt: torch.optim.Optimizer, accumulate: int, device: torch.device,
-                on_batch: Callable[[int, int, float], None] | None = None) -> dict:
+def train_epoch(
+    net: torch.nn.Module,
+    loader: DataLoader,
+    opt: torch.optim.Optimizer,
+    accumulate: int,
+    device: torch.device,
+    on_batch: Callable[[int, int, float], None] | None = None,
+) -> dict:
     """One epoch with gradient accumulation; returns ``{"loss", "acc", "n", "seconds"}``.
 
     The micro-batches are cut into groups of `accumulate` (the last group may be shorter); each
@@ -152,7 +158,7 @@ def train_epoch(net: torch.nn.Module, loader: DataLoader, opt: torch.optim.Optim
     """
     net.train()
     sizes = _batch_sizes(len(loader.sampler), loader.batch_size)  # images per micro-batch
-    group = [sum(sizes[i - i % accumulate: i - i % accumulate + accumulate]) for i in range(len(sizes))]
+    group = [sum(sizes[i - i % accumulate : i - i % accumulate + accumulate]) for i in range(len(sizes))]
     total_loss, correct, n = 0.0, 0, 0
     opt.zero_grad(set_to_none=True)
     start = time.perf_counter()
@@ -236,13 +242,25 @@ def run_bagnet(
     else:
         indices = np.arange(len(labels))  # (N,)
     torch.manual_seed(config.seed)
-    net = create_bagnet(rf=config.rf, pooling=config.pooling, width=config.width, norm=config.norm, in_chans=int(train_ds.split.images.shape[1]))
+    net = create_bagnet(
+        rf=config.rf, pooling=config.pooling, width=config.width, norm=config.norm, in_chans=int(train_ds.split.images.shape[1])
+    )
 
-    doc = {"stage": "train_bagnet", "mil_version": mil.__version__, "data": str(data.resolve()), "imageset": meta,
-           "train": asdict(config), "milestones": config.milestones, "bagnet": net.config,
-           "n_train": int(len(indices)), "n_train_positive": int(labels[indices].sum()), "n_val": len(val_ds),
-           "loss": "BCEWithLogits on one logit", "optimizer": {"name": "RMSprop", "lr": config.lr, "eps": RMSPROP_EPS, "weight_decay": 0.0},
-           "runtime": {"device": str(dev), "workers": workers}}  # fmt: skip
+    doc = {
+        "stage": "train_bagnet",
+        "mil_version": mil.__version__,
+        "data": str(data.resolve()),
+        "imageset": meta,
+        "train": asdict(config),
+        "milestones": config.milestones,
+        "bagnet": net.config,
+        "n_train": int(len(indices)),
+        "n_train_positive": int(labels[indices].sum()),
+        "n_val": len(val_ds),
+        "loss": "BCEWithLogits on one logit",
+        "optimizer": {"name": "RMSprop", "lr": config.lr, "eps": RMSPROP_EPS, "weight_decay": 0.0},
+        "runtime": {"device": str(dev), "workers": workers},
+    }
     doc = json.loads(json.dumps(doc, default=str))  # as it reads back from config.json
     state = _prepare_out(out, doc, overwrite, resume)
     if isinstance(state, pd.DataFrame):
@@ -266,17 +284,34 @@ def run_bagnet(
         tr = train_epoch(net, loader, opt, config.accumulate, dev, batch_cb)
         sched.step()
         val, _ = validate(net, val_ds, config.batch_size, dev)
-        row = {"epoch": epoch + 1, "lr": lr, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": val["loss"],
-               "val_acc": val["acc"], "val_auc": val["auc"], "train_images_per_s": tr["n"] / max(tr["seconds"], 1e-9),
-               "seconds": tr["seconds"]}  # fmt: skip
+        row = {
+            "epoch": epoch + 1,
+            "lr": lr,
+            "train_loss": tr["loss"],
+            "train_acc": tr["acc"],
+            "val_loss": val["loss"],
+            "val_acc": val["acc"],
+            "val_auc": val["auc"],
+            "train_images_per_s": tr["n"] / max(tr["seconds"], 1e-9),
+            "seconds": tr["seconds"],
+        }
         history.append(row)
         if _best_epoch(history) == row["epoch"]:  # strictly better than every earlier epoch
             best_state = _cpu_state(net)
         write_csv(out / "metrics.csv", pd.DataFrame(history))
-        _save(out / "last.pt", {"epoch": epoch + 1, "model": _cpu_state(net), "optimizer": opt.state_dict(),
-                                "scheduler": {k: v for k, v in sched.state_dict().items() if k != "milestones"},
-                                "rng": torch.get_rng_state(), "history": history, "best_epoch": _best_epoch(history),
-                                "best_state": best_state})  # fmt: skip
+        _save(
+            out / "last.pt",
+            {
+                "epoch": epoch + 1,
+                "model": _cpu_state(net),
+                "optimizer": opt.state_dict(),
+                "scheduler": {k: v for k, v in sched.state_dict().items() if k != "milestones"},
+                "rng": torch.get_rng_state(),
+                "history": history,
+                "best_epoch": _best_epoch(history),
+                "best_state": best_state,
+            },
+        )
         if on_epoch is not None:
             on_epoch({**row, "epochs": config.epochs, "resumed_from": start_epoch})
     return _finish(out, net, best_state, history, doc, val_ds, config, dev)
@@ -286,20 +321,51 @@ def _best_epoch(history: list[dict]) -> int:
     return min(history, key=_selection_key)["epoch"]
 
 
-def _finish(out: Path, net: BagNet, best_state: dict, history: list[dict], doc: dict, val_ds: ImageSetDataset,
-            config: BagNetTrainConfig, dev: torch.device) -> pd.DataFrame:
+def _finish(
+    out: Path,
+    net: BagNet,
+    best_state: dict,
+    history: list[dict],
+    doc: dict,
+    val_ds: ImageSetDataset,
+    config: BagNetTrainConfig,
+    dev: torch.device,
+) -> pd.DataFrame:
     """Write checkpoint.pt, predictions.csv and, last, summary.csv; remove last.pt."""
     best_epoch = _best_epoch(history)
-    _save(out / "checkpoint.pt", {"kind": "bagnet", "bagnet": dict(net.config), "state_dict": best_state, "best_epoch": best_epoch,
-                                  "threshold": THRESHOLD, "imageset": doc["imageset"], "data": doc["data"],
-                                  "mil_version": mil.__version__})  # fmt: skip
+    _save(
+        out / "checkpoint.pt",
+        {
+            "kind": "bagnet",
+            "bagnet": dict(net.config),
+            "state_dict": best_state,
+            "best_epoch": best_epoch,
+            "threshold": THRESHOLD,
+            "imageset": doc["imageset"],
+            "data": doc["data"],
+            "mil_version": mil.__version__,
+        },
+    )
     net.load_state_dict(best_state)
     _, prob = validate(net, val_ds, config.batch_size, dev)
     s = val_ds.split
-    write_csv(out / "predictions.csv", pd.DataFrame({"index": np.arange(len(s)), "label": s.labels.astype(int), "probability": prob, "o2i": s.o2i}))
+    write_csv(
+        out / "predictions.csv",
+        pd.DataFrame({"index": np.arange(len(s)), "label": s.labels.astype(int), "probability": prob, "o2i": s.o2i}),
+    )
     best = history[best_epoch - 1]
-    summary = pd.DataFrame([{"best_epoch": best_epoch, "val_acc": best["val_acc"], "val_loss": best["val_loss"], "val_auc": best["val_auc"],
-                             "epochs": len(history), "train_images_per_s": float(np.mean([r["train_images_per_s"] for r in history]))}])
+    summary = pd.DataFrame(
+        [
+            {
+                "best_epoch": best_epoch,
+                "val_acc": best["val_acc"],
+                "val_loss": best["val_loss"],
+                "val_auc": best["val_auc"],
+                "epochs": len(history),
+                "train_images_per_s": float(np.mean([r["train_images_per_s"] for r in history])),
+            }
+        ]
+    )
     write_csv(out / "summary.csv", summary)  # written last: marks the run finished
     (out / "last.pt").unlink(missing_ok=True)
     return summary
@@ -334,12 +400,18 @@ def _check_splits(data: Path, train_ds: ImageSetDataset, val_ds: ImageSetDataset
     for ds in (train_ds, val_ds):
         shape = ds.split.images.shape
         if len(ds) == 0 or min(shape[-2:]) < MIN_SIZE:
-            raise ImageSetError(f"{data / (ds.name + '.h5')}: expected at least one image of at least {MIN_SIZE}×{MIN_SIZE} px, got shape {shape} instead.")
+            raise ImageSetError(
+                f"{data / (ds.name + '.h5')}: expected at least one image of at least {MIN_SIZE}×{MIN_SIZE} px, got shape {shape} instead."
+            )
     if val_ds.split.images.shape[1:] != train_ds.split.images.shape[1:]:
-        raise ImageSetError(f"{data}: expected val images shaped like train images {train_ds.split.images.shape[1:]}, got {val_ds.split.images.shape[1:]} instead.")
+        raise ImageSetError(
+            f"{data}: expected val images shaped like train images {train_ds.split.images.shape[1:]}, got {val_ds.split.images.shape[1:]} instead."
+        )
     counts = np.bincount(train_ds.split.labels, minlength=2)
     if counts.min() == 0:
-        raise ImageSetError(f"{data / 'train.h5'}: expected both classes in the training split, got {counts[1]} positives and {counts[0]} negatives instead.")
+        raise ImageSetError(
+            f"{data / 'train.h5'}: expected both classes in the training split, got {counts[1]} positives and {counts[0]} negatives instead."
+        )
 
 
 def _cpu_state(net: torch.nn.Module) -> dict:

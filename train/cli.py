@@ -16,7 +16,9 @@ def features(
     manifest: Annotated[Path, typer.Option(help="Manifest CSV with slide_id, label and a split column (or use --folds).")],
     out: Annotated[Path, typer.Option("--out", help="Run directory to create.")],
     head: Annotated[str, typer.Option(help="Head name: abmil, gated_abmil, maxpool, meanpool, lse, chowder, dsmil.")] = "abmil",
-    folds: Annotated[Optional[int], typer.Option(help="K for patient-level stratified K-fold CV (default: the manifest's split column).")] = None,
+    folds: Annotated[
+        Optional[int], typer.Option(help="K for patient-level stratified K-fold CV (default: the manifest's split column).")
+    ] = None,
     repeats: Annotated[int, typer.Option(help="Repeats of K-fold CV.")] = 1,
     val_fraction: Annotated[float, typer.Option(help="Share of training patients carved out for validation.")] = 0.2,
     epochs: Annotated[int, typer.Option(help="Maximum epochs.")] = 50,
@@ -24,24 +26,63 @@ def features(
     lr: Annotated[float, typer.Option(help="Adam learning rate (default chosen by benchmarks/defaults.py).")] = 1e-3,
     weight_decay: Annotated[float, typer.Option(help="Adam weight decay.")] = 1e-4,
     batch_size: Annotated[int, typer.Option(help="Bags per step (padded with a mask).")] = 1,
-    recipe: Annotated[str, typer.Option(help="Loss recipe: bce (bag BCE), or hnm-wsi (the HNM-WSI authors' MIL loss: 0.5 bag + 0.5 max-instance BCE + 0.1 ranking, hard negatives). Options below override its parts.")] = "bce",
-    bag_weight: Annotated[Optional[float], typer.Option(help="Weight of the bag BCE (DSMIL: its bag branch). Default: the recipe's.")] = None,
-    max_instance_weight: Annotated[Optional[float], typer.Option(help="Weight of the BCE on the largest instance score. Default: the recipe's (DSMIL 0.5).")] = None,
-    ranking_weight: Annotated[Optional[float], typer.Option(help="Weight of the MI ranking loss (0 = off); on, every batch holds both classes. Default: the recipe's.")] = None,
+    recipe: Annotated[
+        str,
+        typer.Option(
+            help="Loss recipe: bce (bag BCE), or hnm-wsi (the HNM-WSI authors' MIL loss: 0.5 bag + 0.5 max-instance BCE + 0.1 ranking, hard negatives). Options below override its parts."
+        ),
+    ] = "bce",
+    bag_weight: Annotated[
+        Optional[float], typer.Option(help="Weight of the bag BCE (DSMIL: its bag branch). Default: the recipe's.")
+    ] = None,
+    max_instance_weight: Annotated[
+        Optional[float], typer.Option(help="Weight of the BCE on the largest instance score. Default: the recipe's (DSMIL 0.5).")
+    ] = None,
+    ranking_weight: Annotated[
+        Optional[float],
+        typer.Option(help="Weight of the MI ranking loss (0 = off); on, every batch holds both classes. Default: the recipe's."),
+    ] = None,
     rank_k: Annotated[Optional[int], typer.Option(help="Top-k instances per bag in the ranking loss (default 10).")] = None,
     rank_margin: Annotated[Optional[float], typer.Option(help="Margin of the ranking loss (default 1).")] = None,
-    hard_negatives: Annotated[Optional[bool], typer.Option("--hard-negatives/--no-hard-negatives", help="Mine hard negative instances after a warm-up and refresh them (default: the recipe's).", show_default=False)] = None,
-    neg_ratio: Annotated[Optional[float], typer.Option(help="Fraction of all negative-bag instances kept as hard negatives (default 0.2).")] = None,
+    hard_negatives: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--hard-negatives/--no-hard-negatives",
+            help="Mine hard negative instances after a warm-up and refresh them (default: the recipe's).",
+            show_default=False,
+        ),
+    ] = None,
+    neg_ratio: Annotated[
+        Optional[float], typer.Option(help="Fraction of all negative-bag instances kept as hard negatives (default 0.2).")
+    ] = None,
     hnm_warmup: Annotated[int, typer.Option(help="Epochs before the first mining.")] = 5,
     hnm_every: Annotated[int, typer.Option(help="Epochs between refreshes of the mined set.")] = 5,
-    hnm_bank: Annotated[Optional[int], typer.Option(help="Mined negatives of the whole training set added to each ranking step's negative top-k pool (default 10).")] = None,
-    hnm_instance_weight: Annotated[float, typer.Option(help="Opt-in: instance BCE on mined negatives (target 0) and pseudo-positives (1).")] = 0.0,
-    pos_ratio: Annotated[float, typer.Option(help="Pseudo-positives for --hnm-instance-weight: top fraction of confident positive-bag tiles.")] = 0.2,
-    instance_labels: Annotated[Optional[Path], typer.Option(help="CSV of annotated tiles (slide_id, x, y, label) for an instance loss beside the bag loss.")] = None,
+    hnm_bank: Annotated[
+        Optional[int],
+        typer.Option(help="Mined negatives of the whole training set added to each ranking step's negative top-k pool (default 10)."),
+    ] = None,
+    hnm_instance_weight: Annotated[
+        float, typer.Option(help="Opt-in: instance BCE on mined negatives (target 0) and pseudo-positives (1).")
+    ] = 0.0,
+    pos_ratio: Annotated[
+        float, typer.Option(help="Pseudo-positives for --hnm-instance-weight: top fraction of confident positive-bag tiles.")
+    ] = 0.2,
+    instance_labels: Annotated[
+        Optional[Path], typer.Option(help="CSV of annotated tiles (slide_id, x, y, label) for an instance loss beside the bag loss.")
+    ] = None,
     instance_loss: Annotated[str, typer.Option(help="Instance loss for --instance-labels: ece (exclusive cross-entropy) or bce.")] = "ece",
     instance_weight: Annotated[float, typer.Option(help="Weight of the instance loss.")] = 1.0,
-    ece_schedule_epochs: Annotated[Optional[int], typer.Option(help="ECE's annealing (the reference's 200-epoch schedule) stretched to this many epochs; default --epochs.")] = None,
-    standardize: Annotated[bool, typer.Option("--standardize/--no-standardize", help="Standardise features with the training bags' per-feature mean and sd (kept in the checkpoint); default on, chosen by benchmarks/defaults.py.")] = True,
+    ece_schedule_epochs: Annotated[
+        Optional[int],
+        typer.Option(help="ECE's annealing (the reference's 200-epoch schedule) stretched to this many epochs; default --epochs."),
+    ] = None,
+    standardize: Annotated[
+        bool,
+        typer.Option(
+            "--standardize/--no-standardize",
+            help="Standardise features with the training bags' per-feature mean and sd (kept in the checkpoint); default on, chosen by benchmarks/defaults.py.",
+        ),
+    ] = True,
     cache: Annotated[str, typer.Option(help="auto | ram | stream: keep bags in RAM as float16, or read them per step.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of splits, initialisation and shuffling.")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
@@ -52,16 +93,47 @@ def features(
     from mil.train.loop import TrainConfig
     from mil.train.run import run_train
 
-    config = TrainConfig(head=head, epochs=epochs, patience=patience, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
-                         seed=seed, recipe=recipe, bag_weight=bag_weight, max_instance_weight=max_instance_weight,
-                         ranking_weight=ranking_weight, rank_k=rank_k, rank_margin=rank_margin, hard_negatives=hard_negatives,
-                         neg_ratio=neg_ratio, hnm_warmup=hnm_warmup, hnm_every=hnm_every, hnm_bank=hnm_bank,
-                         hnm_instance_weight=hnm_instance_weight, pos_ratio=pos_ratio, instance_loss=instance_loss,
-                         instance_weight=instance_weight, ece_schedule_epochs=ece_schedule_epochs, standardize=standardize)  # fmt: skip
+    config = TrainConfig(
+        head=head,
+        epochs=epochs,
+        patience=patience,
+        lr=lr,
+        weight_decay=weight_decay,
+        batch_size=batch_size,
+        seed=seed,
+        recipe=recipe,
+        bag_weight=bag_weight,
+        max_instance_weight=max_instance_weight,
+        ranking_weight=ranking_weight,
+        rank_k=rank_k,
+        rank_margin=rank_margin,
+        hard_negatives=hard_negatives,
+        neg_ratio=neg_ratio,
+        hnm_warmup=hnm_warmup,
+        hnm_every=hnm_every,
+        hnm_bank=hnm_bank,
+        hnm_instance_weight=hnm_instance_weight,
+        pos_ratio=pos_ratio,
+        instance_loss=instance_loss,
+        instance_weight=instance_weight,
+        ece_schedule_epochs=ece_schedule_epochs,
+        standardize=standardize,
+    )
     slides = read_manifest(manifest, require_labels=False, check_files=False)
     with _EpochProgress(epochs, enabled=progress, mined=config.hard_negatives) as on_epoch:
-        summary = run_train(feature_dir, slides, out, config, folds=folds, repeats=repeats, val_fraction=val_fraction,
-                            cache=cache, overwrite=overwrite, on_epoch=on_epoch, instance_labels=instance_labels)  # fmt: skip
+        summary = run_train(
+            feature_dir,
+            slides,
+            out,
+            config,
+            folds=folds,
+            repeats=repeats,
+            val_fraction=val_fraction,
+            cache=cache,
+            overwrite=overwrite,
+            on_epoch=on_epoch,
+            instance_labels=instance_labels,
+        )
     if summary.attrs.get("skipped"):
         typer.echo(f"{out}: already trained with these settings; nothing to do (pass --overwrite to train again)")
     typer.echo(summary.to_string(index=False, float_format="{:.3f}".format))
@@ -77,8 +149,15 @@ class _EpochProgress:
 
         self.epochs, self.tasks, self.done = epochs, {}, {}  # fold -> task id, fold -> last epoch
         stats = "loss {task.fields[loss]}  val AUC {task.fields[auc]}" + ("  hard negatives {task.fields[hard]}" if mined else "")
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(stats),
-                                 TimeElapsedColumn(), console=Console(stderr=True), disable=not enabled)  # fmt: skip
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn(stats),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            disable=not enabled,
+        )
 
     def __enter__(self):
         self.progress.start()
@@ -93,18 +172,27 @@ class _EpochProgress:
                 self.progress.update(t, total=self.done[f])
             self.tasks[fold] = self.progress.add_task(f"fold {fold}", total=self.epochs, loss="-", auc="-", hard=0)
         self.done[fold] = row["epoch"]
-        self.progress.update(self.tasks[fold], completed=row["epoch"], loss=f"{row['train_loss']:.4f}",
-                             auc=f"{row['val_auc']:.3f}", hard=row["n_hard_negatives"])  # fmt: skip
+        self.progress.update(
+            self.tasks[fold],
+            completed=row["epoch"],
+            loss=f"{row['train_loss']:.4f}",
+            auc=f"{row['val_auc']:.3f}",
+            hard=row["n_hard_negatives"],
+        )
 
 
 @app.command()
 def bagnet(
-    data: Annotated[Path, typer.Argument(help="Image-set folder (imageset.json, train.h5, val.h5) from `mil extract needles` or `mil extract crops`.")],
+    data: Annotated[
+        Path, typer.Argument(help="Image-set folder (imageset.json, train.h5, val.h5) from `mil extract needles` or `mil extract crops`.")
+    ],
     out: Annotated[Path, typer.Option("--out", help="Run directory to create.")],
     rf: Annotated[int, typer.Option(help="Receptive field: 9, 33 or 177.")] = 33,
     pooling: Annotated[str, typer.Option(help="Pooling over positions: max, mean, logsumexp, attention, gated_attention.")] = "max",
     width: Annotated[float, typer.Option(help="Channel multiplier (embedding 2048·width).")] = 1.0,
-    norm: Annotated[str, typer.Option(help="Normalisation layers: in_aff (the paper's affine InstanceNorm), in, or bn (BatchNorm).")] = "in_aff",
+    norm: Annotated[
+        str, typer.Option(help="Normalisation layers: in_aff (the paper's affine InstanceNorm), in, or bn (BatchNorm).")
+    ] = "in_aff",
     epochs: Annotated[int, typer.Option(help="Epochs (LR ×0.1 at 80, 120, 160 of 200, scaled).")] = 200,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     accumulate: Annotated[int, typer.Option(help="Forward passes per optimizer step (effective batch = batch size × accumulate).")] = 1,
@@ -120,11 +208,22 @@ def bagnet(
     """Train a BagNet end to end on an image set; select the epoch on validation accuracy (test split unread)."""
     from mil.train.bagnet import BagNetTrainConfig, run_bagnet
 
-    config = BagNetTrainConfig(rf=rf, pooling=pooling, width=width, norm=norm, epochs=epochs, batch_size=batch_size, accumulate=accumulate,
-                               lr=lr, max_train=max_train, seed=seed)  # fmt: skip
+    config = BagNetTrainConfig(
+        rf=rf,
+        pooling=pooling,
+        width=width,
+        norm=norm,
+        epochs=epochs,
+        batch_size=batch_size,
+        accumulate=accumulate,
+        lr=lr,
+        max_train=max_train,
+        seed=seed,
+    )
     with _BagNetProgress(epochs, enabled=progress) as bar:
-        summary = run_bagnet(data, out, config, device=device, workers=workers, overwrite=overwrite, resume=resume,
-                             on_epoch=bar.epoch, on_batch=bar.batch)  # fmt: skip
+        summary = run_bagnet(
+            data, out, config, device=device, workers=workers, overwrite=overwrite, resume=resume, on_epoch=bar.epoch, on_batch=bar.batch
+        )
     if summary.attrs.get("skipped"):
         typer.echo(f"{out}: already trained with these settings; nothing to do (pass --overwrite to train again)")
     typer.echo(summary.to_string(index=False, float_format="{:.3f}".format))
@@ -140,8 +239,15 @@ class _BagNetProgress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         stats = "loss {task.fields[loss]}  val acc {task.fields[acc]}  {task.fields[speed]} img/s"
-        self.progress = Progress(TextColumn("epoch"), BarColumn(), MofNCompleteColumn(), TextColumn(stats), TimeElapsedColumn(),
-                                 console=Console(stderr=True), disable=not enabled)  # fmt: skip
+        self.progress = Progress(
+            TextColumn("epoch"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn(stats),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            disable=not enabled,
+        )
         self.task = self.progress.add_task("epochs", total=epochs, loss="-", acc="-", speed="-")
 
     def __enter__(self):
@@ -155,5 +261,10 @@ class _BagNetProgress:
         self.progress.update(self.task, completed=epoch - 1 + done / total, loss=f"{loss:.4f}")
 
     def epoch(self, row: dict) -> None:
-        self.progress.update(self.task, completed=row["epoch"], loss=f"{row['train_loss']:.4f}", acc=f"{row['val_acc']:.3f}",
-                             speed=f"{row['train_images_per_s']:.1f}")  # fmt: skip
+        self.progress.update(
+            self.task,
+            completed=row["epoch"],
+            loss=f"{row['train_loss']:.4f}",
+            acc=f"{row['val_acc']:.3f}",
+            speed=f"{row['train_images_per_s']:.1f}",
+        )

@@ -69,7 +69,9 @@ def read_instance_labels(csv_path: str | Path, files: dict[str, Path], slide_lab
         raise ManifestError(f"{path}: expected a CSV with columns {', '.join(COLUMNS)}, got unreadable text ({e}).") from None
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
-        raise ManifestError(f"{path}: expected columns {', '.join(COLUMNS)}, got {', '.join(map(str, df.columns))} instead (missing {', '.join(missing)}).")
+        raise ManifestError(
+            f"{path}: expected columns {', '.join(COLUMNS)}, got {', '.join(map(str, df.columns))} instead (missing {', '.join(missing)})."
+        )
     for col in ("x", "y", "label"):
         values = pd.to_numeric(df[col], errors="coerce")
         bad = values.isna() | (values != values.round())
@@ -95,9 +97,13 @@ def read_instance_labels(csv_path: str | Path, files: dict[str, Path], slide_lab
                     f"got ({x}, {y}) instead; annotate tiles by the coordinates in the feature file."
                 )
             if n in seen and seen[n] != lab:
-                raise ManifestError(f"{path}, line {line}: expected one label per tile, got {lab} after {seen[n]} for ({x}, {y}) of {sid!r}.")
+                raise ManifestError(
+                    f"{path}, line {line}: expected one label per tile, got {lab} after {seen[n]} for ({x}, {y}) of {sid!r}."
+                )
             if lab == 1 and int(slide_labels[sid]) == 0:
-                raise ManifestError(f"{path}, line {line}: expected no lesion tile in negative slide {sid!r}, got label 1 at ({x}, {y}); fix the slide or the tile label.")
+                raise ManifestError(
+                    f"{path}, line {line}: expected no lesion tile in negative slide {sid!r}, got label 1 at ({x}, {y}); fix the slide or the tile label."
+                )
             seen[n] = lab
         by_slide[str(sid)] = (torch.tensor(list(seen), dtype=torch.long), torch.tensor(list(seen.values()), dtype=torch.long))  # (K,), (K,)
     return InstanceLabels(by_slide, n_rows=len(df), n_unused=int((~used).sum()))

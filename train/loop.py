@@ -12,16 +12,12 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import pandas as pd
 import torch
-from mil.train.instances import InstanceLabels
-from mil.train.mining import MinedSet, mine_hard_negatives
-from mil.train.objective import Objective, recipe_defaults
-from mil.train.sampling import BalancedBatchSampler
 from sklearn.metrics import log_loss, roc_auc_score, roc_curve
 from torch.utils.data import DataLoader
 
@@ -29,6 +25,10 @@ from mil.data import BagDataset, collate_bags, feature_stats
 from mil.errors import OptionError
 from mil.heads import Standardized, create_head
 from mil.predict import predict
+from mil.train.instances import InstanceLabels
+from mil.train.mining import MinedSet, mine_hard_negatives
+from mil.train.objective import Objective, recipe_defaults
+from mil.train.sampling import BalancedBatchSampler
 
 LOSS_PARTS = ("bag", "max_instance", "ranking", "hnm_instance", "instance")
 
@@ -91,11 +91,14 @@ class TrainConfig:
         bad = [n for n, w in weights.items() if not (w >= 0)]
         if bad or not any(w > 0 for w in weights.values()):
             name = bad[0] if bad else "bag_weight"
-            raise OptionError(f"expected loss weights >= 0 with one of them > 0, got --{name.replace('_', '-')} "
-                              f"{weights[name]!r} ({', '.join(f'{k}={v}' for k, v in weights.items())}) instead.")  # fmt: skip
+            raise OptionError(
+                f"expected loss weights >= 0 with one of them > 0, got --{name.replace('_', '-')} "
+                f"{weights[name]!r} ({', '.join(f'{k}={v}' for k, v in weights.items())}) instead."
+            )
         if self.hnm_instance_weight > 0 and not self.hard_negatives:
-            raise OptionError("expected --hard-negatives with --hnm-instance-weight > 0 (it trains the mined tiles), "
-                              "got no mining instead.")  # fmt: skip
+            raise OptionError(
+                "expected --hard-negatives with --hnm-instance-weight > 0 (it trains the mined tiles), got no mining instead."
+            )
 
 
 @dataclass
@@ -172,9 +175,15 @@ def fit_fold(
             ranked.append("ranking" in step_parts)  # the step held a (positive, negative) pair
         pred = predict(model, val_ds)
         val_loss = float(log_loss(pred["label"], pred["probability"], labels=[0, 1]))
-        row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": val_loss, "val_auc": _auc(pred),
-               "n_hard_negatives": len(mined), **{f"loss_{k}": float(np.mean(v)) for k, v in parts.items()},
-               "ranking_steps": float(np.mean(ranked))}  # fmt: skip
+        row = {
+            "epoch": epoch,
+            "train_loss": float(np.mean(losses)),
+            "val_loss": val_loss,
+            "val_auc": _auc(pred),
+            "n_hard_negatives": len(mined),
+            **{f"loss_{k}": float(np.mean(v)) for k, v in parts.items()},
+            "ranking_steps": float(np.mean(ranked)),
+        }
         history.append(row)
         if on_epoch is not None:
             on_epoch(row)

@@ -23,9 +23,9 @@ import pandas as pd
 import torch
 
 from mil.atomic import write_csv
+from mil.data import BagDataset
 from mil.errors import OptionError
 from mil.features import read_bag
-from mil.data import BagDataset
 
 PSEUDO_LABEL_THRESHOLD = 0.3  # θ of the authors' pseudo-label binarisation (methods.md §1.2)
 
@@ -53,8 +53,9 @@ class MinedSet:
 
 
 @torch.inference_mode()
-def mine_hard_negatives(model: torch.nn.Module, ds: BagDataset, neg_ratio: float, *, pos_ratio: float | None = None,
-                        bank_max: int = 0) -> MinedSet:  # fmt: skip
+def mine_hard_negatives(
+    model: torch.nn.Module, ds: BagDataset, neg_ratio: float, *, pos_ratio: float | None = None, bank_max: int = 0
+) -> MinedSet:
     """Hard negatives (and optionally pseudo-positives) of the bags of `ds` under `model`.
 
     Args:
@@ -116,8 +117,9 @@ def export_hard_negatives(mined: MinedSet, files: dict[str, Path], path: Path) -
     rows = []
     for sid, idx in mined.negatives.items():
         xy = read_bag(files[sid]).coords[idx.numpy()]  # (k, 2) level-0 px (zeros for files without coords)
-        rows.append(pd.DataFrame({"slide_id": sid, "tile_index": idx.numpy(), "x": xy[:, 0], "y": xy[:, 1],
-                                  "score": mined.scores[sid].numpy()}))  # fmt: skip
+        rows.append(
+            pd.DataFrame({"slide_id": sid, "tile_index": idx.numpy(), "x": xy[:, 0], "y": xy[:, 1], "score": mined.scores[sid].numpy()})
+        )
     cols = ["slide_id", "tile_index", "x", "y", "score"]
     table = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=cols)
     write_csv(path, table.sort_values("score", ascending=False, kind="stable")[cols])

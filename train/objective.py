@@ -26,11 +26,27 @@ from mil.train.instances import InstanceLabels, instance_targets
 from mil.train.mining import MinedSet
 
 RECIPES: dict[str, dict] = {
-    "bce": dict(bag_weight=1.0, max_instance_weight=0.0, ranking_weight=0.0, rank_k=10, rank_margin=1.0,
-                hard_negatives=False, neg_ratio=0.2, hnm_bank=10),
-    "hnm-wsi": dict(bag_weight=0.5, max_instance_weight=0.5, ranking_weight=0.1, rank_k=10, rank_margin=1.0,
-                    hard_negatives=True, neg_ratio=0.2, hnm_bank=10),
-}  # fmt: skip
+    "bce": dict(
+        bag_weight=1.0,
+        max_instance_weight=0.0,
+        ranking_weight=0.0,
+        rank_k=10,
+        rank_margin=1.0,
+        hard_negatives=False,
+        neg_ratio=0.2,
+        hnm_bank=10,
+    ),
+    "hnm-wsi": dict(
+        bag_weight=0.5,
+        max_instance_weight=0.5,
+        ranking_weight=0.1,
+        rank_k=10,
+        rank_margin=1.0,
+        hard_negatives=True,
+        neg_ratio=0.2,
+        hnm_bank=10,
+    ),
+}
 DUAL_LOSS_HEADS = {"dsmil": dict(bag_weight=0.5, max_instance_weight=0.5)}  # heads trained with their own two losses
 ECE_REFERENCE_EPOCHS = 200  # NKI-AI/ece_loss anneals around epochs 50 and 150 (temperature 10): a ~200-epoch run
 
@@ -71,8 +87,7 @@ class Objective:
             f = (config.ece_schedule_epochs or config.epochs) / ECE_REFERENCE_EPOCHS  # the reference schedule, stretched
             # Summed and divided by the number of labelled tiles: before the unannotated background terms are phased
             # in it equals the "bce" option on the labelled tiles.
-            self.ece = create_loss("ece", reduction="sum", exclusivity_epoch=50 * f, background_epoch=150 * f,
-                                   temperature=10 * f)  # fmt: skip
+            self.ece = create_loss("ece", reduction="sum", exclusivity_epoch=50 * f, background_epoch=150 * f, temperature=10 * f)
 
     def set_epoch(self, epoch: int) -> None:
         if self.ece is not None:

@@ -21,21 +21,21 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 import torch
-from mil.train.instances import read_instance_labels
-from mil.train.loop import TrainConfig, fit_fold
-from mil.train.mining import export_hard_negatives
-from mil.train.splits import make_splits, splits_table
 
 import mil
 from mil.atomic import atomic_path, remove_stale_temporaries, write_csv, write_text
 from mil.data import CACHE_MODES, BagDataset, resolve_feature_files
 from mil.errors import ManifestError, MilError, OptionError, SettingsMismatchError
+from mil.train.instances import read_instance_labels
+from mil.train.loop import TrainConfig, fit_fold
+from mil.train.mining import export_hard_negatives
+from mil.train.splits import make_splits, splits_table
 
 RUN_FILES = ("config.json", "slides.csv", "splits.csv", "metrics.csv", "predictions.csv", "summary.csv")
 
@@ -77,12 +77,26 @@ def run_train(
     mil.create_head(config.head, in_dim=spec.feature_dim, **config.head_kwargs)  # bad head options fail before any write
     annotations = read_instance_labels(instance_labels, files, label) if instance_labels is not None else None
 
-    doc = {"stage": "train", "mil_version": mil.__version__, "feature_dir": str(feature_dir), "feature_spec": spec.as_dict(),
-           "train": asdict(config), "folds": folds, "repeats": repeats, "val_fraction": val_fraction, "cache": cache,
-           "instance_labels": None if annotations is None else {
-               "path": str(instance_labels), "rows": annotations.n_rows, "rows_unused": annotations.n_unused,
-               "slides": len(annotations.by_slide)},
-           "slides_sha256": _table_hash(slides)}  # fmt: skip
+    doc = {
+        "stage": "train",
+        "mil_version": mil.__version__,
+        "feature_dir": str(feature_dir),
+        "feature_spec": spec.as_dict(),
+        "train": asdict(config),
+        "folds": folds,
+        "repeats": repeats,
+        "val_fraction": val_fraction,
+        "cache": cache,
+        "instance_labels": None
+        if annotations is None
+        else {
+            "path": str(instance_labels),
+            "rows": annotations.n_rows,
+            "rows_unused": annotations.n_unused,
+            "slides": len(annotations.by_slide),
+        },
+        "slides_sha256": _table_hash(slides),
+    }
     doc = json.loads(json.dumps(doc))  # as it reads back from config.json
     if (out / "config.json").exists() and not overwrite:
         old = json.loads((out / "config.json").read_text())
@@ -132,10 +146,18 @@ def _train_folds(out, slides, fold_list, files, label, spec, config, doc, cache,
         train_ds, val_ds = dataset(fold.train), dataset(fold.val)
         report = (lambda row, f=fold.name: on_epoch(f, row)) if on_epoch else None
         res = fit_fold(train_ds, val_ds, spec.feature_dim, config, report, annotations)
-        ckpt = {"head": config.head, "head_kwargs": dict(config.head_kwargs), "in_dim": spec.feature_dim,
-                "feature_spec": spec.as_dict(), "threshold": res.threshold, "best_epoch": res.best_epoch,
-                "standardize": config.standardize, "fold": fold.name, "mil_version": mil.__version__,
-                "state_dict": res.state_dict}  # fmt: skip
+        ckpt = {
+            "head": config.head,
+            "head_kwargs": dict(config.head_kwargs),
+            "in_dim": spec.feature_dim,
+            "feature_spec": spec.as_dict(),
+            "threshold": res.threshold,
+            "best_epoch": res.best_epoch,
+            "standardize": config.standardize,
+            "fold": fold.name,
+            "mil_version": mil.__version__,
+            "state_dict": res.state_dict,
+        }
         with atomic_path(out / "checkpoints" / f"{fold.name}.pt") as tmp:
             torch.save(ckpt, tmp)
         if res.mined is not None:

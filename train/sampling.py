@@ -10,7 +10,7 @@ missing class wherever a batch would hold only one class.
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch.utils.data import Sampler

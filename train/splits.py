@@ -125,8 +125,9 @@ def make_splits(
     if len(np.unique(groups)) < folds:
         raise OptionError(f"expected at least {folds} patients for {folds}-fold cross-validation, got {len(np.unique(groups))} instead.")
     if np.bincount(y, minlength=2).max() < folds:  # scikit-learn's own check, as a one-line error
-        raise OptionError(f"expected at least {folds} slides of a label for {folds}-fold cross-validation, got {_counts(y)}; "
-                          "add slides or lower --folds.")  # fmt: skip
+        raise OptionError(
+            f"expected at least {folds} slides of a label for {folds}-fold cross-validation, got {_counts(y)}; add slides or lower --folds."
+        )
     out = []
     for r in range(repeats):
         sgkf = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed + r)

@@ -7,7 +7,6 @@ from pathlib import Path
 from tests.benchmarks import load_benchmark
 
 
-
 def test_bagnet_norm_quick_trains_both_norms(tmp_path: Path) -> None:
     bench = load_benchmark("bagnet_norm")
     table = bench.main(["--quick", "--source", "sklearn-digits", "--work-dir", str(tmp_path)])

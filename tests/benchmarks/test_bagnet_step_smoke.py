@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-
 from tests.benchmarks import load_benchmark
-
 
 
 def test_bagnet_step_measures_both_allocator_settings(capsys) -> None:

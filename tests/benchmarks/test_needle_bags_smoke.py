@@ -7,7 +7,6 @@ from pathlib import Path
 from tests.benchmarks import load_benchmark
 
 
-
 def test_needle_bags_quick(tmp_path: Path) -> None:
     nb = load_benchmark("needle_bags")
     out = tmp_path / "out"

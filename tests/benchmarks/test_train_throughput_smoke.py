@@ -8,7 +8,6 @@ from pathlib import Path
 from tests.benchmarks import load_benchmark
 
 
-
 def test_train_throughput_quick_has_every_mode(tmp_path: Path) -> None:
     bench = load_benchmark("train_throughput")
     work = tmp_path / "work"

@@ -63,7 +63,9 @@ def case(tmp_path_factory):
         rows.append({"slide_id": f"b{i}", "path": "x", "label": i % 2, "split": "val" if i >= 4 else "train"})
     pd.DataFrame(rows).to_csv(root / "train.csv", index=False)
     slides = read_manifest(root / "train.csv", check_files=False)
-    run_train(feats, slides, root / "run", TrainConfig(head_kwargs={"hidden_dim": 1, "attn_dim": 1}, epochs=1, standardize=False))  # hand-set weights below act on raw features
+    run_train(
+        feats, slides, root / "run", TrainConfig(head_kwargs={"hidden_dim": 1, "attn_dim": 1}, epochs=1, standardize=False)
+    )  # hand-set weights below act on raw features
     ckpt_path = root / "run" / "checkpoints" / "split.pt"
     ckpt = torch.load(ckpt_path, weights_only=True)
     sd = {k: torch.zeros_like(v) for k, v in ckpt["state_dict"].items()}
@@ -101,7 +103,9 @@ def test_hottest_region_lies_on_the_lesion(case):
 
 
 def test_cli_writes_the_figure_with_no_temporary_left(case):
-    r = invoke_mil("evaluate", "heatmap", case["run"], "--slide", "les", "--slides", case["slides"], "--thumbnail-size", "256", "--top-k", "3")
+    r = invoke_mil(
+        "evaluate", "heatmap", case["run"], "--slide", "les", "--slides", case["slides"], "--thumbnail-size", "256", "--top-k", "3"
+    )
     assert r.returncode == 0, r.stderr
     out = case["run"] / "heatmaps" / "les.png"
     assert f"wrote {out}" in r.stdout

@@ -67,8 +67,9 @@ def test_curve_bands_enclose_the_curve():
     assert inside.mean() > 0.9 and (c["tpr_low"] <= c["tpr_high"]).all()
 
 
-@pytest.mark.parametrize("y, p, match", [([1, 1, 1], [0.1, 0.2, 0.3], "both classes"), ([0, 2], [0.1, 0.2], "labels 0/1"),
-                                         ([0, 1], [0.1, np.nan], "finite")])  # fmt: skip
+@pytest.mark.parametrize(
+    "y, p, match", [([1, 1, 1], [0.1, 0.2, 0.3], "both classes"), ([0, 2], [0.1, 0.2], "labels 0/1"), ([0, 1], [0.1, np.nan], "finite")]
+)
 def test_bad_predictions_are_refused(y, p, match):
     with pytest.raises(OptionError, match=match):
         auc_ci(y, p, n_boot=10)

@@ -26,7 +26,12 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     a = toy_imageset(root / "A", n_train=16, n_val=16, n_test=16, size=32)
     b = toy_imageset(root / "B", n_train=16, n_val=16, n_test=16, size=48, seed=1)
     out = {}
-    for name, data, pooling, seed in (("a_max_0", a, "max", 0), ("a_max_1", a, "max", 1), ("a_mean_0", a, "mean", 0), ("b_max_0", b, "max", 0)):
+    for name, data, pooling, seed in (
+        ("a_max_0", a, "max", 0),
+        ("a_max_1", a, "max", 1),
+        ("a_mean_0", a, "mean", 0),
+        ("b_max_0", b, "max", 0),
+    ):
         out[name] = root / name
         run_bagnet(data, out[name], BagNetTrainConfig(pooling=pooling, seed=seed, **QUICK), device="cpu")
     return out

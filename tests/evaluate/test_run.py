@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from mil.checkpoint import load_head
 from mil.manifest import read_manifest
 from mil.train.loop import TrainConfig
-from mil.checkpoint import load_head
 from mil.train.run import run_train
 from tests.conftest import invoke_mil
 from tests.train.test_run import needle_cohort

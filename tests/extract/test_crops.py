@@ -52,9 +52,29 @@ def made(cohort, tmp_path_factory):
 
 
 def crops_args(cohort, out, seed=3):
-    return ["extract", "crops", "--manifest", cohort / "crops_manifest.csv", "--masks", cohort / "masks", "--size", SIZE,
-            "--level", LEVEL, "--o2i", f"{LO}-{HI}", "--per-lesion", 8, "--per-slide", 12, "--seed", seed,
-            "--out", out, "--no-progress"]  # fmt: skip
+    return [
+        "extract",
+        "crops",
+        "--manifest",
+        cohort / "crops_manifest.csv",
+        "--masks",
+        cohort / "masks",
+        "--size",
+        SIZE,
+        "--level",
+        LEVEL,
+        "--o2i",
+        f"{LO}-{HI}",
+        "--per-lesion",
+        8,
+        "--per-slide",
+        12,
+        "--seed",
+        seed,
+        "--out",
+        out,
+        "--no-progress",
+    ]
 
 
 def test_image_set_is_balanced_per_split_and_summarised(made):
@@ -85,7 +105,7 @@ def test_positive_crops_hold_one_whole_lesion_with_o2i_in_range(made, cohort):
             _, lesion = load_masks(cohort / "masks", row.slide_id)
             # Independent O2I: the mask blown up to level 0, sampled at each crop pixel's centre.
             full = np.repeat(np.repeat(lesion, MASK_DOWNSAMPLE, 0), MASK_DOWNSAMPLE, 1)
-            centres = (np.arange(SIZE) * DS + DS // 2)
+            centres = np.arange(SIZE) * DS + DS // 2
             seen = full[np.ix_(row.y0 + centres, row.x0 + centres)]  # (S, S)
             assert LO <= sp.o2i[i] <= HI
             assert sp.o2i[i] == pytest.approx(seen.mean(), abs=1e-6)
@@ -166,7 +186,7 @@ def test_positive_positions_respect_range_and_caps():
 def test_level_mpp_matches_the_equivalent_level(made, cohort, tmp_path):
     args = crops_args(cohort, tmp_path / "mpp")
     i = args.index("--level")
-    args[i:i + 2] = ["--level-mpp", 1.0]  # slides are 0.25 µm/px: 1 µm/px = 4 level-0 px per px = level 1
+    args[i : i + 2] = ["--level-mpp", 1.0]  # slides are 0.25 µm/px: 1 µm/px = 4 level-0 px per px = level 1
     r = invoke_mil(*args)
     assert r.returncode == 0, r.stderr
     assert read_meta(tmp_path / "mpp")["options"]["level_mpp"] == 1.0
@@ -180,8 +200,28 @@ def test_level_mpp_matches_the_equivalent_level(made, cohort, tmp_path):
 def test_bagnet_trains_and_evaluates_on_rgb_crops(made, tmp_path):
     """The nCAMELYON path end to end: 3-channel crops → `mil train bagnet` → `mil evaluate o2i` (on val: this set has no test)."""
     run = tmp_path / "run"
-    r = invoke_mil("train", "bagnet", made["out"], "--out", run, "--rf", 9, "--width", 0.0625, "--epochs", 1, "--batch-size", 8,
-                   "--lr", 1e-3, "--seed", 0, "--device", "cpu", "--no-progress")  # fmt: skip
+    r = invoke_mil(
+        "train",
+        "bagnet",
+        made["out"],
+        "--out",
+        run,
+        "--rf",
+        9,
+        "--width",
+        0.0625,
+        "--epochs",
+        1,
+        "--batch-size",
+        8,
+        "--lr",
+        1e-3,
+        "--seed",
+        0,
+        "--device",
+        "cpu",
+        "--no-progress",
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads((run / "config.json").read_text())["bagnet"]["in_chans"] == 3
     r = invoke_mil("evaluate", "o2i", run, "--out", tmp_path / "o2i.png", "--split", "val", "--n-boot", 20, "--device", "cpu")

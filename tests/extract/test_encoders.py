@@ -221,7 +221,7 @@ def test_bf16_features_agree_with_fp32():
 def test_resolve_precision(monkeypatch):
     assert [resolve_precision(p, "cpu") for p in ("fp32", "bf16", "fp16")] == ["fp32", "bf16", "fp16"]
     for native, expected in ((True, "bf16"), (False, "fp32")):
-        monkeypatch.setattr(encoders, "_cpu_has_native_bf16", lambda: native)
+        monkeypatch.setattr(encoders, "_cpu_has_native_bf16", lambda native=native: native)
         assert resolve_precision("auto", "cpu") == resolve_precision("auto", torch.device("cpu")) == expected
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_precision("auto", "cuda") == "fp32"

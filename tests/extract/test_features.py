@@ -25,8 +25,23 @@ from tests.conftest import invoke_mil
 
 # Small and fast: 64-px tiles at 1 µm/px on 0.25 µm/px slides, resnet18 with random weights.
 TILING = TilingConfig(grid=GridSpec(target_mpp=1.0, tile_size=64))
-FAST = ["--encoder", "resnet18", "--weights", "none", "--target-mpp", "1.0", "--tile-size", "64",
-        "--batch-size", "16", "--workers", "0", "--precision", "fp32", "--no-progress"]  # fmt: skip
+FAST = [
+    "--encoder",
+    "resnet18",
+    "--weights",
+    "none",
+    "--target-mpp",
+    "1.0",
+    "--tile-size",
+    "64",
+    "--batch-size",
+    "16",
+    "--workers",
+    "0",
+    "--precision",
+    "fp32",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +61,9 @@ def cohort(tmp_path, slide_factory):
 def test_feature_file_layout_and_coords_match_tiles(tmp_path, cohort, encoder):
     slides = read_manifest(cohort)
     run_tiles(slides, tmp_path / "tiles", TILING, progress=False)
-    report = run_features(slides, tmp_path / "feats", encoder, FeatureConfig(tiling=TILING, workers=0), coords_dir=tmp_path / "tiles", progress=False)
+    report = run_features(
+        slides, tmp_path / "feats", encoder, FeatureConfig(tiling=TILING, workers=0), coords_dir=tmp_path / "tiles", progress=False
+    )
     assert report["status"].tolist() == ["ok", "ok"]
     for sid in ("s0", "s1"):
         with h5py.File(tmp_path / "feats" / f"{sid}.h5") as f, h5py.File(tmp_path / "tiles" / f"{sid}.h5") as t:
@@ -116,7 +133,7 @@ def test_killed_run_resumes_to_identical_features(tmp_path, cohort):
     ref = tmp_path / "ref"
     assert invoke_mil("extract", "features", cohort, "--out", ref, *FAST).returncode == 0
     cmd = [sys.executable, "-m", "mil.cli", "extract", "features", str(cohort), "--out", str(tmp_path / "o"), *FAST]
-    for attempt in range(4):  # the kill can miss the window (features renamed in between): run again
+    for attempt in range(4):  # noqa: B007 - named in the failure message below  # the kill can miss the window (features renamed in between): run again
         out = tmp_path / "o"
         shutil.rmtree(out, ignore_errors=True)
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -149,7 +166,17 @@ def test_workers_give_the_same_features_as_the_main_process(tmp_path, cohort, en
     assert np.allclose(a.features, b.features, atol=1e-5)
 
 
-@pytest.mark.parametrize("opt", [["--batch-size", "0"], ["--dtype", "float64"], ["--workers", "-1"], ["--precision", "fp8"], ["--encoder", "nonexistent_net"], ["--device", "tpu"]])
+@pytest.mark.parametrize(
+    "opt",
+    [
+        ["--batch-size", "0"],
+        ["--dtype", "float64"],
+        ["--workers", "-1"],
+        ["--precision", "fp8"],
+        ["--encoder", "nonexistent_net"],
+        ["--device", "tpu"],
+    ],
+)
 def test_bad_feature_options_exit_2(tmp_path, cohort, opt):
     r = invoke_mil("extract", "features", cohort, "--out", tmp_path / "o", *FAST, *opt)
     assert r.returncode == 2, r.stderr

@@ -134,7 +134,12 @@ BAD = [
     ("ragged", "1,a,1,2\n1,a,1\n", ManifestError, r"line 2: expected 4 columns like line 1, got 3 instead"),
     ("text", "1,a,1\n1,a,x\n", ManifestError, r"line 2: expected a finite number in column 2, got 'x' instead"),
     ("nan", "1,a,1\n1,a,nan\n", ManifestError, r"line 2: expected a finite number in column 2, got 'nan'"),
-    ("header", "label,bag,f1\n1,a,1\n", ManifestError, r"line 1: expected a bag label 0, 1 or -1, got 'label' instead; the CSV must not have a header"),
+    (
+        "header",
+        "label,bag,f1\n1,a,1\n",
+        ManifestError,
+        r"line 1: expected a bag label 0, 1 or -1, got 'label' instead; the CSV must not have a header",
+    ),
     ("label", "1,a,1\n2,b,1\n", ManifestError, r"line 2: expected a bag label 0, 1 or -1, got '2'"),
     ("two-labels", "1,a,1\n0,b,1\n0,a,2\n", ManifestError, r"line 3: expected every row of bag 'a' to have its label 1 \(line 1\), got 0"),
     ("mixed-coding", "1,a,1\n0,b,1\n-1,c,2\n", ManifestError, r"labels coded either 0/1 or -1/1, got both 0 and -1"),

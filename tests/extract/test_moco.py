@@ -35,8 +35,27 @@ from mil.manifest import read_manifest
 
 TILING = TilingConfig(grid=GridSpec(target_mpp=1.0, tile_size=32))
 FAST = dict(arch="test_resnet", epochs=2, batch_size=16, queue=48, steps_per_epoch=3, tiling=TILING)
-CLI_FAST = ["--arch", "test_resnet", "--target-mpp", "1.0", "--tile-size", "32", "--batch-size", "16", "--queue", "48",
-            "--steps-per-epoch", "3", "--workers", "0", "--device", "cpu", "--precision", "fp32", "--no-progress"]  # fmt: skip
+CLI_FAST = [
+    "--arch",
+    "test_resnet",
+    "--target-mpp",
+    "1.0",
+    "--tile-size",
+    "32",
+    "--batch-size",
+    "16",
+    "--queue",
+    "48",
+    "--steps-per-epoch",
+    "3",
+    "--workers",
+    "0",
+    "--device",
+    "cpu",
+    "--precision",
+    "fp32",
+    "--no-progress",
+]
 
 
 class Toy(nn.Module):
@@ -264,7 +283,14 @@ def test_cli_run_writes_every_output_and_the_encoder_loads_in_extract_features(t
     cfg = json.loads((out / "config.json").read_text())
     s = cfg["settings"]
     assert (s["arch"], s["batch_size"], s["queue"], s["momentum"], s["temperature"], s["lr"], s["seed"]) == (
-        "test_resnet", 16, 48, 0.999, 0.2, 0.03, 3)
+        "test_resnet",
+        16,
+        48,
+        0.999,
+        0.2,
+        0.03,
+        3,
+    )
     assert s["tiling"]["grid"]["tile_size"] == 32 and s["augmentation"]["p_gray"] == 0.2
     assert cfg["runtime"]["world_size"] == 1 and cfg["n_tiles"] > 16
 
@@ -272,8 +298,13 @@ def test_cli_run_writes_every_output_and_the_encoder_loads_in_extract_features(t
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["arch"] == "test_resnet" and "optimizer" in ckpt
     keys = set(ckpt["state_dict"])
-    assert {"module.queue", "module.queue_ptr", "module.encoder_q.fc.0.weight", "module.encoder_q.fc.2.weight",
-            "module.encoder_k.bn1.running_mean"} <= keys  # fmt: skip
+    assert {
+        "module.queue",
+        "module.queue_ptr",
+        "module.encoder_q.fc.0.weight",
+        "module.encoder_q.fc.2.weight",
+        "module.encoder_k.bn1.running_mean",
+    } <= keys
     assert ckpt["state_dict"]["module.queue"].shape == (128, 48)
 
     # encoder.pt = the query encoder without its head; both files load in `extract features`
@@ -287,7 +318,9 @@ def test_cli_run_writes_every_output_and_the_encoder_loads_in_extract_features(t
 
     # the weights' sha256 is recorded in the feature files made with them
     enc = create_encoder("test_resnet", weights=str(out / "encoder.pt"), precision="fp32", input_size=32)
-    run_features(slides.iloc[:1], tmp_path / "feats", enc, FeatureConfig(tiling=TILING, workers=0), coords_dir=out / "tiles", progress=False)
+    run_features(
+        slides.iloc[:1], tmp_path / "feats", enc, FeatureConfig(tiling=TILING, workers=0), coords_dir=out / "tiles", progress=False
+    )
     with h5py.File(tmp_path / "feats" / f"{slides['slide_id'][0]}.h5") as f:
         assert f.attrs["encoder_weights_sha256"] == sha256_file(out / "encoder.pt")
 
@@ -388,7 +421,9 @@ def test_bad_input_and_usage_errors_exit_2(tmp_path):
 
 def test_too_few_tiles_for_one_batch(tmp_path, slides):
     with pytest.raises(MilError, match="expected at least --batch-size=64 tiles, got 20"):
-        run_moco(slides, tmp_path / "o", MocoConfig(**FAST | {"batch_size": 64, "queue": 64, "tiles_per_slide": 10}), workers=0, progress=False)
+        run_moco(
+            slides, tmp_path / "o", MocoConfig(**FAST | {"batch_size": 64, "queue": 64, "tiles_per_slide": 10}), workers=0, progress=False
+        )
 
 
 # ---- which manifest splits are trained on ------------------------------------------------------
@@ -481,8 +516,20 @@ dist.destroy_process_group()
 def test_two_processes_with_torchrun_agree(tmp_path, cohort):
     script = tmp_path / "ddp.py"
     script.write_text(textwrap.dedent(DDP_SCRIPT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", "2",
-           str(script), str(cohort), str(tmp_path / "enc"), str(tmp_path)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        "2",
+        str(script),
+        str(cohort),
+        str(tmp_path / "enc"),
+        str(tmp_path),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in (0, 1))

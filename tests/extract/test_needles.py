@@ -54,7 +54,7 @@ def rebuild(objects: np.ndarray, made, i: int, canvas: int) -> np.ndarray:
         acc[y0:y1, x0:x1] += objects[made.split.source[i]]
     for src, (x, y) in zip(made.clutter_source[i], made.clutter_xy[i]):
         if src >= 0:
-            acc[y:y + OBJ, x:x + OBJ] += objects[src]
+            acc[y : y + OBJ, x : x + OBJ] += objects[src]
     return np.minimum(acc, 255)
 
 
@@ -186,8 +186,23 @@ def test_refuses_bad_arguments_and_oversized_splits(idx_dir, monkeypatch):
 
 def test_cli_end_to_end_rerun_and_mismatch(idx_dir, tmp_path):
     out = tmp_path / "needles"
-    args = ["extract", "needles", "--idx-dir", idx_dir, "--target", TARGET, "--canvas", "16,32", "--val-size", VAL,
-            "--seed", 3, "--out", out, "--no-progress"]  # fmt: skip
+    args = [
+        "extract",
+        "needles",
+        "--idx-dir",
+        idx_dir,
+        "--target",
+        TARGET,
+        "--canvas",
+        "16,32",
+        "--val-size",
+        VAL,
+        "--seed",
+        3,
+        "--out",
+        out,
+        "--no-progress",
+    ]
     r = invoke_mil(*args)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
@@ -239,8 +254,21 @@ def test_cli_bad_idx_file_exits_2_naming_it(idx_dir, tmp_path):
 
 def test_cli_sklearn_digits_offline(tmp_path):
     out = tmp_path / "digits"
-    r = invoke_mil("extract", "needles", "--source", "sklearn-digits", "--target", 3, "--canvas", "64",
-                   "--max-per-split", "40,10,10", "--out", out, "--no-progress")  # fmt: skip
+    r = invoke_mil(
+        "extract",
+        "needles",
+        "--source",
+        "sklearn-digits",
+        "--target",
+        3,
+        "--canvas",
+        "64",
+        "--max-per-split",
+        "40,10,10",
+        "--out",
+        out,
+        "--no-progress",
+    )
     assert r.returncode == 0, r.stderr
     meta = read_meta(out / "canvas_64")
     assert meta["n"] == {"train": 40, "val": 10, "test": 10} and meta["options"]["source"] == "sklearn-digits"

@@ -38,8 +38,7 @@ def slides(tmp_path_factory, masks):
     out = {}
     for fmt in ("tiff", "svs"):
         for mpp in (0.25, 0.5, None):
-            out[fmt, mpp] = write_slide(d / f"s_{mpp}.{fmt}", tissue, lesion, width=W, height=H,
-                                        mpp=mpp, fmt=fmt, seed=3)
+            out[fmt, mpp] = write_slide(d / f"s_{mpp}.{fmt}", tissue, lesion, width=W, height=H, mpp=mpp, fmt=fmt, seed=3)
     return out
 
 
@@ -60,6 +59,7 @@ def _sample(mask: np.ndarray, n: int, rng: np.random.Generator) -> list[tuple[in
 
 
 # --- masks -------------------------------------------------------------------------------------
+
 
 def test_random_masks_shape_fractions_and_geometry(masks):
     tissue, lesion = masks
@@ -86,13 +86,13 @@ def test_random_masks_no_lesion_and_seeds():
     assert not a_l.any()
     assert np.array_equal(a_t, b_t)
     assert not np.array_equal(a_t, c_t)
-    t, _ = random_masks(2048, 1000, rng=np.random.default_rng(0), mask_downsample=8,
-                        tissue_fraction=0.2)
+    t, _ = random_masks(2048, 1000, rng=np.random.default_rng(0), mask_downsample=8, tissue_fraction=0.2)
     assert t.shape == (125, 256)
     assert t.mean() == pytest.approx(0.2, abs=0.03)
 
 
 # --- slides open in OpenSlide ------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("fmt,vendor", [("tiff", "generic-tiff"), ("svs", "aperio")])
 @pytest.mark.parametrize("mpp", [0.25, 0.5])
@@ -122,7 +122,7 @@ def test_slide_without_mpp(slides, fmt):
 
 def test_bigger_slide_has_more_levels(tmp_path):
     w = h = 4200  # 4200 -> 1050 -> 263
-    t, l = random_masks(w, h, rng=np.random.default_rng(0))
+    t, _lesion = random_masks(w, h, rng=np.random.default_rng(0))
     s = openslide.OpenSlide(write_slide(tmp_path / "b.tiff", t, None, width=w, height=h))
     assert s.level_count == 3
     assert s.level_downsamples == pytest.approx((1, 4, 16), rel=2e-3)
@@ -131,13 +131,13 @@ def test_bigger_slide_has_more_levels(tmp_path):
 
 # --- pixels follow the masks -------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("fmt", ["tiff", "svs"])
 def test_level0_pixels_follow_masks(slides, masks, fmt):
     tissue, lesion = masks
     s = openslide.OpenSlide(slides[fmt, 0.25])
     rng = np.random.default_rng(0)
-    inner_tissue = ndimage.binary_erosion(tissue & ~ndimage.binary_dilation(lesion, iterations=2),
-                                          iterations=2)
+    inner_tissue = ndimage.binary_erosion(tissue & ~ndimage.binary_dilation(lesion, iterations=2), iterations=2)
     outside = ~ndimage.binary_dilation(tissue, iterations=2)
     inner_lesion = ndimage.binary_erosion(lesion, iterations=2)
 
@@ -205,12 +205,12 @@ def test_write_slide_rejects_bad_arguments(tmp_path, masks):
 
 # --- cohorts -----------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     out = tmp_path_factory.mktemp("cohort")
     seen: list[str] = []
-    manifest = make_cohort(out, n_slides=5, size=2048, fmt="svs", seed=11, mpp=0.5,
-                           progress=seen.append)
+    manifest = make_cohort(out, n_slides=5, size=2048, fmt="svs", seed=11, mpp=0.5, progress=seen.append)
     return out, manifest, seen
 
 
@@ -239,8 +239,15 @@ def test_cohort_masks_and_json(cohort):
     out, manifest, _ = cohort
     df = pd.read_csv(manifest)
     meta = json.loads((out / "synthetic.json").read_text())
-    for key, value in {"seed": 11, "size": 2048, "fmt": "svs", "mpp": 0.5, "levels": 2,
-                       "mask_downsample": MASK_DOWNSAMPLE, "tile": 256}.items():
+    for key, value in {
+        "seed": 11,
+        "size": 2048,
+        "fmt": "svs",
+        "mpp": 0.5,
+        "levels": 2,
+        "mask_downsample": MASK_DOWNSAMPLE,
+        "tile": 256,
+    }.items():
         assert meta[key] == value
     for row in df.itertuples():
         tissue, lesion = load_masks(out / "masks", row.slide_id)
@@ -268,8 +275,7 @@ def test_cohort_is_deterministic(cohort, tmp_path):
     assert not np.array_equal(t_a, t_b)
 
 
-@pytest.mark.parametrize("n,frac,n_pos,n_test", [(2, 0.05, 1, 0), (2, 0.95, 1, 0), (8, 0.5, 4, 2),
-                                                 (1, 0.5, None, 0), (4, 0.0, 0, 1)])
+@pytest.mark.parametrize("n,frac,n_pos,n_test", [(2, 0.05, 1, 0), (2, 0.95, 1, 0), (8, 0.5, 4, 2), (1, 0.5, None, 0), (4, 0.0, 0, 1)])
 def test_cohort_labels_and_splits(tmp_path, n, frac, n_pos, n_test):
     df = pd.read_csv(make_cohort(tmp_path, n_slides=n, size=512, seed=0, positive_fraction=frac))
     assert len(df) == n
@@ -279,15 +285,18 @@ def test_cohort_labels_and_splits(tmp_path, n, frac, n_pos, n_test):
     assert (tmp_path / "synth_000.tiff").exists()
 
 
-@pytest.mark.parametrize("kwargs,option", [
-    ({"n_slides": 0}, "--n-slides"),
-    ({"size": 256}, "--size"),
-    ({"fmt": "png"}, "--format"),
-    ({"mpp": 0}, "--mpp"),
-    ({"mpp": -0.25}, "--mpp"),
-    ({"positive_fraction": 1.5}, "--positive-fraction"),
-    ({"positive_fraction": -0.1}, "--positive-fraction"),
-])
+@pytest.mark.parametrize(
+    "kwargs,option",
+    [
+        ({"n_slides": 0}, "--n-slides"),
+        ({"size": 256}, "--size"),
+        ({"fmt": "png"}, "--format"),
+        ({"mpp": 0}, "--mpp"),
+        ({"mpp": -0.25}, "--mpp"),
+        ({"positive_fraction": 1.5}, "--positive-fraction"),
+        ({"positive_fraction": -0.1}, "--positive-fraction"),
+    ],
+)
 def test_cohort_validates_arguments(tmp_path, kwargs, option):
     with pytest.raises(OptionError, match=f"expected {option} to be"):
         make_cohort(tmp_path / "c", **{"n_slides": 1, "size": 512, **kwargs})

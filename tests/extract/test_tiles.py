@@ -16,9 +16,9 @@ import pytest
 
 from mil.extract.grid import GridSpec, tile_grid, tissue_fraction
 from mil.extract.reader import TileDataset
-from mil.slides import open_slide, slide_geometry
 from mil.extract.tiles import TilingConfig, run_tiles
 from mil.manifest import read_manifest
+from mil.slides import open_slide, slide_geometry
 from tests.conftest import ellipse_mask, invoke_mil
 
 MASK_DS = 16  # level-0 px per pixel of the masks given to slide_factory
@@ -119,8 +119,10 @@ def test_bad_slides_do_not_stop_the_batch(tmp_path, slide_factory):
     truncated = tmp_path / "trunc.tiff"
     data = good.read_bytes()
     truncated.write_bytes(data[: len(data) // 3])
-    rows = [{"slide_id": s, "path": p} for s, p in
-            [("good", good), ("zero", tmp_path / "zero.svs"), ("text", tmp_path / "text.svs"), ("trunc", truncated)]]  # fmt: skip
+    rows = [
+        {"slide_id": s, "path": p}
+        for s, p in [("good", good), ("zero", tmp_path / "zero.svs"), ("text", tmp_path / "text.svs"), ("trunc", truncated)]
+    ]
     m = manifest(tmp_path, rows)
     r = invoke_mil("extract", "tiles", m, "--out", tmp_path / "o", "--no-progress")
     assert r.returncode == 1
@@ -141,8 +143,13 @@ def test_bad_slides_do_not_stop_the_batch(tmp_path, slide_factory):
         ([{"slide_id": "a", "path": "a.tiff"}, {"slide_id": "a", "path": "a.tiff"}], "duplicate slide_id"),
         ([{"slide_id": "a", "path": "missing.tiff"}], "does not exist"),
         ([{"slide_id": "a", "path": "a.tiff", "label": 3}], "expected label 0, 1 or empty"),
-        ([{"slide_id": "a", "path": "a.tiff", "split": "train", "patient_id": "p"},
-          {"slide_id": "b", "path": "a.tiff", "split": "test", "patient_id": "p"}], "patient 'p' appears in splits"),  # fmt: skip
+        (
+            [
+                {"slide_id": "a", "path": "a.tiff", "split": "train", "patient_id": "p"},
+                {"slide_id": "b", "path": "a.tiff", "split": "test", "patient_id": "p"},
+            ],
+            "patient 'p' appears in splits",
+        ),
         ([{"slide": "a", "path": "a.tiff"}], "missing slide_id"),
     ],
 )
@@ -156,7 +163,9 @@ def test_bad_manifest_exits_2_and_writes_nothing(tmp_path, slide_factory, rows, 
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("opt", [["--tile-size", "4"], ["--overlap", "300"], ["--tissue-threshold", "1.5"], ["--mpp", "-1"], ["--target-mpp", "0"]])
+@pytest.mark.parametrize(
+    "opt", [["--tile-size", "4"], ["--overlap", "300"], ["--tissue-threshold", "1.5"], ["--mpp", "-1"], ["--target-mpp", "0"]]
+)
 def test_bad_options_exit_2(tmp_path, slide_factory, opt):
     m = manifest(tmp_path, [{"slide_id": "a", "path": slide_factory("any")}])
     r = invoke_mil("extract", "tiles", m, "--out", tmp_path / "o", *opt)

@@ -14,7 +14,11 @@ from mil.heads import create_head, list_heads
 
 D = 12
 LENGTHS = [1, 3, 14, 30]  # below, between and above chowder's R = 10 and 2R = 20
-GARBAGE = {"randn": lambda shape: 100 * torch.randn(shape), "huge": lambda shape: torch.full(shape, 1e6), "nan": lambda shape: torch.full(shape, float("nan"))}
+GARBAGE = {
+    "randn": lambda shape: 100 * torch.randn(shape),
+    "huge": lambda shape: torch.full(shape, 1e6),
+    "nan": lambda shape: torch.full(shape, float("nan")),
+}
 
 
 def make_head(name: str, seed: int = 0, **kw) -> torch.nn.Module:

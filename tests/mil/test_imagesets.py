@@ -8,7 +8,7 @@ import pytest
 from mil.imagesets import ImageSetDataset, ImageSetError, check_split, read_meta, read_split, write_meta, write_split
 
 
-def _split(n: int = 4, c: int = 1, size: int = 16) -> "object":
+def _split(n: int = 4, c: int = 1, size: int = 16) -> object:
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (n, c, size, size), dtype=np.uint8)  # (n, C, H, W)
     labels = np.arange(n) % 2

@@ -71,12 +71,20 @@ def test_ranking_by_hand_with_padding_and_gradient_sign():
 def test_ranking_padding_does_not_change_value():
     loss_fn = MIRankingLoss(k=2)
     unpadded = loss_fn(torch.tensor([[3.0, 1.0, 2.0]]), None, torch.tensor([1.0, -1.0]))
-    padded = loss_fn(torch.tensor([[3.0, 1.0, 2.0, NAN, 1e9]]), torch.tensor([[1, 1, 1, 0, 0]]).bool(),
-                     torch.tensor([[1.0, -1.0, NAN]]), torch.tensor([[True, True, False]]))  # fmt: skip
+    padded = loss_fn(
+        torch.tensor([[3.0, 1.0, 2.0, NAN, 1e9]]),
+        torch.tensor([[1, 1, 1, 0, 0]]).bool(),
+        torch.tensor([[1.0, -1.0, NAN]]),
+        torch.tensor([[True, True, False]]),
+    )
     assert torch.allclose(unpadded, padded)  # s = 2.5 vs 0 → max(0, 1 − 2.5 + 0) = 0 either way
     a = loss_fn(torch.tensor([0.3, 0.1]), None, torch.tensor([0.2, 0.9, -0.4]))
-    b = loss_fn(torch.tensor([[0.3, 0.1, NAN, NAN]]), torch.tensor([[True, True, False, False]]),
-                torch.tensor([[0.2, 0.9, -0.4, 7.0]]), torch.tensor([[True, True, True, False]]))  # fmt: skip
+    b = loss_fn(
+        torch.tensor([[0.3, 0.1, NAN, NAN]]),
+        torch.tensor([[True, True, False, False]]),
+        torch.tensor([[0.2, 0.9, -0.4, 7.0]]),
+        torch.tensor([[True, True, True, False]]),
+    )
     assert a.item() == pytest.approx(1 - 0.2 + 0.55) and torch.allclose(a, b)
 
 
@@ -126,8 +134,9 @@ def test_ece_reference_values_through_the_core_combination():
     # ExclusiveCrossEntropyLoss: CE against class 0, confidence = gap between the two largest logits
     x = torch.stack([P, Z], dim=1)  # (11, 2)
     top2 = x.topk(2, dim=1).values  # (11, 2)
-    out = ece.terms(F.cross_entropy(x, torch.zeros(11, dtype=torch.long), reduction="none"), u,
-                    (top2[:, 0] - top2[:, 1]).abs(), keep_all, epoch=300)  # fmt: skip
+    out = ece.terms(
+        F.cross_entropy(x, torch.zeros(11, dtype=torch.long), reduction="none"), u, (top2[:, 0] - top2[:, 1]).abs(), keep_all, epoch=300
+    )
     assert torch.allclose(out, torch.tensor(REF_MULTICLASS), atol=1e-4)
 
 
@@ -170,8 +179,9 @@ def test_ece_annealing_focal_and_ce_recovery():
     ratio = keep(z) / F.softplus(z)
     assert ratio[0] < ratio[1] < 1
     # thresholds 1, no annealing, focal (1, 0): plain BCE with logits (the reference's test_ce_output)
-    ce = ExclusiveCrossEntropy(exclusivity_threshold=1, background_sampling_threshold=1, anneal=False,
-                               focal_alpha=1, focal_gamma=0, reduction="none")  # fmt: skip
+    ce = ExclusiveCrossEntropy(
+        exclusivity_threshold=1, background_sampling_threshold=1, anneal=False, focal_alpha=1, focal_gamma=0, reduction="none"
+    )
     assert torch.allclose(ce(Z), F.softplus(Z))
 
 

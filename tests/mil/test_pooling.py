@@ -14,7 +14,11 @@ from mil.pooling import create_pooling, list_poolings
 
 D = 6
 LENGTHS = [1, 4, 9, 17]
-GARBAGE = {"randn": lambda shape: 100 * torch.randn(shape), "huge": lambda shape: torch.full(shape, 1e6), "nan": lambda shape: torch.full(shape, float("nan"))}
+GARBAGE = {
+    "randn": lambda shape: 100 * torch.randn(shape),
+    "huge": lambda shape: torch.full(shape, 1e6),
+    "nan": lambda shape: torch.full(shape, float("nan")),
+}
 
 
 def make_pool(name: str, seed: int = 0) -> torch.nn.Module:

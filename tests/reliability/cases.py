@@ -34,8 +34,21 @@ D = 16  # feature dim of the synthetic bags
 # Small and fast extraction: 64-px tiles at 0.5 µm/px (read from level 0 of a 0.25 µm/px slide,
 # so a slide with corrupt level-0 tiles fails while being embedded), resnet18 with random weights.
 FAST_TILES = ["--target-mpp", "0.5", "--tile-size", "64", "--no-progress"]
-FAST_FEATURES = ["--encoder", "resnet18", "--weights", "none", "--precision", "fp32", "--device", "cpu",
-                 "--batch-size", "32", "--input-size", "64", *FAST_TILES]  # fmt: skip
+FAST_FEATURES = [
+    "--encoder",
+    "resnet18",
+    "--weights",
+    "none",
+    "--precision",
+    "fp32",
+    "--device",
+    "cpu",
+    "--batch-size",
+    "32",
+    "--input-size",
+    "64",
+    *FAST_TILES,
+]
 
 
 def mil_executable() -> str:
@@ -116,8 +129,15 @@ class Kill:
         return f"{how} at {self.at_s:.1f} s ({after}, attempt {self.attempts}) → {self.state.text}{tail}"
 
 
-def watch(args: list, out: str | Path, started: Callable[[Path], bool], *, kill_after: float | None = None,
-          poll: float = POLL_S, timeout: float = 600) -> Watched:  # fmt: skip
+def watch(
+    args: list,
+    out: str | Path,
+    started: Callable[[Path], bool],
+    *,
+    kill_after: float | None = None,
+    poll: float = POLL_S,
+    timeout: float = 600,
+) -> Watched:
     """Start `mil ARGS` in a session of its own and look at `out` every `poll` seconds until `started(out)`.
 
     With `kill_after`, SIGKILL the whole process group (the command and any DataLoader workers) that many
@@ -127,8 +147,7 @@ def watch(args: list, out: str | Path, started: Callable[[Path], bool], *, kill_
     out = Path(out)
     with tempfile.TemporaryFile("w+") as err:
         t0 = time.monotonic()
-        proc = subprocess.Popen(mil_command(*args), stdout=subprocess.DEVNULL, stderr=err, env=cli_env(),
-                                start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(mil_command(*args), stdout=subprocess.DEVNULL, stderr=err, env=cli_env(), start_new_session=True)
         try:
             marker = None
             while proc.poll() is None and time.monotonic() - t0 < timeout:
@@ -154,8 +173,9 @@ def watch(args: list, out: str | Path, started: Callable[[Path], bool], *, kill_
         return Watched(proc.returncode, marker, end, err.read())
 
 
-def kill_inside(args: list, out: str | Path, *, started: Callable[[Path], bool], state: Callable[[Path], WorkState],
-                extra: float, retries: int = 3) -> Kill:  # fmt: skip
+def kill_inside(
+    args: list, out: str | Path, *, started: Callable[[Path], bool], state: Callable[[Path], WorkState], extra: float, retries: int = 3
+) -> Kill:
     """SIGKILL `mil ARGS` `extra` seconds after `started(out)` first holds, and say what it left (`state(out)`).
 
     A kill that did not interrupt work (the command finished first, or left its work complete) is
@@ -241,8 +261,15 @@ def ellipse(n: int) -> np.ndarray:
     return ((yy + 0.5 - n / 2) / (n * 0.3)) ** 2 + ((xx + 0.5 - n / 2) / (n * 0.4)) ** 2 <= 1.0
 
 
-def good_slide(path: str | Path, *, seed: int = 1, size: int = SLIDE_SIZE, mpp: float | None = 0.25, fmt: str = "tiff",
-               tissue: np.ndarray | None = None) -> Path:  # fmt: skip
+def good_slide(
+    path: str | Path,
+    *,
+    seed: int = 1,
+    size: int = SLIDE_SIZE,
+    mpp: float | None = 0.25,
+    fmt: str = "tiff",
+    tissue: np.ndarray | None = None,
+) -> Path:
     """A small pyramidal JPEG-tiled slide with one ellipse of tissue."""
     from mil.extract.synthetic import MASK_DOWNSAMPLE, write_slide
 
@@ -326,10 +353,16 @@ def write_bag(path: str | Path, feats: np.ndarray, sid: str, *, encoder: str = "
     with h5py.File(path, "w") as f:
         f.create_dataset("features", data=feats)
         c = f.create_dataset("coords", data=np.asarray(coords, np.int64).reshape(-1, 2))
-        c.attrs.update(patch_size=64, patch_size_level0=128, target_mpp=0.5, level0_mpp=0.25, level0_width=SLIDE_SIZE,
-                       level0_height=SLIDE_SIZE)  # fmt: skip
-        f.attrs.update(slide_id=sid, encoder=encoder, encoder_weights_sha256="none",
-                       feature_dim=int(feats.shape[1]) if feats.ndim == 2 else 0, mil_version="test")  # fmt: skip
+        c.attrs.update(
+            patch_size=64, patch_size_level0=128, target_mpp=0.5, level0_mpp=0.25, level0_width=SLIDE_SIZE, level0_height=SLIDE_SIZE
+        )
+        f.attrs.update(
+            slide_id=sid,
+            encoder=encoder,
+            encoder_weights_sha256="none",
+            feature_dim=int(feats.shape[1]) if feats.ndim == 2 else 0,
+            mil_version="test",
+        )
     return Path(path)
 
 
@@ -346,8 +379,15 @@ def bag_cohort(root: str | Path, n: int = 24, *, seed: int = 0, split: bool = Tr
         if y:
             X[: max(1, len(X) // 10), 0] += 4.0
         write_bag(root / f"b{i}.h5", X, f"b{i}")
-        rows.append({"slide_id": f"b{i}", "path": f"b{i}.h5", "label": y, "patient_id": f"p{i}",
-                     "split": ("test" if (i // 2) % 3 == 0 else "train") if split else ""})  # fmt: skip
+        rows.append(
+            {
+                "slide_id": f"b{i}",
+                "path": f"b{i}.h5",
+                "label": y,
+                "patient_id": f"p{i}",
+                "split": ("test" if (i // 2) % 3 == 0 else "train") if split else "",
+            }
+        )
     pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
     return root / "manifest.csv"
 

@@ -82,8 +82,17 @@ def bad_manifest(base: Path, kind: str, tmp: Path) -> tuple[Path, str]:
     return path, culprit
 
 
-MANIFEST_KINDS = ["missing_column", "duplicate_id", "bad_label", "missing_file", "id_dotdot", "id_absolute", "id_slash",
-                  "patient_two_splits", "not_csv"]  # fmt: skip
+MANIFEST_KINDS = [
+    "missing_column",
+    "duplicate_id",
+    "bad_label",
+    "missing_file",
+    "id_dotdot",
+    "id_absolute",
+    "id_slash",
+    "patient_two_splits",
+    "not_csv",
+]
 
 
 def copy_bags(ctx: Ctx, tmp: Path) -> Path:
@@ -189,9 +198,20 @@ def break_run(d: Path, kind: str) -> str:
     raise AssertionError(kind)
 
 
-RUN_KINDS = ["missing_config", "config_not_json", "config_without_keys", "missing_splits", "splits_wrong_columns",
-             "missing_checkpoint", "checkpoint_garbage", "checkpoint_empty", "checkpoint_truncated", "checkpoint_pickled_code",
-             "checkpoint_raw_pickle", "checkpoint_missing_keys"]  # fmt: skip
+RUN_KINDS = [
+    "missing_config",
+    "config_not_json",
+    "config_without_keys",
+    "missing_splits",
+    "splits_wrong_columns",
+    "missing_checkpoint",
+    "checkpoint_garbage",
+    "checkpoint_empty",
+    "checkpoint_truncated",
+    "checkpoint_pickled_code",
+    "checkpoint_raw_pickle",
+    "checkpoint_missing_keys",
+]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,8 +227,19 @@ def _features(ctx, tmp, manifest):
 
 
 def _train(ctx, tmp, manifest, features=None, *opts):
-    return ["train", "features", features or ctx.bags.parent, "--manifest", manifest, "--out", tmp / "out", "--epochs", "1",
-            "--no-progress", *opts], tmp / "out"  # fmt: skip
+    return [
+        "train",
+        "features",
+        features or ctx.bags.parent,
+        "--manifest",
+        manifest,
+        "--out",
+        tmp / "out",
+        "--epochs",
+        "1",
+        "--no-progress",
+        *opts,
+    ], tmp / "out"
 
 
 CASES: dict[str, callable] = {}
@@ -230,12 +261,18 @@ for _kind in MANIFEST_KINDS:
         case(f"train/manifest:{_kind}")(lambda ctx, tmp, k=_kind: (*_train(ctx, tmp, (m := bad_manifest(ctx.bags, k, tmp))[0]), m[1]))
 for _kind in ("duplicate_id", "bad_label", "id_dotdot", "missing_column", "not_csv"):
     case(f"evaluate run/manifest:{_kind}")(
-        lambda ctx, tmp, k=_kind: (["evaluate", "run", (d := copy_run(ctx, tmp)), "--manifest", (m := bad_manifest(ctx.bags, k, tmp))[0],
-                                    "--n-boot", "10"], d, m[1])  # fmt: skip
+        lambda ctx, tmp, k=_kind: (
+            ["evaluate", "run", (d := copy_run(ctx, tmp)), "--manifest", (m := bad_manifest(ctx.bags, k, tmp))[0], "--n-boot", "10"],
+            d,
+            m[1],
+        )
     )
     case(f"evaluate heatmap/manifest:{_kind}")(
-        lambda ctx, tmp, k=_kind: (["evaluate", "heatmap", (d := copy_run(ctx, tmp)), "--slide", "s0", "--slides",
-                                    (m := bad_manifest(ctx.slides, k, tmp))[0]], d, m[1])  # fmt: skip
+        lambda ctx, tmp, k=_kind: (
+            ["evaluate", "heatmap", (d := copy_run(ctx, tmp)), "--slide", "s0", "--slides", (m := bad_manifest(ctx.slides, k, tmp))[0]],
+            d,
+            m[1],
+        )
     )
 
 
@@ -267,12 +304,17 @@ for _kind in FEATURE_KINDS:
         lambda ctx, tmp, k=_kind: (*_train(ctx, tmp, (d := copy_bags(ctx, tmp)) / "manifest.csv", d), bad_feature_file(d, "b3", k))
     )
     case(f"train/features:{_kind} (--cache stream)")(
-        lambda ctx, tmp, k=_kind: (*_train(ctx, tmp, (d := copy_bags(ctx, tmp)) / "manifest.csv", d, "--cache", "stream"),
-                                   bad_feature_file(d, "b3", k))  # fmt: skip
+        lambda ctx, tmp, k=_kind: (
+            *_train(ctx, tmp, (d := copy_bags(ctx, tmp)) / "manifest.csv", d, "--cache", "stream"),
+            bad_feature_file(d, "b3", k),
+        )
     ) if _kind != "beyond_float16" else None
     case(f"evaluate run/features:{_kind}")(
-        lambda ctx, tmp, k=_kind: (["evaluate", "run", (r := copy_run(ctx, tmp)), "--features", (d := copy_bags(ctx, tmp)),
-                                    "--n-boot", "10"], r, bad_feature_file(d, "b1", k))  # fmt: skip
+        lambda ctx, tmp, k=_kind: (
+            ["evaluate", "run", (r := copy_run(ctx, tmp)), "--features", (d := copy_bags(ctx, tmp)), "--n-boot", "10"],
+            r,
+            bad_feature_file(d, "b1", k),
+        )
     ) if _kind != "beyond_float16" else None  # evaluation streams float32: 1e6 is a valid feature there
 
 
@@ -287,8 +329,11 @@ for _kind in RUN_KINDS:
     )
     if _kind.startswith(("missing_config", "config_", "checkpoint_pickled")):
         case(f"evaluate heatmap/run dir:{_kind}")(
-            lambda ctx, tmp, k=_kind: (["evaluate", "heatmap", (d := copy_run(ctx, tmp)), "--slide", "s0", "--slides", ctx.slides],
-                                       d, break_run(d, k))  # fmt: skip
+            lambda ctx, tmp, k=_kind: (
+                ["evaluate", "heatmap", (d := copy_run(ctx, tmp)), "--slide", "s0", "--slides", ctx.slides],
+                d,
+                break_run(d, k),
+            )
         )
 
 
@@ -310,38 +355,100 @@ def _(ctx, tmp):
 
 # Options out of range: (command builder, option, value, culprit)
 OPTIONS = {
-    "tiles": (lambda ctx, tmp: _tiles(ctx, tmp, ctx.slides), [
-        ("--tissue-threshold", "1.5"), ("--tile-size", "0"), ("--target-mpp", "-1"), ("--overlap", "-5"), ("--overlap", "64"),
-        ("--mpp", "0"), ("--mask-mpp", "0"), ("--saturation-threshold", "2")]),
-    "features": (lambda ctx, tmp: _features(ctx, tmp, ctx.slides), [
-        ("--batch-size", "0"), ("--workers", "-1"), ("--dtype", "float64"), ("--precision", "fp8"), ("--encoder", "no_such_net"),
-        ("--device", "tpu"), ("--weights", "/no/such/weights.pt"), ("--input-size", "0"), ("--tissue-threshold", "-0.1")]),
-    "train": (lambda ctx, tmp: _train(ctx, tmp, ctx.bags), [
-        ("--epochs", "0"), ("--lr", "-1"), ("--lr", "nan"), ("--neg-ratio", "2"), ("--folds", "1"), ("--val-fraction", "1.5"),
-        ("--cache", "bogus"), ("--head", "bogus"), ("--batch-size", "0"), ("--patience", "0"), ("--repeats", "0"),
-        ("--instance-loss", "xx"), ("--weight-decay", "-1"), ("--rank-k", "0"), ("--hnm-every", "0"), ("--folds", "30"),
-        ("--recipe", "bogus"), ("--ranking-weight", "-1"), ("--bag-weight", "-1"), ("--hnm-bank", "-1"), ("--pos-ratio", "0"),
-        ("--ece-schedule-epochs", "0")]),
-    "evaluate run": (lambda ctx, tmp: ((["evaluate", "run", d := copy_run(ctx, tmp)]), d), [
-        ("--n-boot", "0"), ("--split", "bogus"), ("--features", "/no/such/folder")]),
-    "evaluate compare": (lambda ctx, tmp: ((["evaluate", "compare", ctx.run, d := copy_run(ctx, tmp, keep_eval=True)]), d), [
-        ("--n-boot", "0"), ("--split", "val")]),
-    "evaluate heatmap": (lambda ctx, tmp: ((["evaluate", "heatmap", d := copy_run(ctx, tmp), "--slide", "s0", "--slides", ctx.slides]), d), [
-        ("--top-k", "100"), ("--score", "bogus"), ("--fold", "zz"), ("--thumbnail-size", "1"), ("--slide", "zz")]),
-    "extract synthetic": (lambda ctx, tmp: (["extract", "synthetic", tmp / "out"], tmp / "out"), [
-        ("--n-slides", "0"), ("--size", "10"), ("--format", "bmp"), ("--mpp", "0"), ("--positive-fraction", "2"),
-        ("--lesion-fraction", "-1")]),
-}  # fmt: skip
+    "tiles": (
+        lambda ctx, tmp: _tiles(ctx, tmp, ctx.slides),
+        [
+            ("--tissue-threshold", "1.5"),
+            ("--tile-size", "0"),
+            ("--target-mpp", "-1"),
+            ("--overlap", "-5"),
+            ("--overlap", "64"),
+            ("--mpp", "0"),
+            ("--mask-mpp", "0"),
+            ("--saturation-threshold", "2"),
+        ],
+    ),
+    "features": (
+        lambda ctx, tmp: _features(ctx, tmp, ctx.slides),
+        [
+            ("--batch-size", "0"),
+            ("--workers", "-1"),
+            ("--dtype", "float64"),
+            ("--precision", "fp8"),
+            ("--encoder", "no_such_net"),
+            ("--device", "tpu"),
+            ("--weights", "/no/such/weights.pt"),
+            ("--input-size", "0"),
+            ("--tissue-threshold", "-0.1"),
+        ],
+    ),
+    "train": (
+        lambda ctx, tmp: _train(ctx, tmp, ctx.bags),
+        [
+            ("--epochs", "0"),
+            ("--lr", "-1"),
+            ("--lr", "nan"),
+            ("--neg-ratio", "2"),
+            ("--folds", "1"),
+            ("--val-fraction", "1.5"),
+            ("--cache", "bogus"),
+            ("--head", "bogus"),
+            ("--batch-size", "0"),
+            ("--patience", "0"),
+            ("--repeats", "0"),
+            ("--instance-loss", "xx"),
+            ("--weight-decay", "-1"),
+            ("--rank-k", "0"),
+            ("--hnm-every", "0"),
+            ("--folds", "30"),
+            ("--recipe", "bogus"),
+            ("--ranking-weight", "-1"),
+            ("--bag-weight", "-1"),
+            ("--hnm-bank", "-1"),
+            ("--pos-ratio", "0"),
+            ("--ece-schedule-epochs", "0"),
+        ],
+    ),
+    "evaluate run": (
+        lambda ctx, tmp: ((["evaluate", "run", d := copy_run(ctx, tmp)]), d),
+        [("--n-boot", "0"), ("--split", "bogus"), ("--features", "/no/such/folder")],
+    ),
+    "evaluate compare": (
+        lambda ctx, tmp: ((["evaluate", "compare", ctx.run, d := copy_run(ctx, tmp, keep_eval=True)]), d),
+        [("--n-boot", "0"), ("--split", "val")],
+    ),
+    "evaluate heatmap": (
+        lambda ctx, tmp: ((["evaluate", "heatmap", d := copy_run(ctx, tmp), "--slide", "s0", "--slides", ctx.slides]), d),
+        [("--top-k", "100"), ("--score", "bogus"), ("--fold", "zz"), ("--thumbnail-size", "1"), ("--slide", "zz")],
+    ),
+    "extract synthetic": (
+        lambda ctx, tmp: (["extract", "synthetic", tmp / "out"], tmp / "out"),
+        [
+            ("--n-slides", "0"),
+            ("--size", "10"),
+            ("--format", "bmp"),
+            ("--mpp", "0"),
+            ("--positive-fraction", "2"),
+            ("--lesion-fraction", "-1"),
+        ],
+    ),
+}
 # What an error names when it is not the option itself.
-OPTION_CULPRITS = {("train", "--folds", "30"): "30-fold", ("evaluate run", "--features", "/no/such/folder"): "/no/such/folder", ("train", "--lr", "nan"): "--lr",
-                   ("evaluate compare", "--split", "val"): "--split val", ("evaluate heatmap", "--slide", "zz"): "'zz'",
-                   ("tiles", "--mask-mpp", "0"): "mask_mpp", ("tiles", "--saturation-threshold", "2"): "saturation threshold",
-                   ("features", "--weights", "/no/such/weights.pt"): "--weights", ("train", "--head", "bogus"): "head name among"}  # fmt: skip
+OPTION_CULPRITS = {
+    ("train", "--folds", "30"): "30-fold",
+    ("evaluate run", "--features", "/no/such/folder"): "/no/such/folder",
+    ("train", "--lr", "nan"): "--lr",
+    ("evaluate compare", "--split", "val"): "--split val",
+    ("evaluate heatmap", "--slide", "zz"): "'zz'",
+    ("tiles", "--mask-mpp", "0"): "mask_mpp",
+    ("tiles", "--saturation-threshold", "2"): "saturation threshold",
+    ("features", "--weights", "/no/such/weights.pt"): "--weights",
+    ("train", "--head", "bogus"): "head name among",
+}
 for _cmd, (_build, _opts) in OPTIONS.items():
     for _opt, _value in _opts:
         case(f"{_cmd}/option:{_opt} {_value}")(
-            lambda ctx, tmp, b=_build, o=_opt, v=_value, c=_cmd: (
-                [*(x := b(ctx, tmp))[0], o, v], x[1], OPTION_CULPRITS.get((c, o, v), o))
+            lambda ctx, tmp, b=_build, o=_opt, v=_value, c=_cmd: ([*(x := b(ctx, tmp))[0], o, v], x[1], OPTION_CULPRITS.get((c, o, v), o))
         )
 
 

@@ -29,7 +29,19 @@ class O2ICtx:
     run: Path  # a finished `train bagnet` run on `data`
 
 
-NEEDLES = ["extract", "needles", "--source", "sklearn-digits", "--target", "3", "--canvas", "32", "--max-per-split", "16,8,8", "--no-progress"]
+NEEDLES = [
+    "extract",
+    "needles",
+    "--source",
+    "sklearn-digits",
+    "--target",
+    "3",
+    "--canvas",
+    "32",
+    "--max-per-split",
+    "16,8,8",
+    "--no-progress",
+]
 TINY_NET = ["--rf", "9", "--width", "0.0625", "--batch-size", "8", "--lr", "1e-3", "--device", "cpu", "--no-progress"]
 
 
@@ -80,18 +92,45 @@ def case(name):
 
 # Options out of range: (command builder, [(option, value, culprit or None for the option itself)])
 OPTIONS = {
-    "extract needles": (_needles, [
-        ("--canvas", "8", None), ("--canvas", "abc", None), ("--target", "11", None), ("--duplicates", "0", None),
-        ("--max-per-split", "16,8", None), ("--clutter-density", "-1", None), ("--source", "bogus", None),
-        ("--idx-dir", "/no/such/idx", "/no/such/idx")]),
-    "train bagnet": (_bagnet, [
-        ("--rf", "5", "rf"), ("--pooling", "bogus", "pooling"), ("--norm", "gn", "norm"), ("--width", "0", "width"),
-        ("--epochs", "0", None), ("--accumulate", "0", None), ("--lr", "0", None), ("--max-train", "1000", None),
-        ("--device", "tpu", None), ("--workers", "-1", None)]),
-    "evaluate o2i": (_o2i, [
-        ("--split", "bogus", None), ("--group-by", "colour", None), ("--n-boot", "0", None), ("--batch-size", "0", None),
-        ("--data", "/no/such/set", "/no/such/set")]),
-}  # fmt: skip
+    "extract needles": (
+        _needles,
+        [
+            ("--canvas", "8", None),
+            ("--canvas", "abc", None),
+            ("--target", "11", None),
+            ("--duplicates", "0", None),
+            ("--max-per-split", "16,8", None),
+            ("--clutter-density", "-1", None),
+            ("--source", "bogus", None),
+            ("--idx-dir", "/no/such/idx", "/no/such/idx"),
+        ],
+    ),
+    "train bagnet": (
+        _bagnet,
+        [
+            ("--rf", "5", "rf"),
+            ("--pooling", "bogus", "pooling"),
+            ("--norm", "gn", "norm"),
+            ("--width", "0", "width"),
+            ("--epochs", "0", None),
+            ("--accumulate", "0", None),
+            ("--lr", "0", None),
+            ("--max-train", "1000", None),
+            ("--device", "tpu", None),
+            ("--workers", "-1", None),
+        ],
+    ),
+    "evaluate o2i": (
+        _o2i,
+        [
+            ("--split", "bogus", None),
+            ("--group-by", "colour", None),
+            ("--n-boot", "0", None),
+            ("--batch-size", "0", None),
+            ("--data", "/no/such/set", "/no/such/set"),
+        ],
+    ),
+}
 for _cmd, (_build, _opts) in OPTIONS.items():
     for _opt, _value, _culprit in _opts:
         case(f"{_cmd}/option:{_opt} {_value}")(
@@ -112,8 +151,11 @@ def _(o2i, tmp):
 
 @case("extract crops/manifest:missing")
 def _(o2i, tmp):
-    return (["extract", "crops", "--manifest", tmp / "nope.csv", "--masks", tmp, "--size", "64", "--out", tmp / "out", "--no-progress"],
-            tmp / "out", "nope.csv")  # fmt: skip
+    return (
+        ["extract", "crops", "--manifest", tmp / "nope.csv", "--masks", tmp, "--size", "64", "--out", tmp / "out", "--no-progress"],
+        tmp / "out",
+        "nope.csv",
+    )
 
 
 @case("train bagnet/data:not_an_image_set")
@@ -197,5 +239,6 @@ def test_bad_o2i_input_is_refused_in_one_line_and_writes_nothing(o2i, tmp_path, 
     r = invoke(*argv)
     after = tree(tmp_path)
     problems = check_refusal(r, culprit, before, after)
-    assert not problems, f"{name}: {problems}, new or changed: {sorted(k for k in after if after[k] != before.get(k, 0))}\nstderr: {r.stderr}"
-
+    assert not problems, (
+        f"{name}: {problems}, new or changed: {sorted(k for k in after if after[k] != before.get(k, 0))}\nstderr: {r.stderr}"
+    )

@@ -11,8 +11,9 @@ from tests.reliability.cases import bag_cohort, checkpoint_states, invoke, same_
 
 
 def train(bags, out, seed: int, *extra):
-    r = invoke("train", "features", bags.parent, "--manifest", bags, "--out", out, "--epochs", "3", "--seed", str(seed),
-               "--no-progress", *extra)  # fmt: skip
+    r = invoke(
+        "train", "features", bags.parent, "--manifest", bags, "--out", out, "--epochs", "3", "--seed", str(seed), "--no-progress", *extra
+    )
     assert r.returncode == 0, r.stderr
     r = invoke("evaluate", "run", out, "--n-boot", "50")
     assert r.returncode == 0, r.stderr
@@ -34,11 +35,37 @@ def test_two_runs_with_one_seed_are_identical(tmp_path):
 
 def test_cross_validation_with_mining_and_stream_cache_is_deterministic(tmp_path):
     bags = bag_cohort(tmp_path / "bags", n=24, split=False)
-    opts = ("--folds", "2", "--hard-negatives", "--hnm-warmup", "1", "--hnm-every", "1", "--ranking-weight", "0.5",
-            "--batch-size", "4", "--cache", "stream")  # fmt: skip
+    opts = (
+        "--folds",
+        "2",
+        "--hard-negatives",
+        "--hnm-warmup",
+        "1",
+        "--hnm-every",
+        "1",
+        "--ranking-weight",
+        "0.5",
+        "--batch-size",
+        "4",
+        "--cache",
+        "stream",
+    )
     for run in ("a", "b"):
-        r = invoke("train", "features", bags.parent, "--manifest", bags, "--out", tmp_path / run, "--epochs", "3", "--seed", "1",
-                   "--no-progress", *opts)  # fmt: skip
+        r = invoke(
+            "train",
+            "features",
+            bags.parent,
+            "--manifest",
+            bags,
+            "--out",
+            tmp_path / run,
+            "--epochs",
+            "3",
+            "--seed",
+            "1",
+            "--no-progress",
+            *opts,
+        )
         assert r.returncode == 0, r.stderr
     same, why = same_run_outputs(tmp_path / "a", tmp_path / "b")
     assert same, why

@@ -31,8 +31,27 @@ from tests.reliability.cases import (
 )
 
 # 21 tiles per slide (64 px at 1 µm/px), one reading worker: a few seconds per slide.
-FEATURES = ["--encoder", "resnet18", "--weights", "none", "--precision", "fp32", "--device", "cpu", "--target-mpp", "1.0",
-            "--tile-size", "64", "--input-size", "64", "--batch-size", "8", "--workers", "1", "--no-progress"]  # fmt: skip
+FEATURES = [
+    "--encoder",
+    "resnet18",
+    "--weights",
+    "none",
+    "--precision",
+    "fp32",
+    "--device",
+    "cpu",
+    "--target-mpp",
+    "1.0",
+    "--tile-size",
+    "64",
+    "--input-size",
+    "64",
+    "--batch-size",
+    "8",
+    "--workers",
+    "1",
+    "--no-progress",
+]
 FOLDS = 2
 TRAIN = ["--epochs", "3", "--folds", str(FOLDS), "--seed", "3", "--no-progress"]
 SHARE = (0.05, 0.7)  # a kill lands this share of the reference's marker-to-exit window after the marker
@@ -81,8 +100,13 @@ def check_killed_features(features_ref, tmp_path, n: int, seed: int) -> None:
     ids = pd.read_csv(manifest)["slide_id"].tolist()
     for i in range(n):
         out = tmp_path / f"k{i}"
-        kill = kill_inside(["extract", "features", manifest, "--out", out, *FEATURES], out, started=features_started,
-                           state=partial(feature_state, n_slides=len(ids)), extra=rng.uniform(*SHARE) * window)  # fmt: skip
+        kill = kill_inside(
+            ["extract", "features", manifest, "--out", out, *FEATURES],
+            out,
+            started=features_started,
+            state=partial(feature_state, n_slides=len(ids)),
+            extra=rng.uniform(*SHARE) * window,
+        )
         assert_interrupted(kill, i)
         assert_whole_feature_files(out)
         r = invoke("extract", "features", manifest, "--out", out, *FEATURES)
@@ -100,8 +124,7 @@ def check_killed_training(train_ref, tmp_path, n: int, seed: int) -> None:
     for i in range(n):
         out = tmp_path / f"t{i}"
         args = ["train", "features", feature_dir, "--manifest", manifest, "--out", out, *TRAIN]
-        kill = kill_inside(args, out, started=training_started, state=partial(run_state, n_folds=FOLDS),
-                           extra=rng.uniform(*SHARE) * window)  # fmt: skip
+        kill = kill_inside(args, out, started=training_started, state=partial(run_state, n_folds=FOLDS), extra=rng.uniform(*SHARE) * window)
         assert_interrupted(kill, i)
         r = invoke(*args)
         assert r.returncode == 0, (i, kill.describe(), r.stderr)

@@ -27,13 +27,52 @@ SHARE = (0.1, 0.6)  # a kill lands this share of the reference's remaining epoch
 
 # tests/train/test_bagnet_train.py's TINY net (rf 9, width 1/16: 93k parameters) on 32 images of its toy image set.
 BAGNET_EPOCHS = 4
-BAGNET = ["--rf", "9", "--width", "0.0625", "--batch-size", "16", "--lr", "1e-3", "--seed", "0", "--max-train", "32",
-          "--epochs", str(BAGNET_EPOCHS), "--device", "cpu", "--no-progress"]  # fmt: skip
+BAGNET = [
+    "--rf",
+    "9",
+    "--width",
+    "0.0625",
+    "--batch-size",
+    "16",
+    "--lr",
+    "1e-3",
+    "--seed",
+    "0",
+    "--max-train",
+    "32",
+    "--epochs",
+    str(BAGNET_EPOCHS),
+    "--device",
+    "cpu",
+    "--no-progress",
+]
 # tests/extract/test_moco.py's CLI_FAST (timm's test_resnet on 32-px tiles, 3 steps of 16 per epoch).
 MOCO_EPOCHS = 4
-MOCO = ["--arch", "test_resnet", "--target-mpp", "1.0", "--tile-size", "32", "--batch-size", "16", "--queue", "48",
-        "--steps-per-epoch", "3", "--workers", "0", "--device", "cpu", "--precision", "fp32", "--no-progress",
-        "--epochs", str(MOCO_EPOCHS), "--seed", "3"]  # fmt: skip
+MOCO = [
+    "--arch",
+    "test_resnet",
+    "--target-mpp",
+    "1.0",
+    "--tile-size",
+    "32",
+    "--batch-size",
+    "16",
+    "--queue",
+    "48",
+    "--steps-per-epoch",
+    "3",
+    "--workers",
+    "0",
+    "--device",
+    "cpu",
+    "--precision",
+    "fp32",
+    "--no-progress",
+    "--epochs",
+    str(MOCO_EPOCHS),
+    "--seed",
+    "3",
+]
 TIMING = ["train_images_per_s", "seconds", "images_per_s"]  # metrics.csv columns that measure time, not the run
 
 
@@ -64,8 +103,7 @@ def strip(df: pd.DataFrame) -> pd.DataFrame:
 def kill_and_resume(args: list, out: Path, marker: str, state, window: float, seed: int, rerun_args: list):
     """SIGKILL `args` between its first checkpoint and its last epoch; return (the kill, metrics.csv it left,
     the rerun's result)."""
-    kill = kill_inside(args, out, started=lambda o: (o / marker).exists(), state=state,
-                       extra=random.Random(seed).uniform(*SHARE) * window)  # fmt: skip
+    kill = kill_inside(args, out, started=lambda o: (o / marker).exists(), state=state, extra=random.Random(seed).uniform(*SHARE) * window)
     assert kill.signalled, kill.describe()
     assert kill.state.parts > 0 and not kill.state.complete, kill.describe()
     left = pd.read_csv(out / "metrics.csv")
@@ -88,8 +126,15 @@ def test_bagnet_killed_between_checkpoints_resumes_to_a_bit_identical_run(toy, t
     r = invoke("train", "bagnet", toy, "--out", straight, *BAGNET)
     assert r.returncode == 0, r.stderr
     per_epoch = (time.monotonic() - t0) / BAGNET_EPOCHS  # validation and writing included
-    kill, left, _ = kill_and_resume(["train", "bagnet", toy, "--out", cut, *BAGNET], cut, "last.pt",
-                                    partial(bagnet_state, epochs=BAGNET_EPOCHS), per_epoch * (BAGNET_EPOCHS - 1), 0, [])
+    kill, left, _ = kill_and_resume(
+        ["train", "bagnet", toy, "--out", cut, *BAGNET],
+        cut,
+        "last.pt",
+        partial(bagnet_state, epochs=BAGNET_EPOCHS),
+        per_epoch * (BAGNET_EPOCHS - 1),
+        0,
+        [],
+    )
     done = kill.state.parts
     resumed = pd.read_csv(cut / "metrics.csv")
     assert len(resumed) == BAGNET_EPOCHS and len(left) >= done
@@ -114,8 +159,15 @@ def test_moco_killed_between_checkpoints_resumes_to_a_bit_identical_run(tmp_path
     r = invoke("extract", "moco", cohort, "--out", straight, *MOCO, *coords)
     assert r.returncode == 0, r.stderr
     per_epoch = float(pd.read_csv(straight / "metrics.csv")["seconds"].mean())  # the training steps of one epoch
-    kill, left, _ = kill_and_resume(["extract", "moco", cohort, "--out", cut, *MOCO, *coords], cut, "checkpoint.pt",
-                                    partial(moco_state, epochs=MOCO_EPOCHS), per_epoch * (MOCO_EPOCHS - 1), 1, ["--resume"])
+    kill, left, _ = kill_and_resume(
+        ["extract", "moco", cohort, "--out", cut, *MOCO, *coords],
+        cut,
+        "checkpoint.pt",
+        partial(moco_state, epochs=MOCO_EPOCHS),
+        per_epoch * (MOCO_EPOCHS - 1),
+        1,
+        ["--resume"],
+    )
     done = kill.state.parts
     resumed = pd.read_csv(cut / "metrics.csv")
     pd.testing.assert_frame_equal(resumed.iloc[:done], left.iloc[:done])  # kept, not trained again

@@ -22,10 +22,14 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import mil
-from mil.errors import MilError
 from mil.data import BagDataset, collate_bags
+from mil.errors import MilError
 
-SETTINGS = settings(max_examples=int(__import__("os").environ.get("MIL_HYPOTHESIS_EXAMPLES", 50)), deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+SETTINGS = settings(
+    max_examples=int(__import__("os").environ.get("MIL_HYPOTHESIS_EXAMPLES", 50)),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 
 FEATURE_DTYPES = st.sampled_from(["float16", "float32", "float64", "int8", "int32", "uint8", "bool", "complex64", "S3"])
 shapes = hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=6)
@@ -220,7 +224,7 @@ def test_bag_dataset_yields_finite_float32_or_refuses(sizes, d, cache, poison, d
                 return
     assert valid, "non-finite values or no instance at all were accepted"
     assert len(items) == sum(n > 0 for n in sizes)
-    for X, y, sid in items:
+    for X, _, sid in items:
         assert X.dtype == torch.float32 and X.ndim == 2 and X.shape[0] > 0 and X.shape[1] == d
         assert torch.isfinite(X).all(), sid
     X, mask, labels, ids = collate_bags(items)

@@ -155,8 +155,28 @@ def test_encoder_weights_with_code_are_refused(tmp_path, marker):
         create_encoder("resnet18", weights=str(p), precision="fp32", device="cpu")
 
 
-@pytest.mark.parametrize("sid", ["../x", "..", "a/b", "/abs/x", "/", ".hidden", "x/../../y", "a\\b", "", " ", "a b", "~user",
-                                 "x\x00y", "é", "a" * 201, "$(touch PWNED)", "x;rm -rf y"])  # fmt: skip
+@pytest.mark.parametrize(
+    "sid",
+    [
+        "../x",
+        "..",
+        "a/b",
+        "/abs/x",
+        "/",
+        ".hidden",
+        "x/../../y",
+        "a\\b",
+        "",
+        " ",
+        "a b",
+        "~user",
+        "x\x00y",
+        "é",
+        "a" * 201,
+        "$(touch PWNED)",
+        "x;rm -rf y",
+    ],
+)
 def test_unsafe_slide_ids_are_refused(sid):
     with pytest.raises(ManifestError, match="filename-safe"):
         check_slide_id(sid)
@@ -177,8 +197,10 @@ def test_no_output_escapes_the_out_folder(tmp_path):
     m = tmp_path / "slides" / "m.csv"
     pd.DataFrame({"slide_id": ["../../escaped"], "path": [slide.name]}).to_csv(m, index=False)
     before = snapshot(tmp_path)
-    for cmd in (["extract", "tiles", m, "--out", tmp_path / "a" / "out", *FAST_TILES],
-                ["extract", "features", m, "--out", tmp_path / "a" / "out", *FAST_FEATURES]):  # fmt: skip
+    for cmd in (
+        ["extract", "tiles", m, "--out", tmp_path / "a" / "out", *FAST_TILES],
+        ["extract", "features", m, "--out", tmp_path / "a" / "out", *FAST_FEATURES],
+    ):
         r = invoke(*cmd)
         assert r.returncode == 2 and "'../../escaped'" in r.stderr
     assert snapshot(tmp_path) == before and not list(tmp_path.rglob("escaped*"))

@@ -46,20 +46,37 @@ def toy_split(n: int, size: int = 32, square: int = SQUARE, seed: int = 0, posit
     o2i = np.zeros(n, np.float32)  # (n,)
     for i in np.flatnonzero(labels):
         x0, y0 = rng.integers(0, size - square + 1, size=2)
-        images[i, :, y0:y0 + square, x0:x0 + square] = 255
+        images[i, :, y0 : y0 + square, x0 : x0 + square] = 255
         bbox[i] = (x0, y0, x0 + square, y0 + square)
         o2i[i] = square * square / (size * size)
     return check_split(images, labels, o2i, bbox)
 
 
-def toy_imageset(folder: Path, n_train: int = 64, n_val: int = 32, n_test: int = 32, size: int = 32, square: int = SQUARE,
-                 seed: int = 0, positive_share: float = 0.5) -> Path:
+def toy_imageset(
+    folder: Path,
+    n_train: int = 64,
+    n_val: int = 32,
+    n_test: int = 32,
+    size: int = 32,
+    square: int = SQUARE,
+    seed: int = 0,
+    positive_share: float = 0.5,
+) -> Path:
     """An image-set folder of `toy_split`s (train, val, test) with its imageset.json."""
     for k, (split, n) in enumerate((("train", n_train), ("val", n_val), ("test", n_test))):
         share = positive_share if split == "train" else 0.5
         write_split(folder / f"{split}.h5", toy_split(n, size, square, seed=seed * 10 + k, positive_share=share))
-    write_meta(folder, {"generator": "toy", "size": size, "square": square, "seed": seed,
-                        "o2i": square * square / size**2, "n": {"train": n_train, "val": n_val, "test": n_test}})  # fmt: skip
+    write_meta(
+        folder,
+        {
+            "generator": "toy",
+            "size": size,
+            "square": square,
+            "seed": seed,
+            "o2i": square * square / size**2,
+            "n": {"train": n_train, "val": n_val, "test": n_test},
+        },
+    )
     return folder
 
 
@@ -95,12 +112,23 @@ def test_learns_the_toy_task_and_writes_the_run_directory(toy, tmp_path):
     acc = {0: summary["val_acc"][0]}
     for seed in (1, 2):
         other = toy_imageset(tmp_path / f"set{seed}", n_test=8, seed=seed)
-        acc[seed] = run_bagnet(other, tmp_path / f"run{seed}", BagNetTrainConfig(epochs=3, **{**LEARN, "seed": seed}),
-                               device="cpu")["val_acc"][0]  # fmt: skip
+        acc[seed] = run_bagnet(other, tmp_path / f"run{seed}", BagNetTrainConfig(epochs=3, **{**LEARN, "seed": seed}), device="cpu")[
+            "val_acc"
+        ][0]
     assert all(a > 0.75 for a in acc.values()), (acc, pd.read_csv(run / "metrics.csv"))
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "config.json", "metrics.csv", "predictions.csv", "summary.csv"]
     metrics = pd.read_csv(run / "metrics.csv")
-    assert list(metrics.columns) == ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_auc", "train_images_per_s", "seconds"]
+    assert list(metrics.columns) == [
+        "epoch",
+        "lr",
+        "train_loss",
+        "train_acc",
+        "val_loss",
+        "val_acc",
+        "val_auc",
+        "train_images_per_s",
+        "seconds",
+    ]
     assert metrics["epoch"].tolist() == [1, 2, 3] and (metrics["train_images_per_s"] > 0).all()
     assert len(seen) == 3 and seen[-1]["epochs"] == 3
     best = int(summary["best_epoch"][0])
@@ -108,8 +136,18 @@ def test_learns_the_toy_task_and_writes_the_run_directory(toy, tmp_path):
     assert metrics["val_acc"][best - 1] == top
     assert metrics.loc[metrics["val_acc"] == top, "val_loss"].min() == metrics["val_loss"][best - 1]  # ties → lower loss
     cfg = json.loads((run / "config.json").read_text())
-    assert cfg["train"] == {"rf": 9, "pooling": "max", "width": 0.125, "epochs": 3, "batch_size": 8, "accumulate": 1,
-                            "lr": 1e-3, "max_train": None, "seed": 0, "norm": "in_aff"}  # fmt: skip
+    assert cfg["train"] == {
+        "rf": 9,
+        "pooling": "max",
+        "width": 0.125,
+        "epochs": 3,
+        "batch_size": 8,
+        "accumulate": 1,
+        "lr": 1e-3,
+        "max_train": None,
+        "seed": 0,
+        "norm": "in_aff",
+    }
     assert cfg["imageset"]["generator"] == "toy" and cfg["milestones"] == [1, 2, 2] and cfg["n_train"] == 64
     assert cfg["runtime"] == {"device": "cpu", "workers": 0}
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
@@ -209,16 +247,60 @@ def test_rerun_skips_and_other_settings_are_refused(toy, tmp_path):
         run_bagnet(toy, tmp_path / "run", other, device="cpu")
     run_bagnet(toy, tmp_path / "run", other, device="cpu", overwrite=True)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["seed"] == 1
-    r = invoke_mil("train", "bagnet", toy, "--out", tmp_path / "run", "--rf", 9, "--width", 0.0625, "--epochs", 1, "--batch-size", 16,
-                   "--lr", 1e-3, "--max-train", 16, "--seed", 1, "--device", "cpu", "--no-progress")  # fmt: skip
+    r = invoke_mil(
+        "train",
+        "bagnet",
+        toy,
+        "--out",
+        tmp_path / "run",
+        "--rf",
+        9,
+        "--width",
+        0.0625,
+        "--epochs",
+        1,
+        "--batch-size",
+        16,
+        "--lr",
+        1e-3,
+        "--max-train",
+        16,
+        "--seed",
+        1,
+        "--device",
+        "cpu",
+        "--no-progress",
+    )
     assert r.returncode == 0 and "already trained" in r.stdout, r.stderr
-    r = invoke_mil("train", "bagnet", toy, "--out", tmp_path / "run", "--rf", 33, "--width", 0.0625, "--epochs", 1, "--device", "cpu", "--no-progress")
+    r = invoke_mil(
+        "train", "bagnet", toy, "--out", tmp_path / "run", "--rf", 33, "--width", 0.0625, "--epochs", 1, "--device", "cpu", "--no-progress"
+    )
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--overwrite" in r.stderr
 
 
 def test_norm_option_builds_batchnorm_and_is_recorded(toy, tmp_path):
-    r = invoke_mil("train", "bagnet", toy, "--out", tmp_path / "run", "--rf", 9, "--width", 0.0625, "--epochs", 1, "--batch-size", 16,
-                   "--max-train", 16, "--norm", "bn", "--device", "cpu", "--no-progress")  # fmt: skip
+    r = invoke_mil(
+        "train",
+        "bagnet",
+        toy,
+        "--out",
+        tmp_path / "run",
+        "--rf",
+        9,
+        "--width",
+        0.0625,
+        "--epochs",
+        1,
+        "--batch-size",
+        16,
+        "--max-train",
+        16,
+        "--norm",
+        "bn",
+        "--device",
+        "cpu",
+        "--no-progress",
+    )
     assert r.returncode == 0, r.stderr
     doc = json.loads((tmp_path / "run" / "config.json").read_text())
     assert doc["train"]["norm"] == "bn" and doc["bagnet"]["norm"] == "bn"
@@ -234,8 +316,27 @@ def test_the_test_split_is_never_read(toy, tmp_path):
     data = tmp_path / "set"
     shutil.copytree(toy, data)
     (data / "test.h5").write_bytes(b"corrupt: training must not open this file")
-    r = invoke_mil("train", "bagnet", data, "--out", tmp_path / "run", "--rf", 9, "--width", 0.0625, "--epochs", 1, "--batch-size", 16,
-                   "--max-train", 16, "--seed", 0, "--device", "cpu")  # fmt: skip
+    r = invoke_mil(
+        "train",
+        "bagnet",
+        data,
+        "--out",
+        tmp_path / "run",
+        "--rf",
+        9,
+        "--width",
+        0.0625,
+        "--epochs",
+        1,
+        "--batch-size",
+        16,
+        "--max-train",
+        16,
+        "--seed",
+        0,
+        "--device",
+        "cpu",
+    )
     assert r.returncode == 0, r.stderr
     assert "images/s" in r.stdout and (tmp_path / "run" / "summary.csv").exists()
     assert "epoch" in r.stderr and "val acc" in r.stderr  # the progress bar
@@ -243,15 +344,18 @@ def test_the_test_split_is_never_read(toy, tmp_path):
     assert run_bagnet(data, tmp_path / "run2", BagNetTrainConfig(epochs=1, max_train=16, **TINY), device="cpu")["epochs"][0] == 1
 
 
-@pytest.mark.parametrize("setup, args, needle", [
-    ("empty", [], "imageset.json"),
-    ("no_val", [], "val.h5"),
-    ("ok", ["--accumulate", "0"], "--accumulate >= 1"),
-    ("ok", ["--rf", "5"], "rf"),
-    ("ok", ["--max-train", "1000"], "--max-train <="),
-    ("ok", ["--pooling", "median"], "pooling"),
-    ("ok", ["--norm", "layer"], "norm"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "setup, args, needle",
+    [
+        ("empty", [], "imageset.json"),
+        ("no_val", [], "val.h5"),
+        ("ok", ["--accumulate", "0"], "--accumulate >= 1"),
+        ("ok", ["--rf", "5"], "rf"),
+        ("ok", ["--max-train", "1000"], "--max-train <="),
+        ("ok", ["--pooling", "median"], "pooling"),
+        ("ok", ["--norm", "layer"], "norm"),
+    ],
+)
 def test_user_mistakes_exit_2_with_one_line(toy, tmp_path, setup, args, needle):
     data = tmp_path / "set"
     data.mkdir()

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from mil import create_head
+from mil.data import BagDataset, FeatureSpec, collate_bags, resolve_feature_files
 from mil.errors import MilError
 from mil.features import FeatureFileError, read_bag
-from mil.data import BagDataset, FeatureSpec, collate_bags, resolve_feature_files
 
 D = 8
 COORD_ATTRS = dict(patch_size=256, patch_size_level0=512, target_mpp=0.5, level0_mpp=0.25, overlap=0)

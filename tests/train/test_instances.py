@@ -11,12 +11,12 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
+from mil.checkpoint import load_head
 from mil.errors import ManifestError
 from mil.losses import ExclusiveCrossEntropy
 from mil.manifest import read_manifest
 from mil.train.instances import instance_targets, read_instance_labels
 from mil.train.loop import TrainConfig
-from mil.checkpoint import load_head
 from mil.train.run import run_train
 from tests.conftest import invoke_mil
 
@@ -172,8 +172,21 @@ def test_annotations_teach_the_instance_scores(plain_runs, tmp_path, monkeypatch
 def test_cli_instance_labels_and_label_refusals(tmp_path):
     m = cohort(tmp_path, n=20)
     csv = annotate(tmp_path, [("s1", 1), ("s2", 0)])
-    r = invoke_mil("train", "features", tmp_path, "--manifest", m, "--out", tmp_path / "run", "--epochs", "2",
-                   "--instance-labels", csv, "--instance-loss", "bce")  # fmt: skip
+    r = invoke_mil(
+        "train",
+        "features",
+        tmp_path,
+        "--manifest",
+        m,
+        "--out",
+        tmp_path / "run",
+        "--epochs",
+        "2",
+        "--instance-labels",
+        csv,
+        "--instance-loss",
+        "bce",
+    )
     assert r.returncode == 0, r.stderr
     assert "val AUC" in r.stderr  # the progress bar
     r = invoke_mil("train", "features", tmp_path, "--manifest", m, "--out", tmp_path / "r2", "--instance-labels", tmp_path / "nope.csv")

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from mil.bags import BagOutput
-from mil.errors import OptionError
 from mil.data import BagDataset
+from mil.errors import OptionError
 from mil.train.mining import mine_hard_negatives
 
 

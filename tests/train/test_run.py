@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 import torch
 
+from mil.checkpoint import load_head
 from mil.errors import OptionError, SettingsMismatchError
 from mil.features import FeatureFileError
 from mil.train.loop import TrainConfig
-from mil.checkpoint import load_head
 from mil.train.run import run_train
 from tests.conftest import invoke_mil
 
@@ -154,22 +154,36 @@ def test_cli_train_features(tmp_path):
 
 def test_hard_negative_mining_trains_and_logs_the_mined_count(tmp_path):
     """Mining after 1 warm-up epoch learns on each of 3 seeds (2 epochs each) and logs its count per epoch."""
-    runs = learned_on_every_seed(tmp_path, 0.9, epochs=2, batch_size=4, ranking_weight=0.5, hard_negatives=True,
-                                 neg_ratio=0.1, hnm_warmup=1, hnm_every=2)  # fmt: skip
+    runs = learned_on_every_seed(
+        tmp_path, 0.9, epochs=2, batch_size=4, ranking_weight=0.5, hard_negatives=True, neg_ratio=0.1, hnm_warmup=1, hnm_every=2
+    )
     for folder, _ in runs.values():
         mined = pd.read_csv(folder / "run" / "metrics.csv")["n_hard_negatives"]
         assert len(mined) == 2 and mined[0] == 0 and mined[1] > 0, mined  # mined before epoch 2, after 1 warm-up epoch
     m = runs[0][0] / "manifest.csv"
-    r = invoke_mil("train", "features", runs[0][0], "--manifest", m, "--out", tmp_path / "c", "--epochs", "3",
-                   "--hard-negatives", "--hnm-warmup", "1", "--hnm-every", "1")  # fmt: skip
+    r = invoke_mil(
+        "train",
+        "features",
+        runs[0][0],
+        "--manifest",
+        m,
+        "--out",
+        tmp_path / "c",
+        "--epochs",
+        "3",
+        "--hard-negatives",
+        "--hnm-warmup",
+        "1",
+        "--hnm-every",
+        "1",
+    )
     assert r.returncode == 0 and "hard negatives" in r.stderr
-
 
 
 def test_standardize_uses_training_statistics_and_round_trips(tmp_path):
     """--standardize: the checkpoint holds the training bags' mean/sd and reproduces the fold's predictions."""
-    from mil.manifest import read_manifest
     from mil.data import BagDataset, feature_stats
+    from mil.manifest import read_manifest
 
     rng = np.random.default_rng(3)
     rows = []

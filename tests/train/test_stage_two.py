@@ -15,10 +15,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mil.data import BagDataset
 from mil.errors import OptionError
 from mil.heads import create_head
 from mil.manifest import read_manifest
-from mil.data import BagDataset
 from mil.train.loop import TrainConfig, fit_fold
 from mil.train.mining import MinedSet
 from mil.train.objective import Objective
@@ -146,8 +146,9 @@ def test_dsmil_trains_its_two_branches():
     obj = Objective(TrainConfig(head="dsmil"), pos_weight=2.0, annotations=None, seed=0)
     loss, _ = obj(head, out, mask, y, list("abcd"), MinedSet())
     pw = torch.tensor(2.0)
-    expected = 0.5 * F.binary_cross_entropy_with_logits(out.bag_branch_logits, y, pos_weight=pw) + \
-        0.5 * F.binary_cross_entropy_with_logits(out.max_instance_logits, y, pos_weight=pw)  # fmt: skip
+    expected = 0.5 * F.binary_cross_entropy_with_logits(out.bag_branch_logits, y, pos_weight=pw) + 0.5 * F.binary_cross_entropy_with_logits(
+        out.max_instance_logits, y, pos_weight=pw
+    )
     torch.testing.assert_close(loss, expected)
     assert not torch.allclose(loss, F.binary_cross_entropy_with_logits(out.logits, y, pos_weight=pw))
 
@@ -175,8 +176,24 @@ def test_ece_samples_the_unannotated_background_within_a_short_run(tmp_path):
 # ---------------------------------------------------------------------------------------------- the recipe end to end
 def test_recipe_hnm_wsi_from_the_cli_exports_hard_negatives(tmp_path):
     m = needle_cohort(tmp_path, n=24)
-    r = invoke_mil("train", "features", tmp_path, "--manifest", m, "--out", tmp_path / "run", "--recipe", "hnm-wsi",
-                   "--epochs", "3", "--hnm-warmup", "1", "--hnm-every", "1", "--no-progress")  # fmt: skip
+    r = invoke_mil(
+        "train",
+        "features",
+        tmp_path,
+        "--manifest",
+        m,
+        "--out",
+        tmp_path / "run",
+        "--recipe",
+        "hnm-wsi",
+        "--epochs",
+        "3",
+        "--hnm-warmup",
+        "1",
+        "--hnm-every",
+        "1",
+        "--no-progress",
+    )
     assert r.returncode == 0, r.stderr
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
     assert cfg["recipe"] == "hnm-wsi" and cfg["max_instance_weight"] == 0.5 and cfg["ranking_weight"] == 0.1
@@ -212,8 +229,22 @@ def test_recipe_on_clam_and_trident_feature_folders(tmp_path, layout):
                 f["coords"].attrs.update(patch_size=256, patch_size_level0=512, level0_magnification=40, target_magnification=20)
         rows.append({"slide_id": f"s{i}", "path": f"slides/s{i}.svs", "label": i % 2, "split": "test" if i % 8 == 0 else "train"})
     pd.DataFrame(rows).to_csv(tmp_path / "labels.csv", index=False)
-    r = invoke_mil("train", "features", folder, "--manifest", tmp_path / "labels.csv", "--out", tmp_path / "run",
-                   "--recipe", "hnm-wsi", "--epochs", "2", "--hnm-warmup", "0", "--no-progress")  # fmt: skip
+    r = invoke_mil(
+        "train",
+        "features",
+        folder,
+        "--manifest",
+        tmp_path / "labels.csv",
+        "--out",
+        tmp_path / "run",
+        "--recipe",
+        "hnm-wsi",
+        "--epochs",
+        "2",
+        "--hnm-warmup",
+        "0",
+        "--no-progress",
+    )
     assert r.returncode == 0, r.stderr
     hard = pd.read_csv(tmp_path / "run" / "hard_negatives" / "split.csv")
     assert len(hard) > 0

@@ -44,8 +44,15 @@ CONFIG = {
     "out": "results",
     "mil": str(MIL),
     "tiling": {"target_mpp": 0.5, "tile_size": 224},
-    "features": {"encoder": "resnet18", "weights": "none", "precision": "fp32", "dtype": "float32",
-                 "device": "cpu", "batch_size": 16, "workers": 0},
+    "features": {
+        "encoder": "resnet18",
+        "weights": "none",
+        "precision": "fp32",
+        "dtype": "float32",
+        "device": "cpu",
+        "batch_size": 16,
+        "workers": 0,
+    },
     "threads": {"tiles": 1, "features": 1, "train": 1, "evaluate": 1},
     "fold_sets": {"split": ""},
     # 4 training slides (2 + 2): half of them carved out for validation
@@ -53,7 +60,7 @@ CONFIG = {
     "evaluate": {"split": "test", "n_boot": 20, "seed": 0},
     "compare": [RUNS],
     "compare_options": {"n_boot": 20, "seed": 0},
-}  # fmt: skip
+}
 
 
 def write_config(path: Path, **changes) -> Path:
@@ -68,9 +75,13 @@ def snakemake(workdir: Path, *args: str, config: str = "config.yaml", check: boo
     cmd = [str(SNAKEMAKE), "-s", str(SNAKEFILE), "--directory", str(workdir), "--configfile", str(workdir / config), *args]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=dict(os.environ, COLUMNS="200", NO_COLOR="1"))
     if check and res.returncode != 0:
-        logs = "".join(
-            f"\n--- {p.relative_to(workdir)}\n{p.read_text()[-2000:]}" for p in sorted((workdir / "results" / "logs").rglob("*.log"))
-        ) if (workdir / "results" / "logs").exists() else ""  # fmt: skip
+        logs = (
+            "".join(
+                f"\n--- {p.relative_to(workdir)}\n{p.read_text()[-2000:]}" for p in sorted((workdir / "results" / "logs").rglob("*.log"))
+            )
+            if (workdir / "results" / "logs").exists()
+            else ""
+        )
         raise AssertionError(f"{' '.join(cmd)} exited {res.returncode}\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}{logs}")
     return res
 
@@ -209,13 +220,40 @@ def test_second_run_has_nothing_to_do_and_the_stages_agree(first_run, monkeypatc
     r = invoke_mil("extract", "tiles", "slides/manifest.csv", "--out", "results/tiles", *tiling, "--no-progress")
     assert r.returncode == 0, r.stderr
     assert set(pd.read_csv(res / "tiles" / "extract_report.csv")["status"]) == {"skipped"}
-    r = invoke_mil("extract", "features", "slides/manifest.csv", "--out", "results/features", "--coords-dir", "results/tiles",
-                   *tiling, "--encoder", "resnet18", "--weights", "none", "--precision", "fp32", "--device", "cpu",
-                   "--workers", "0", "--no-progress")  # fmt: skip
+    r = invoke_mil(
+        "extract",
+        "features",
+        "slides/manifest.csv",
+        "--out",
+        "results/features",
+        "--coords-dir",
+        "results/tiles",
+        *tiling,
+        "--encoder",
+        "resnet18",
+        "--weights",
+        "none",
+        "--precision",
+        "fp32",
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--no-progress",
+    )
     assert r.returncode == 0, r.stderr
     assert set(pd.read_csv(res / "features" / "extract_report.csv")["status"]) == {"skipped"}
-    r = invoke_mil("train", "features", "results/features", "--manifest", "slides/manifest.csv",
-                   "--out", "results/runs/split/abmil", *CONFIG["training"]["abmil"].split(), "--no-progress")  # fmt: skip
+    r = invoke_mil(
+        "train",
+        "features",
+        "results/features",
+        "--manifest",
+        "slides/manifest.csv",
+        "--out",
+        "results/runs/split/abmil",
+        *CONFIG["training"]["abmil"].split(),
+        "--no-progress",
+    )
     assert r.returncode == 0, r.stderr
     assert {p: p.stat().st_mtime_ns for p in before} == before  # nothing was re-made
     assert nothing_to_do(snakemake(first_run, "-n", "-c2"))
