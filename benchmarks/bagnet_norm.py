@@ -47,11 +47,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     a = parse(argv)
-    if a.source is None and not FASHION.is_dir():  # no silent fallback: digits give numbers unlike the README's
+    if a.source is None and not FASHION.is_dir():  # no silent fallback: digits give numbers unlike the documented ones (docs/benchmarks.md)
         print(
             f"error: Fashion-MNIST not found in {FASHION}; install the Debian package dataset-fashion-mnist "
             "(apt-get install dataset-fashion-mnist), or pass --source sklearn-digits for an offline run "
-            "(its numbers are not comparable with the README's)",
+            "(its numbers are not comparable with those in docs/benchmarks.md)",
             file=sys.stderr,
         )
         raise SystemExit(2)
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
 def compare(a: argparse.Namespace) -> pd.DataFrame:
     """Train one BagNet per norm on the same data and batches; return the per-epoch table."""
     from mil import create_bagnet
-    from mil.extract.needles import run_needles
+    from mil.extract.generate.needles import run_needles
     from mil.imagesets import ImageSetDataset
     from mil.train.bagnet import RMSPROP_EPS, balanced_subset, epoch_seed, make_loader, train_epoch, validate
 

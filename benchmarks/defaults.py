@@ -50,7 +50,7 @@ def setting_name(g: dict) -> str:
 
 def prepare(name: str, work: Path, demo: list[str] | None) -> tuple[Path, pd.DataFrame]:
     """(feature dir, slide table) of a data set, without its split column (cross-validation decides)."""
-    from mil.extract.import_csv import import_csv
+    from mil.extract.generate.import_csv import import_csv
     from mil.manifest import read_manifest
 
     if name in ("musk1", "musk2"):

@@ -30,10 +30,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mil.extract.encoders import create_encoder
-from mil.extract.features import FeatureConfig, run_features
-from mil.extract.synthetic import random_masks, write_slide
-from mil.extract.tiles import TilingConfig
+from mil.extract.generate.synthetic import random_masks, write_slide
+from mil.extract.wsi.encoders import create_encoder
+from mil.extract.wsi.features import FeatureConfig, run_features
+from mil.extract.wsi.tiles import TilingConfig
 
 GOAL = 0.90
 

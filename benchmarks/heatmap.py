@@ -61,9 +61,9 @@ print(json.dumps(r))
 
 def setup(out: Path, size: int, tile_size: int, dim: int) -> tuple[Path, Path, Path, Path, int]:
     """Slide, manifest, feature file and run directory (reused when present); returns them and N."""
-    from mil.extract.grid import GridSpec
-    from mil.extract.synthetic import random_masks, write_slide
-    from mil.extract.tiles import TilingConfig, run_tiles
+    from mil.extract.generate.synthetic import random_masks, write_slide
+    from mil.extract.wsi.grid import GridSpec
+    from mil.extract.wsi.tiles import TilingConfig, run_tiles
     from mil.manifest import read_manifest
     from mil.train.loop import TrainConfig
     from mil.train.run import run_train

@@ -2,9 +2,9 @@
 
     python benchmarks/moco.py [--quick] [--out bench_out/moco] [--seeds 3]
 
-1. A synthetic cohort (`mil.extract.synthetic.make_cohort`: H&E-like tissue, planted lesions on
+1. A synthetic cohort (`mil.extract.generate.synthetic.make_cohort`: H&E-like tissue, planted lesions on
    half of the slides, lesion masks on disk).
-2. Throughput: the real command (`python -m mil.extract.moco_cli`, i.e. `mil extract moco`) for a
+2. Throughput: the real command (`python -m mil.extract.moco.cli`, i.e. `mil extract moco`) for a
    few steps with one process (1 and 2 threads) and with two processes (`torchrun
    --nproc_per_node 2`, 1 thread each), same global batch; images/s from the second epoch's row
    of metrics.csv. The first of these tiles the slides (coords shared by every later step).
@@ -49,8 +49,8 @@ MODES = {
     "quick": dict(n_slides=12, size=2048, lesion=0.1, epochs=1, batch=16, queue=64, tput_steps=1, mil_epochs=2, moco_steps=3),
 }
 LAUNCH = {  # (processes, threads each) -> command prefix
-    (1, 1): [sys.executable, "-m", "mil.extract.moco_cli"],
-    (1, 2): [sys.executable, "-m", "mil.extract.moco_cli"],
+    (1, 1): [sys.executable, "-m", "mil.extract.moco.cli"],
+    (1, 2): [sys.executable, "-m", "mil.extract.moco.cli"],
     (2, 1): [
         sys.executable,
         "-m",
@@ -61,7 +61,7 @@ LAUNCH = {  # (processes, threads each) -> command prefix
         "--nproc_per_node",
         "2",
         "-m",
-        "mil.extract.moco_cli",
+        "mil.extract.moco.cli",
     ],
 }
 ARCH, TILE, MPP = "resnet18", 112, 1.0
@@ -116,7 +116,7 @@ def tile_labels(feature_file: Path, masks: Path, mask_ds: int) -> np.ndarray:
     """Lesion fraction > 0.5 for every tile of a feature file, from make_cohort's lesion mask."""
     import h5py
 
-    from mil.extract.synthetic import load_masks
+    from mil.extract.generate.synthetic import load_masks
 
     with h5py.File(feature_file) as f:
         coords, size0 = f["coords"][:], int(f["coords"].attrs["patch_size_level0"])  # (N, 2)
@@ -144,7 +144,7 @@ def gray_sets(slides: pd.DataFrame, tiles: Path, masks: Path, mask_ds: int, enco
     `neg_per_pos` times as many other tiles drawn at random; one `(X, y, g)` per encoder."""
     import torch
 
-    from mil.extract.reader import TileDataset
+    from mil.extract.wsi.reader import TileDataset
 
     rows = []  # (slide index, tile index, label)
     for i, sid in enumerate(slides["slide_id"]):
@@ -235,11 +235,11 @@ def main(argv: list[str] | None = None) -> dict:
     t_start = time.perf_counter()
     times: dict[str, float] = {}
 
-    from mil.extract.encoders import create_encoder
-    from mil.extract.features import FeatureConfig, run_features
-    from mil.extract.grid import GridSpec
-    from mil.extract.synthetic import make_cohort
-    from mil.extract.tiles import TilingConfig
+    from mil.extract.generate.synthetic import make_cohort
+    from mil.extract.wsi.encoders import create_encoder
+    from mil.extract.wsi.features import FeatureConfig, run_features
+    from mil.extract.wsi.grid import GridSpec
+    from mil.extract.wsi.tiles import TilingConfig
     from mil.manifest import read_manifest
 
     # 1. cohort

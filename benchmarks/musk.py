@@ -61,7 +61,7 @@ from sklearn.preprocessing import StandardScaler
 
 import mil
 from mil.checkpoint import load_head
-from mil.extract.import_csv import import_csv
+from mil.extract.generate.import_csv import import_csv
 from mil.manifest import read_manifest
 from mil.train.loop import TrainConfig, youden_threshold
 from mil.train.run import run_train

@@ -18,7 +18,7 @@ Everything goes through the project's own code, as a user would run it:
    InstanceNorm, 2,048 images at 19 % O2I stay near chance for 5 epochs, BatchNorm does not —
    `benchmarks/bagnet_norm.py`), so that the study fits in about an hour on 2 CPU cores; the
    epoch is selected on validation accuracy. One torch thread per process: run the seeds in two
-   processes side by side (see the README), each process trains every canvas × pooling for its seed;
+   processes side by side (see docs/benchmarks.md), each process trains every canvas × pooling for its seed;
    start the second once the first has printed "ready" (the image sets are made once);
 3. `mil evaluate o2i` (`evaluate_o2i`) on the test split: accuracy, AUC and localisation AP against
    O2I, mean ± sd over seeds, one line per pooling → ``WORK/o2i.png`` and ``WORK/o2i.csv``.
@@ -67,12 +67,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     a = parse(argv)
-    if a.source is None and a.idx_dir is None:  # no silent fallback: digits give numbers unlike the README's
+    if a.source is None and a.idx_dir is None:  # no silent fallback: digits give numbers unlike the documented ones (docs/benchmarks.md)
         if not FASHION.is_dir():
             print(
                 f"error: Fashion-MNIST not found in {FASHION}; install the Debian package dataset-fashion-mnist "
                 "(apt-get install dataset-fashion-mnist), or pass --source sklearn-digits for an offline run "
-                "(its numbers are not comparable with the README's)",
+                "(its numbers are not comparable with those in docs/benchmarks.md)",
                 file=sys.stderr,
             )
             raise SystemExit(2)
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
 def study(a: argparse.Namespace) -> pd.DataFrame:
     """Make the image sets, train every run, evaluate and plot (see the module docstring)."""
     from mil.evaluate.o2i import evaluate_o2i
-    from mil.extract.needles import run_needles
+    from mil.extract.generate.needles import run_needles
     from mil.train.bagnet import BagNetTrainConfig, run_bagnet
 
     canvases = [int(c) for c in a.canvases.split(",")]

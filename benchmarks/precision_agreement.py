@@ -18,10 +18,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mil.extract.encoders import create_encoder
-from mil.extract.reader import TileDataset
-from mil.extract.synthetic import random_masks, write_slide
-from mil.extract.tiles import TilingConfig, run_tiles
+from mil.extract.generate.synthetic import random_masks, write_slide
+from mil.extract.wsi.encoders import create_encoder
+from mil.extract.wsi.reader import TileDataset
+from mil.extract.wsi.tiles import TilingConfig, run_tiles
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:

@@ -54,6 +54,7 @@ from tests.reliability.cases import (  # noqa: E402
     BAD_SLIDES,
     FAST_FEATURES,
     FAST_TILES,
+    KILL_FEATURES,
     bad_slide_batch,
     bag_cohort,
     feature_state,
@@ -141,27 +142,6 @@ def check_bad_slides(work: Path) -> None:
 # ----------------------------------------------------------------------------------------------
 # 2. kill -9
 
-KILL_FEATURES = [
-    "--encoder",
-    "resnet18",
-    "--weights",
-    "none",
-    "--precision",
-    "fp32",
-    "--device",
-    "cpu",
-    "--target-mpp",
-    "1.0",
-    "--tile-size",
-    "64",
-    "--input-size",
-    "64",
-    "--batch-size",
-    "8",
-    "--workers",
-    "1",
-    "--no-progress",
-]
 KILL_FOLDS = 2
 KILL_SHARE = (0.05, 0.8)  # each kill lands this share (seeded) of the reference's marker-to-exit window after the marker
 

@@ -21,11 +21,11 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from mil.extract.grid import tile_grid, tissue_fraction
-from mil.extract.reader import TileDataset
-from mil.extract.synthetic import random_masks, write_slide
-from mil.extract.tiles import TilingConfig, run_tiles
-from mil.extract.tissue import detect_tissue, read_low_res
+from mil.extract.generate.synthetic import random_masks, write_slide
+from mil.extract.wsi.grid import tile_grid, tissue_fraction
+from mil.extract.wsi.reader import TileDataset
+from mil.extract.wsi.tiles import TilingConfig, run_tiles
+from mil.extract.wsi.tissue import detect_tissue, read_low_res
 from mil.slides import open_slide, slide_geometry
 
 

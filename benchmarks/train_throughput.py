@@ -64,7 +64,7 @@ import numpy as np
 if TYPE_CHECKING:
     import pandas as pd
 
-ROWS_PER_CHUNK = 1024  # as mil.extract.features.ROWS_PER_CHUNK: the layout `mil extract features` writes
+ROWS_PER_CHUNK = 1024  # as mil.extract.wsi.features.ROWS_PER_CHUNK: the layout `mil extract features` writes
 WITNESS_FRACTION = 0.1  # share of the instances of a positive bag carrying the signal
 SHIFT = 1.0  # how far witnesses are shifted along the signal direction (features are N(0, 1))
 MARKER = "cohort.json"

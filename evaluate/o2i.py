@@ -29,8 +29,6 @@ box. (For crops whose lesion is not a rectangle the box over-covers the lesion.)
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import warnings
 from pathlib import Path
 
@@ -39,6 +37,7 @@ import pandas as pd
 from sklearn.metrics import average_precision_score
 
 import mil
+from mil.atomic import atomic_folder, remove_stale_temporaries
 from mil.checkpoint import load_bagnet
 from mil.device import resolve_device
 from mil.errors import OptionError, RunError
@@ -178,16 +177,11 @@ def score_run(
 
 def _write_eval(final: Path, doc: dict, pred: pd.DataFrame) -> None:
     """metrics.json and predictions.csv, written into a temporary folder renamed into place when whole."""
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    if final.parent.is_dir():
+        remove_stale_temporaries(final.parent)  # left by a killed evaluation
+    with atomic_folder(final) as tmp:
         (tmp / "metrics.json").write_text(json.dumps(doc, indent=2) + "\n")
         pred.to_csv(tmp / "predictions.csv", index=False)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def resolve_group_by(docs: list[dict], group_by: str) -> list[str]:

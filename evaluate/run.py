@@ -19,8 +19,6 @@ The outputs are written into a temporary folder renamed into place when whole.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 import mil
-from mil.atomic import TMP_MARKER, remove_stale_temporaries
+from mil.atomic import atomic_folder, remove_stale_temporaries
 from mil.checkpoint import load_head
 from mil.data import BagDataset, FeatureSpec, resolve_feature_files
 from mil.errors import OptionError, RunError, SettingsMismatchError
@@ -201,20 +199,13 @@ def evaluate_run(
     pred = score_split(run, features, split, labels)
     doc = {"split": split, "run": str(run.path), "features": str(features), "mil_version": mil.__version__, **summarise(pred, n_boot, seed)}
     final = run.path / "eval" / split
-    tmp = final.parent / f".{split}{TMP_MARKER}{os.getpid()}"
     if final.parent.is_dir():
         remove_stale_temporaries(final.parent)  # left by a killed evaluation
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_folder(final) as tmp:
         (tmp / "metrics.json").write_text(json.dumps(doc, indent=2) + "\n")
         pred.to_csv(tmp / "predictions.csv", index=False)
         per_slide = pred.groupby("slide_id", sort=False).agg(label=("label", "first"), probability=("probability", "mean"))
         plot_curves(per_slide["label"], per_slide["probability"], tmp, title=f"{run.path.name} · {split}", n_boot=n_boot, seed=seed)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return doc, final
 
 

@@ -11,7 +11,7 @@ _LAZY = {"create_encoder", "list_encoders", "register_encoder", "Encoder"}
 
 def __getattr__(name: str):
     if name in _LAZY:
-        from mil.extract import encoders
+        from mil.extract.wsi import encoders
 
         return getattr(encoders, name)
     raise AttributeError(f"module 'mil.extract' has no attribute {name!r}")

@@ -8,24 +8,24 @@ from typing import Annotated, Optional
 
 import typer
 
-from mil.errors import OptionError
-from mil.extract.moco_cli import moco
+from mil.extract.moco.cli import moco
+from mil.extract.options import (
+    Input,
+    MaskMpp,
+    Mpp,
+    Overlap,
+    Progress_,
+    SaturationThreshold,
+    SkipErrors,
+    SlidesRoot,
+    TargetMpp,
+    TileSize,
+    TissueThreshold,
+    load_slides,
+    tiling_config,
+)
 
 app = typer.Typer(help="Stage 1: slides → tiles → features.", no_args_is_help=True, rich_markup_mode="rich")
-
-
-def load_slides(input_path: Path, slides_root: Path | None = None):
-    """A validated slide table from a manifest CSV or a folder of slides (slide id = file stem).
-
-    `slides_root` resolves a manifest's relative paths (default: the manifest's folder)."""
-    from mil.manifest import read_manifest
-    from mil.slides import slides_from_folder
-
-    if input_path.is_dir():
-        return slides_from_folder(input_path)
-    if not input_path.exists():
-        raise OptionError(f"expected INPUT to be a manifest CSV or a folder of slides, got {str(input_path)!r} which does not exist.")
-    return read_manifest(input_path, slides_root=slides_root)
 
 
 @app.command()
@@ -42,7 +42,7 @@ def synthetic(
     """Write a synthetic cohort: pyramidal JPEG-tiled slides with tissue, lesions, masks and a manifest."""
     from rich.progress import Progress
 
-    from mil.extract.synthetic import make_cohort
+    from mil.extract.generate.synthetic import make_cohort
 
     written: list[str] = []
     with Progress(transient=True) as bar:
@@ -64,40 +64,6 @@ def synthetic(
         typer.echo(f"{manifest}: cohort already complete with these parameters; nothing written")
 
 
-# Options shared by `tiles` and `features` (features tiles the slides that have no coords yet).
-Input = Annotated[Path, typer.Argument(metavar="INPUT", help="Manifest CSV, or a folder of slides.")]
-TargetMpp = Annotated[float, typer.Option(help="Microns per pixel of the tiles.")]
-TileSize = Annotated[int, typer.Option(help="Tile side in px at --target-mpp.")]
-Overlap = Annotated[int, typer.Option(help="Overlap of neighbouring tiles in px at --target-mpp.")]
-TissueThreshold = Annotated[float, typer.Option(help="Keep tiles whose tissue fraction is at least this (0–1).")]
-SaturationThreshold = Annotated[Optional[float], typer.Option(help="Fixed saturation threshold for tissue (0–1); default: Otsu.")]
-MaskMpp = Annotated[float, typer.Option(help="Resolution (µm/px) of tissue detection.")]
-Mpp = Annotated[Optional[float], typer.Option(help="Level-0 mpp for slides whose file (and manifest) gives none.")]
-SkipErrors = Annotated[bool, typer.Option("--skip-errors", help="Exit 0 even if some slides failed (they are still reported).")]
-Progress_ = Annotated[bool, typer.Option(help="Show a progress bar.")]
-SlidesRoot = Annotated[
-    Optional[Path], typer.Option(help="Folder that the manifest's relative slide paths start from (default: the manifest's folder).")
-]
-
-
-def tiling_config(target_mpp, tile_size, overlap, tissue_threshold, saturation_threshold, mask_mpp, mpp):
-    """Validate the tiling options and build the tiles stage's config."""
-    from mil.extract.grid import GridSpec
-    from mil.extract.tiles import TilingConfig
-    from mil.extract.tissue import TissueParams
-
-    if not (0.0 <= tissue_threshold <= 1.0):
-        raise OptionError(f"expected --tissue-threshold in [0, 1], got {tissue_threshold!r} instead.")
-    if mpp is not None and not mpp > 0:
-        raise OptionError(f"expected --mpp > 0 (microns per pixel, e.g. 0.25), got {mpp!r} instead.")
-    return TilingConfig(
-        grid=GridSpec(target_mpp=target_mpp, tile_size=tile_size, overlap=overlap),
-        tissue=TissueParams(mask_mpp=mask_mpp, threshold=saturation_threshold),
-        tissue_threshold=tissue_threshold,
-        mpp=mpp,
-    )
-
-
 @app.command()
 def tiles(
     input_path: Input,
@@ -115,7 +81,7 @@ def tiles(
     progress: Progress_ = True,
 ) -> None:
     """Detect tissue and write each slide's tile grid (coords in level-0 px) at a target mpp."""
-    from mil.extract.tiles import run_tiles
+    from mil.extract.wsi.tiles import run_tiles
 
     config = tiling_config(target_mpp, tile_size, overlap, tissue_threshold, saturation_threshold, mask_mpp, mpp)
     slides = load_slides(input_path, slides_root)
@@ -159,8 +125,8 @@ def features(
 ) -> None:
     """Embed every tile of every slide (tiling first where needed) into one HDF5 file per slide."""
     from mil.device import resolve_device
-    from mil.extract.encoders import create_encoder
-    from mil.extract.features import FeatureConfig, run_features
+    from mil.extract.wsi.encoders import create_encoder
+    from mil.extract.wsi.features import FeatureConfig, run_features
 
     tiling = tiling_config(target_mpp, tile_size, overlap, tissue_threshold, saturation_threshold, mask_mpp, mpp)
     config = FeatureConfig(tiling=tiling, batch_size=batch_size, workers=workers, dtype=dtype)
@@ -183,7 +149,7 @@ def import_csv(
     prefix: Annotated[str, typer.Option(help="Prepended to every bag id, e.g. 'musk1_'.")] = "",
 ) -> None:
     """Convert a classical MIL table (label, bag id, features; no header) into feature files + manifest."""
-    from mil.extract.import_csv import import_csv_table
+    from mil.extract.generate.import_csv import import_csv_table
 
     r = import_csv_table(csv, out, label_col=label_col, bag_col=bag_col, prefix=prefix or None)
     typer.echo(f"wrote {r.n_bags} bags ({r.n_instances} instances, {r.n_features} features) and {r.manifest}")
@@ -232,7 +198,7 @@ def needles(
     progress: Progress_ = True,
 ) -> None:
     """nMNIST-style image sets: one target object among clutter in large canvases (O2I study)."""
-    from mil.extract.needles import parse_ints, run_needles, summary
+    from mil.extract.generate.needles import parse_ints, run_needles, summary
 
     results = run_needles(
         out,
@@ -270,7 +236,7 @@ def crops(
     progress: Progress_ = True,
 ) -> None:
     """nCAMELYON-style image set: crops holding one whole lesion (positives) or none (negative slides)."""
-    from mil.extract.crops import CropConfig, parse_range, run_crops, summary
+    from mil.extract.generate.crops import CropConfig, parse_range, run_crops, summary
 
     config = CropConfig(
         size=size, o2i=parse_range(o2i), level=level, level_mpp=level_mpp, per_lesion=per_lesion, per_slide=per_slide, seed=seed

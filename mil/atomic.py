@@ -6,6 +6,7 @@ stages delete such leftovers (`remove_stale_temporaries`) when they next run in 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -36,6 +37,32 @@ def write_text(path: str | Path, text: str) -> None:
     """Write `text` to `path` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def write_json(path: str | Path, doc) -> None:
+    """Write `doc` as indented JSON (one trailing newline) to `path` atomically."""
+    write_text(path, json.dumps(doc, indent=2) + "\n")
+
+
+@contextmanager
+def atomic_folder(final: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `final`; when the block succeeds, it replaces `final`.
+
+    Readers see the old folder or the new one, whole, never a mix; on any exception the temporary
+    folder is removed and `final` is untouched. Leftovers of a killed writer are hidden
+    ``.<name>.tmp-<pid>`` folders that `remove_stale_temporaries` deletes.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}{TMP_MARKER}{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_csv(path: str | Path, df) -> None:

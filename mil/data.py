@@ -8,11 +8,12 @@
   so peak memory does not grow with the number of slides; ``cache='auto'`` picks ``ram`` when the
   float16 bags fit in ``max_ram_gb``.
 * `collate_bags` pads a list of bags to ``(B, Nmax, D)`` with a mask (True = real instance),
-  the layout every head accepts (see ARCHITECTURE.md, "Bags in code").
+  the layout every head accepts (see docs/architecture.md, "Bags in code").
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Sequence
@@ -275,6 +276,29 @@ class BagDataset(torch.utils.data.Dataset):
             views.append(view)
             start += n
         return views
+
+    def subset(self, slide_ids: Sequence[str]) -> BagDataset:
+        """The bags of `slide_ids`, in that order, sharing this dataset's RAM cache: nothing is read again.
+
+        Ids of bags this dataset left out as empty are skipped (they were warned about once).
+        The folds of a run are subsets of one dataset, so a bag is read once per run, not once per fold.
+        """
+        index = {s: i for i, s in enumerate(self.slide_ids)}
+        unknown = [s for s in slide_ids if s not in index and s not in self.skipped_empty]
+        if unknown:
+            raise OptionError(f"expected slide ids of this dataset, got {_list_ids(unknown)} instead.")
+        keep = [index[s] for s in slide_ids if s in index]
+        if not keep:
+            raise OptionError(f"expected at least one non-empty bag, got {len(slide_ids)} id(s) all empty or none at all.")
+        sub = copy.copy(self)
+        sub.files = [self.files[i] for i in keep]
+        sub.labels = [self.labels[i] for i in keep]
+        sub.slide_ids = [self.slide_ids[i] for i in keep]
+        sub._sizes = [self._sizes[i] for i in keep]
+        sub._cache = None if self._cache is None else [self._cache[i] for i in keep]
+        sub.skipped_empty = [s for s in slide_ids if s in set(self.skipped_empty)]
+        sub.nbytes_fp16 = sum(n * self.feature_dim * _FP16_BYTES for n in sub._sizes)
+        return sub
 
     def __len__(self) -> int:
         return len(self.files)

@@ -1,7 +1,7 @@
 """Reading feature files: one bag of instance features (and their tile coordinates) per slide.
 
-Layouts accepted by `read_bag`, detected from the file's content (see ARCHITECTURE.md and
-research/peers.md §2):
+Layouts accepted by `read_bag`, detected from the file's content (see docs/architecture.md,
+"Feature file"):
 
 ===========  =====================================================================================
 format       what identifies it

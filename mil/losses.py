@@ -116,7 +116,7 @@ def topk_mean(scores: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
 
 @LOSSES.register(name="ranking")
 class MIRankingLoss(nn.Module):
-    """Multiple-instance ranking loss of HNM-WSI (methods.md §1.5), averaged over all (positive, negative) pairs::
+    """Multiple-instance ranking loss of HNM-WSI (docs/stage-two.md, "Loss recipes"), averaged over all (positive, negative) pairs::
 
         s(bag)  = mean of the top-K instance logits of the bag (real instances only)
         L       = mean_{p, q}  max(0, margin − s(pos_p) + s(neg_q))
@@ -277,7 +277,7 @@ class GradLibraLoss(nn.Module):
     """Gradient-rebalanced sigmoid loss for long-tailed classes: EQL v2 (verified) times a per-sample hardness term.
 
     A reconstruction from the abstract, not the paper's formula: Grad-Libra (Liu et al., MICCAI 2022) has no public
-    code and its body was unavailable (methods.md §3). What this computes, with p = σ(z), one-hot y, ``(M, C)``, where
+    code and its body was unavailable (docs/stage-two.md, "Grad-Libra"). What this computes, with p = σ(z), one-hot y, ``(M, C)``, where
     target C (background) is an all-zero row of y, as in EQL v2 (its one-hot of C + 1 columns minus the last)::
 
         g_ij   = |p_ij − y_ij|                       per-element gradient magnitude of BCE w.r.t. the logit

@@ -1,6 +1,6 @@
 """Slide manifests: the CSV that names a cohort's slides, labels and splits.
 
-Columns (see ARCHITECTURE.md):
+Columns (see docs/architecture.md):
 
 =============  ========  =====================================================================
 column         required  meaning

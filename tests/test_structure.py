@@ -72,7 +72,7 @@ def test_no_stage_imports_another_stage_and_the_core_imports_none():
     ("folder", "code", "expected"),
     [
         ("evaluate", "from mil.train.loop import predict\n", "the evaluate package must not import the train stage"),
-        ("mil", "def f():\n    import mil.extract.tiles\n", "the core package must not import the extract stage"),
+        ("mil", "def f():\n    import mil.extract.wsi.tiles\n", "the core package must not import the extract stage"),
         ("train", "from mil.features import _plain\n", "a private name of the core"),
     ],
 )

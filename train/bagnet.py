@@ -42,9 +42,10 @@ import mil
 from mil.atomic import atomic_path, remove_stale_temporaries, write_csv, write_text
 from mil.bagnet import MIN_SIZE, BagNet, create_bagnet
 from mil.device import resolve_device
-from mil.errors import OptionError, SettingsMismatchError
+from mil.errors import OptionError
 from mil.imagesets import ImageSetDataset, ImageSetError, read_meta
 from mil.predict import predict_images
+from mil.rundir import read_settings, refuse_other_settings
 
 PAPER_EPOCHS = 200
 PAPER_MILESTONES = (80, 120, 160)
@@ -374,13 +375,7 @@ def _finish(
 def _prepare_out(out: Path, doc: dict, overwrite: bool, resume: bool) -> pd.DataFrame | dict | None:
     """Skip (the stored summary), resume (the last.pt state) or start (None, run directory ready)."""
     if (out / "config.json").exists() and not overwrite:
-        old = json.loads((out / "config.json").read_text())
-        changed = [k for k in dict.fromkeys([*doc, *old]) if k not in ("mil_version", "runtime") and old.get(k) != doc.get(k)]
-        if changed:
-            raise SettingsMismatchError(
-                f"{out}: holds a run with a different {changed[0]!r} ({', '.join(changed)} differ); "
-                "choose another --out or pass --overwrite to replace it."
-            )
+        refuse_other_settings(out, read_settings(out / "config.json", "`mil train bagnet`"), doc)
         if (out / "summary.csv").exists():
             summary = pd.read_csv(out / "summary.csv")
             summary.attrs["skipped"] = True

@@ -9,7 +9,7 @@ Instance targets of a training bag (``(N,)`` long, see `instance_targets`):
 * an annotated tile gets its label;
 * every tile of a negative slide is a known negative (0): the standard MIL assumption;
 * the other tiles of a positive slide are unannotated (-1). ``bce`` ignores them; ``ece``
-  (exclusive cross-entropy, methods.md §2) treats them as subsampled, focal-weighted background
+  (exclusive cross-entropy, docs/stage-two.md) treats them as subsampled, focal-weighted background
   and drops the confident ones, which are likely unannotated lesion tiles.
 
 Only the slides given are opened (a run passes its training and validation slides), so

@@ -1,4 +1,4 @@
-"""Hard-negative mining (Huang et al., MICCAI 2024; methods.md §1.3), on instance features.
+"""Hard-negative mining (Huang et al., MICCAI 2024; docs/stage-two.md, "Hard negatives"), on instance features.
 
 Score every instance of every negative training bag with the current model and keep, globally
 over bags, the top ``neg_ratio`` fraction by instance score (the authors' ``neg_ratio`` quantile
@@ -27,7 +27,7 @@ from mil.data import BagDataset
 from mil.errors import OptionError
 from mil.features import read_bag
 
-PSEUDO_LABEL_THRESHOLD = 0.3  # θ of the authors' pseudo-label binarisation (methods.md §1.2)
+PSEUDO_LABEL_THRESHOLD = 0.3  # θ of the authors' pseudo-label binarisation (docs/stage-two.md, "Hard negatives")
 
 
 @dataclass

@@ -6,7 +6,7 @@ A recipe fills every loss option the user did not set (``TrainConfig``); each pa
     bce       1.0       0.0                0.0                   off
     hnm-wsi   0.5       0.5                0.1 (10, 1.0)         on (0.2, 10 per step)
 
-``hnm-wsi`` is the MIL loss of winston52/HNM-WSI ``train/utils.py:epoch_train`` (methods.md §1.5):
+``hnm-wsi`` is the MIL loss of winston52/HNM-WSI ``train/utils.py:epoch_train`` (docs/stage-two.md, "Loss recipes"):
 ``0.5·[BCE(bag⁺) + BCE(bag⁻)]/2 + 0.5·[BCE(max s⁺) + BCE(max s⁻)]/2 + 0.1·relu(1 − topk(s⁺) + topk(s⁻))``
 on one positive and one negative bag per step, with ``pos_weight = #neg / #pos`` in both BCEs.
 DSMIL is always trained with its own two losses (bag branch and max instance, 0.5 each; its

@@ -1,4 +1,4 @@
-"""`mil train features`: every fold of a run, and the run directory (see ARCHITECTURE.md).
+"""`mil train features`: every fold of a run, and the run directory (see docs/architecture.md).
 
     RUN_DIR/config.json          every resolved option, the feature spec, seed, code version, instance-label counts
     RUN_DIR/slides.csv           slide_id, label, patient_id, split of every manifest slide (labels for `mil evaluate`)
@@ -31,7 +31,8 @@ import torch
 import mil
 from mil.atomic import atomic_path, remove_stale_temporaries, write_csv, write_text
 from mil.data import CACHE_MODES, BagDataset, resolve_feature_files
-from mil.errors import ManifestError, MilError, OptionError, SettingsMismatchError
+from mil.errors import ManifestError, MilError, OptionError
+from mil.rundir import read_settings, refuse_other_settings
 from mil.train.instances import read_instance_labels
 from mil.train.loop import TrainConfig, fit_fold
 from mil.train.mining import export_hard_negatives
@@ -99,13 +100,7 @@ def run_train(
     }
     doc = json.loads(json.dumps(doc))  # as it reads back from config.json
     if (out / "config.json").exists() and not overwrite:
-        old = json.loads((out / "config.json").read_text())
-        changed = [k for k in dict.fromkeys([*doc, *old]) if k != "mil_version" and old.get(k) != doc.get(k)]
-        if changed:
-            raise SettingsMismatchError(
-                f"{out}: holds a run with a different {changed[0]!r} ({', '.join(changed)} differ); "
-                "choose another --out or pass --overwrite to replace it."
-            )
+        refuse_other_settings(out, read_settings(out / "config.json", "`mil train features`"), doc)
         if (out / "summary.csv").exists():  # finished with the same settings: nothing to do
             summary = pd.read_csv(out / "summary.csv", dtype={"fold": str})
             summary.attrs["skipped"] = True
@@ -120,7 +115,7 @@ def run_train(
         return _train_folds(out, slides, fold_list, files, label, spec, config, doc, cache, on_epoch, annotations)
     except MilError:
         # A user mistake found while training (a NaN bag read in the first fold, a bag beyond float16
-        # range …): leave no half-written run directory behind (ARCHITECTURE.md, Errors).
+        # range …): leave no half-written run directory behind (docs/architecture.md, "Errors").
         if created:
             shutil.rmtree(out, ignore_errors=True)
         else:  # a folder that was there before: remove only what this run wrote into it
@@ -138,8 +133,11 @@ def _train_folds(out, slides, fold_list, files, label, spec, config, doc, cache,
     write_csv(out / "slides.csv", slides[[c for c in ("slide_id", "label", "patient_id", "split") if c in slides.columns]])
     write_csv(out / "splits.csv", splits_table(fold_list))
 
+    used = list(dict.fromkeys(s for fold in fold_list for s in (*fold.train, *fold.val)))  # every bag training reads
+    bags = BagDataset([files[s] for s in used], [int(label[s]) for s in used], cache=cache, slide_ids=used)  # read once
+
     def dataset(ids: tuple[str, ...]) -> BagDataset:
-        return BagDataset([files[s] for s in ids], [int(label[s]) for s in ids], cache=cache, slide_ids=list(ids))
+        return bags.subset(ids)
 
     metrics, preds, summary = [], [], []
     for fold in fold_list:

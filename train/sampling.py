@@ -2,7 +2,7 @@
 
 HNM-WSI trains its ranking loss on random (positive, negative) bag pairs: each epoch both classes
 are shuffled and paired one to one, ``min(#pos, #neg)`` steps, the majority class's leftover bags
-unseen that epoch (``get_random_pair`` in winston52/HNM-WSI ``train/utils.py``; methods.md §1.5).
+unseen that epoch (``get_random_pair`` in winston52/HNM-WSI ``train/utils.py``; docs/stage-two.md, "Pairing").
 `BalancedBatchSampler` does exactly that with ``batch_size=1`` (each step is one pair), and with
 ``batch_size >= 2`` keeps every bag once per epoch in shuffled batches, swapping in a bag of the
 missing class wherever a batch would hold only one class.

@@ -19,9 +19,9 @@ import torch
 from PIL import Image
 
 import mil
-from mil.extract.grid import GridSpec, tissue_fraction
-from mil.extract.synthetic import MASK_DOWNSAMPLE, write_slide
-from mil.extract.tiles import TilingConfig, run_tiles
+from mil.extract.generate.synthetic import MASK_DOWNSAMPLE, write_slide
+from mil.extract.wsi.grid import GridSpec, tissue_fraction
+from mil.extract.wsi.tiles import TilingConfig, run_tiles
 from mil.manifest import read_manifest
 from mil.train.loop import TrainConfig
 from mil.train.run import run_train

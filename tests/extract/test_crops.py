@@ -1,4 +1,4 @@
-"""Tests of mil.extract.crops (nCAMELYON-style crops) and `mil extract crops`, on a synthetic cohort."""
+"""Tests of mil.extract.generate.crops (nCAMELYON-style crops) and `mil extract crops`, on a synthetic cohort."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from scipy import ndimage
 
 from mil.errors import OptionError
-from mil.extract.crops import (
+from mil.extract.generate.crops import (
     POSITIONS_NAME,
     CropConfig,
     crop_mask,
@@ -18,7 +18,7 @@ from mil.extract.crops import (
     parse_range,
     positive_positions,
 )
-from mil.extract.synthetic import MASK_DOWNSAMPLE, load_masks, make_cohort
+from mil.extract.generate.synthetic import MASK_DOWNSAMPLE, load_masks, make_cohort
 from mil.imagesets import read_meta, read_split
 from tests.conftest import invoke_mil
 

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mil.errors import MilError, OptionError
-from mil.extract import encoders
-from mil.extract.encoders import create_encoder, list_encoders, load_weights, resolve_precision, sha256_file
+from mil.extract.wsi import encoders
+from mil.extract.wsi.encoders import create_encoder, list_encoders, load_weights, resolve_precision, sha256_file
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*random weights")
 DIMS = {"resnet50_trunc": 1024, "resnet50": 2048, "resnet18": 512, "vit_small_patch16_224": 384}

@@ -15,10 +15,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mil.extract.encoders import create_encoder
-from mil.extract.features import FeatureConfig, run_features
-from mil.extract.grid import GridSpec
-from mil.extract.tiles import TilingConfig, run_tiles
+from mil.extract.wsi.encoders import create_encoder
+from mil.extract.wsi.features import FeatureConfig, run_features
+from mil.extract.wsi.grid import GridSpec
+from mil.extract.wsi.tiles import TilingConfig, run_tiles
 from mil.features import read_bag
 from mil.manifest import read_manifest
 from tests.conftest import invoke_mil
@@ -79,7 +79,7 @@ def test_feature_file_layout_and_coords_match_tiles(tmp_path, cohort, encoder):
         bag = read_bag(tmp_path / "feats" / f"{sid}.h5")
         assert bag.features.shape[0] == bag.coords.shape[0] > 0
     # the same tile embedded on its own gives the same row
-    from mil.extract.reader import TileDataset
+    from mil.extract.wsi.reader import TileDataset
 
     ds = TileDataset.from_coords_file(tmp_path / "tiles" / "s0.h5", slides["path"][0])
     import torch

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mil.errors import OptionError
-from mil.extract.grid import GridSpec, tile_grid, tissue_fraction
+from mil.extract.wsi.grid import GridSpec, tile_grid, tissue_fraction
 
 
 @pytest.mark.parametrize(

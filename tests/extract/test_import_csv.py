@@ -9,7 +9,7 @@ import pytest
 
 import mil
 from mil.errors import ManifestError, OptionError
-from mil.extract.import_csv import import_csv, import_csv_table
+from mil.extract.generate.import_csv import import_csv, import_csv_table
 from mil.features import read_bag, read_bag_attrs
 from mil.manifest import read_manifest
 from tests import SHARED_DATA

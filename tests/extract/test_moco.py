@@ -26,11 +26,13 @@ import typer
 from torch import nn
 
 from mil.errors import MilError, OptionError, SettingsMismatchError
-from mil.extract.grid import GridSpec
-from mil.extract.moco import MoCo, MocoConfig, build_moco, cosine_lr, run_moco
-from mil.extract.moco_cli import moco as moco_command
-from mil.extract.moco_data import Augment, MocoTiles, sample_tiles
-from mil.extract.tiles import TilingConfig
+from mil.extract.moco.augment import Augment
+from mil.extract.moco.builder import MoCo
+from mil.extract.moco.cli import moco as moco_command
+from mil.extract.moco.data import MocoTiles, sample_tiles
+from mil.extract.moco.train import MocoConfig, build_moco, cosine_lr, run_moco
+from mil.extract.wsi.grid import GridSpec
+from mil.extract.wsi.tiles import TilingConfig
 from mil.manifest import read_manifest
 
 TILING = TilingConfig(grid=GridSpec(target_mpp=1.0, tile_size=32))
@@ -84,7 +86,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     """Two synthetic 2048² slides (one with a lesion): about 100 tissue tiles of 32 px each."""
-    from mil.extract.synthetic import make_cohort
+    from mil.extract.generate.synthetic import make_cohort
 
     return make_cohort(tmp_path_factory.mktemp("moco_cohort"), n_slides=2, size=2048, seed=0)
 
@@ -110,7 +112,7 @@ def test_head_is_put_in_the_classifier_slot_and_the_key_encoder_is_a_frozen_copy
 
 @pytest.mark.parametrize("arch, slot, size", [("test_vit", "head", 160), ("test_convnext", "head.fc", 64)])
 def test_other_timm_families_take_the_head_in_their_classifier_slot_and_export(tmp_path, arch, slot, size):
-    from mil.extract.encoders import create_encoder
+    from mil.extract.wsi.encoders import create_encoder
 
     model, prep = build_moco(MocoConfig(arch=arch, batch_size=4, queue=8))
     assert model.head_name == slot
@@ -225,7 +227,7 @@ def test_augment_grayscale_and_blur():
 
 
 def test_tiles_per_slide_samples_n_coords_per_slide_seeded(tmp_path, slides):
-    from mil.extract.moco_data import plan_tiling, tile_missing
+    from mil.extract.moco.data import plan_tiling, tile_missing
 
     coords = tmp_path / "tiles"
     tile_missing(slides, plan_tiling(slides, coords, TILING), coords, TILING, progress=False)
@@ -267,8 +269,8 @@ def invoke(*args) -> subprocess.CompletedProcess:
 
 
 def test_cli_run_writes_every_output_and_the_encoder_loads_in_extract_features(tmp_path, cohort, slides):
-    from mil.extract.encoders import create_encoder, sha256_file
-    from mil.extract.features import FeatureConfig, run_features
+    from mil.extract.wsi.encoders import create_encoder, sha256_file
+    from mil.extract.wsi.features import FeatureConfig, run_features
 
     out = tmp_path / "enc"
     r = invoke(cohort, "--out", out, "--epochs", "2", "--seed", "3", *CLI_FAST)
@@ -336,7 +338,7 @@ def test_cli_run_writes_every_output_and_the_encoder_loads_in_extract_features(t
 
 
 def test_resume_continues_exactly_where_the_run_stopped(tmp_path, slides, monkeypatch):
-    import mil.extract.moco as moco_module
+    import mil.extract.moco.train as moco_module
 
     config = MocoConfig(**FAST | {"epochs": 3})
     whole = run_moco(slides, tmp_path / "whole", config, workers=1, precision="fp32", progress=False, coords_dir=tmp_path / "tiles")
@@ -368,7 +370,7 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path, slides, monkey
 
 
 def test_exported_encoder_gives_the_trained_backbones_features(tmp_path, slides):
-    from mil.extract.encoders import create_encoder
+    from mil.extract.wsi.encoders import create_encoder
 
     result = run_moco(slides, tmp_path / "o", MocoConfig(**FAST | {"epochs": 1}), workers=0, precision="fp32", progress=False)
     backbone = copy.deepcopy(result.model.encoder_q).eval()  # in memory, as trained
@@ -466,7 +468,7 @@ def test_splits_with_test_warn_that_evaluation_is_not_independent(tmp_path, spli
 
 
 def test_slides_without_a_split_are_kept_by_default():
-    from mil.extract.moco_data import select_splits
+    from mil.extract.moco.data import select_splits
 
     table = pd.DataFrame({"slide_id": ["a", "b", "c", "d"], "split": ["train", "", "test", "val"]})
     assert select_splits(table, None)["slide_id"].tolist() == ["a", "b", "d"]
@@ -493,9 +495,9 @@ def test_bad_splits_exit_2_with_one_line_and_write_nothing(tmp_path, split_cohor
 DDP_SCRIPT = """
 import sys, torch
 import torch.distributed as dist
-from mil.extract.grid import GridSpec
-from mil.extract.moco import MocoConfig, run_moco
-from mil.extract.tiles import TilingConfig
+from mil.extract.wsi.grid import GridSpec
+from mil.extract.moco.train import MocoConfig, run_moco
+from mil.extract.wsi.tiles import TilingConfig
 from mil.manifest import read_manifest
 
 manifest, out, dump = sys.argv[1:4]

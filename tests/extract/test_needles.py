@@ -1,4 +1,4 @@
-"""Tests of mil.extract.needles (nMNIST-style canvases) and `mil extract needles`."""
+"""Tests of mil.extract.generate.needles (nMNIST-style canvases) and `mil extract needles`."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from mil.extract import needles as nd
-from mil.extract.needles import IdxError, default_n_clutter, idx_splits, load_idx_dir, make_needles, read_idx
+from mil.extract.generate import needles as nd
+from mil.extract.generate.needles import IdxError, default_n_clutter, idx_splits, load_idx_dir, make_needles, read_idx
 from mil.imagesets import SPLITS, read_meta, read_split
 from tests.conftest import invoke_mil
 

@@ -1,4 +1,4 @@
-"""Tests of mil.extract.synthetic: masks, slides that OpenSlide opens, pixels that follow the masks."""
+"""Tests of mil.extract.generate.synthetic: masks, slides that OpenSlide opens, pixels that follow the masks."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from skimage.color import rgb2hsv
 from skimage.filters import threshold_otsu
 
 from mil.errors import OptionError
-from mil.extract.synthetic import (
+from mil.extract.generate.synthetic import (
     MASK_DOWNSAMPLE,
     load_masks,
     make_cohort,
@@ -307,7 +307,7 @@ def test_cohort_validates_arguments(tmp_path, kwargs, option):
 
 
 def test_labels_depend_on_seed_but_keep_counts():
-    from mil.extract.synthetic import _labels_and_splits
+    from mil.extract.generate.synthetic import _labels_and_splits
 
     draws = {tuple(_labels_and_splits(10, 0.3, np.random.default_rng(s))[0]) for s in range(6)}
     assert len(draws) > 1, "positives should be drawn from the seed, not always the first ones"

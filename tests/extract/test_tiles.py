@@ -14,9 +14,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mil.extract.grid import GridSpec, tile_grid, tissue_fraction
-from mil.extract.reader import TileDataset
-from mil.extract.tiles import TilingConfig, run_tiles
+from mil.extract.wsi.grid import GridSpec, tile_grid, tissue_fraction
+from mil.extract.wsi.reader import TileDataset
+from mil.extract.wsi.tiles import TilingConfig, run_tiles
 from mil.manifest import read_manifest
 from mil.slides import open_slide, slide_geometry
 from tests.conftest import ellipse_mask, invoke_mil

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mil.errors import OptionError
-from mil.extract.tissue import TissueParams, detect_tissue, saturation
+from mil.extract.wsi.tissue import TissueParams, detect_tissue, saturation
 from tests.conftest import ellipse_mask
 
 

@@ -110,7 +110,7 @@ def test_shipped_demo_manifest_is_what_the_demo_cohort_writes(tmp_path):
 
     import pandas as pd
 
-    from mil.extract.synthetic import make_cohort
+    from mil.extract.generate.synthetic import make_cohort
 
     shipped = read_manifest(Path(__file__).resolve().parents[2] / "data_manifests" / "demo_synthetic.csv", check_files=False)
     made = pd.read_csv(make_cohort(tmp_path, n_slides=40, size=1024, seed=0, lesion_fraction=0.01))

@@ -34,21 +34,13 @@ D = 16  # feature dim of the synthetic bags
 # Small and fast extraction: 64-px tiles at 0.5 µm/px (read from level 0 of a 0.25 µm/px slide,
 # so a slide with corrupt level-0 tiles fails while being embedded), resnet18 with random weights.
 FAST_TILES = ["--target-mpp", "0.5", "--tile-size", "64", "--no-progress"]
-FAST_FEATURES = [
-    "--encoder",
-    "resnet18",
-    "--weights",
-    "none",
-    "--precision",
-    "fp32",
-    "--device",
-    "cpu",
-    "--batch-size",
-    "32",
-    "--input-size",
-    "64",
-    *FAST_TILES,
-]
+FAST_FEATURES = [*"--encoder resnet18 --weights none --precision fp32 --device cpu --batch-size 32 --input-size 64".split(), *FAST_TILES]
+# What the kill checks extract (tests/reliability/test_kill.py, benchmarks/reliability.py): 21 tiles per
+# slide (64 px at 1 µm/px), one reading worker: a few seconds per slide.
+KILL_FEATURES = (
+    "--encoder resnet18 --weights none --precision fp32 --device cpu --target-mpp 1.0 --tile-size 64 --input-size 64 "
+    "--batch-size 8 --workers 1 --no-progress"
+).split()
 
 
 def mil_executable() -> str:
@@ -271,7 +263,7 @@ def good_slide(
     tissue: np.ndarray | None = None,
 ) -> Path:
     """A small pyramidal JPEG-tiled slide with one ellipse of tissue."""
-    from mil.extract.synthetic import MASK_DOWNSAMPLE, write_slide
+    from mil.extract.generate.synthetic import MASK_DOWNSAMPLE, write_slide
 
     n = size // MASK_DOWNSAMPLE
     Path(path).parent.mkdir(parents=True, exist_ok=True)

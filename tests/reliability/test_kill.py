@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 
 from tests.reliability.cases import (
+    KILL_FEATURES,
     bag_cohort,
     feature_state,
     features_started,
@@ -30,28 +31,7 @@ from tests.reliability.cases import (
     watch,
 )
 
-# 21 tiles per slide (64 px at 1 µm/px), one reading worker: a few seconds per slide.
-FEATURES = [
-    "--encoder",
-    "resnet18",
-    "--weights",
-    "none",
-    "--precision",
-    "fp32",
-    "--device",
-    "cpu",
-    "--target-mpp",
-    "1.0",
-    "--tile-size",
-    "64",
-    "--input-size",
-    "64",
-    "--batch-size",
-    "8",
-    "--workers",
-    "1",
-    "--no-progress",
-]
+FEATURES = KILL_FEATURES
 FOLDS = 2
 TRAIN = ["--epochs", "3", "--folds", str(FOLDS), "--seed", "3", "--no-progress"]
 SHARE = (0.05, 0.7)  # a kill lands this share of the reference's marker-to-exit window after the marker

@@ -151,7 +151,7 @@ def test_bagnet_killed_between_checkpoints_resumes_to_a_bit_identical_run(toy, t
 def test_moco_killed_between_checkpoints_resumes_to_a_bit_identical_run(tmp_path_factory, tmp_path):
     """`--resume` continues from the killed run's checkpoint.pt and ends with the straight run's
     checkpoint (both encoders, queue, optimizer), encoder.pt and metrics, bit for bit."""
-    from mil.extract.synthetic import make_cohort
+    from mil.extract.generate.synthetic import make_cohort
 
     cohort = make_cohort(tmp_path_factory.mktemp("moco_cohort"), n_slides=2, size=2048, seed=0)
     coords = ["--coords-dir", tmp_path / "tiles"]  # tiled once, by the straight run

@@ -147,7 +147,7 @@ def test_feature_file_with_code_is_refused(tmp_path, marker):
 
 
 def test_encoder_weights_with_code_are_refused(tmp_path, marker):
-    from mil.extract.encoders import create_encoder
+    from mil.extract.wsi.encoders import create_encoder
 
     p = tmp_path / "weights.pth"
     torch.save({"state_dict": {"conv1.weight": torch.zeros(1)}, "evil": Evil(marker)}, p)

@@ -142,6 +142,33 @@ def test_empty_bag_skipped_with_warning(tmp_path):
         assert ds[1][2] == "s1"
 
 
+@pytest.mark.parametrize("cache", ["ram", "stream"])
+def test_subset_equals_a_fresh_dataset_and_shares_the_cache(tmp_path, monkeypatch, cache):
+    """A fold's dataset is a subset of the run's: same items as one built from its files, no second read."""
+    paths = make_bags(tmp_path, [3, 7, 1, 12, 5])
+    paths.insert(2, write_bag(tmp_path, "empty", features=np.zeros((0, D), np.float32)))
+    labels = [0, 1, 0, 1, 0, 1]
+    with pytest.warns(UserWarning, match="empty"):
+        full = BagDataset(paths, labels, cache=cache)
+    ids = ["s3", "empty", "s0", "s4"]  # any order; the empty bag is skipped silently (warned about once)
+    import mil.data
+
+    reads = []
+    monkeypatch.setattr(mil.data, "read_bag", lambda *a, **k: reads.append(a) or read_bag(*a, **k))
+    sub = full.subset(ids)
+    reads_by_subset = list(reads)
+    fresh_ids = ["s3", "s0", "s4"]
+    fresh = BagDataset([tmp_path / f"{s}.h5" for s in fresh_ids], [0, 0, 1], cache=cache, slide_ids=fresh_ids)
+    assert (sub.slide_ids, sub.labels, sub.skipped_empty, sub.nbytes_fp16) == (fresh_ids, [0, 0, 1], ["empty"], fresh.nbytes_fp16)
+    if cache == "ram":
+        assert reads_by_subset == [] and sub._cache[0].data_ptr() == full._cache[3].data_ptr()  # the same float16 storage
+    for i in range(len(sub)):
+        torch.testing.assert_close(sub[i][0], fresh[i][0], rtol=0, atol=0)
+        assert sub[i][1:] == fresh[i][1:]
+    with pytest.raises(MilError, match="nope"):
+        full.subset(["s0", "nope"])
+
+
 def test_nan_bag_raises_naming_file(tmp_path):
     feats = np.random.default_rng(0).standard_normal((4, D)).astype(np.float32)
     feats[2, 3] = np.nan

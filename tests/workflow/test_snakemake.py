@@ -110,7 +110,7 @@ def nothing_to_do(res: subprocess.CompletedProcess) -> bool:
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory) -> Path:
     """A working folder: slides/ (what `mil extract synthetic` makes: 6 slides of 2048² px) and config.yaml."""
-    from mil.extract.synthetic import make_cohort
+    from mil.extract.generate.synthetic import make_cohort
 
     wd = tmp_path_factory.mktemp("workflow")
     make_cohort(wd / "slides", n_slides=N_SLIDES, size=2048, seed=0, lesion_fraction=0.1)

@@ -29,8 +29,9 @@ from skimage.segmentation import find_boundaries
 import mil
 from mil.atomic import atomic_path, remove_stale_temporaries
 from mil.errors import SettingsMismatchError, SlideError
-from mil.extract.grid import GridSpec, tile_grid, tissue_fraction
-from mil.extract.tissue import TissueParams, detect_tissue, read_low_res
+from mil.extract.wsi.grid import GridSpec, tile_grid, tissue_fraction
+from mil.extract.wsi.tissue import TissueParams, detect_tissue, read_low_res
+from mil.rundir import refuse_other_settings
 from mil.slides import MPP_TOLERANCE, open_slide, slide_geometry
 
 REPORT_COLUMNS = ["slide_id", "status", "n_tiles", "seconds", "error"]
@@ -124,7 +125,7 @@ def tile_slide(slide_id: str, path: str | Path, out_dir: Path, config: TilingCon
 
 
 def write_coords(f: h5py.File, coords: np.ndarray, spec: GridSpec, geom, size0: int) -> h5py.Dataset:
-    """The CLAM/TRIDENT `coords` dataset and its attrs (ARCHITECTURE.md, feature file)."""
+    """The CLAM/TRIDENT `coords` dataset and its attrs (docs/architecture.md, "Feature file")."""
     d = f.create_dataset("coords", data=coords.astype(np.int64).reshape(-1, 2))
     d.attrs.update(
         patch_size=spec.tile_size,
@@ -179,12 +180,7 @@ def check_existing(out_dir: Path, slide_id: str, settings: dict) -> bool:
         raise SettingsMismatchError(
             f"{path}: exists but was not written by `mil extract tiles`; move it away or rerun with --overwrite."
         ) from None
-    for key in settings:
-        if old.get(key) != settings[key]:
-            raise SettingsMismatchError(
-                f"{path}: was tiled with {key}={old.get(key)!r}, this run asks for {key}={settings[key]!r}; "
-                "use another --out folder, or --overwrite to re-tile."
-            )
+    refuse_other_settings(path, {k: old.get(k) for k in settings}, settings, what="tile grid", ignore=(), redo="re-tile")
     return True
 
 

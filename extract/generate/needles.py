@@ -27,8 +27,9 @@ from typing import Any
 import numpy as np
 
 from mil.atomic import remove_stale_temporaries
-from mil.errors import IdxError, OptionError, SettingsMismatchError
+from mil.errors import IdxError, OptionError
 from mil.imagesets import META_NAME, SPLITS, ImageSplit, check_split, write_meta, write_split
+from mil.rundir import read_settings, refuse_other_settings
 
 GRID = 64  # side of the grid cells the target is placed in (px)
 # Distractors per canvas in the paper's README commands (digit clutter, patch size 64).
@@ -345,20 +346,11 @@ def check_existing(folder: Path, options: dict[str, Any], overwrite: bool) -> bo
     meta_path = folder / META_NAME
     if not meta_path.is_file():
         return False
-    try:
-        old = json.loads(meta_path.read_text()).get("options")
-    except (OSError, ValueError, AttributeError):
-        old = None
-    same = old == json.loads(json.dumps(options, default=str))
-    if same and not overwrite:
-        return True
-    if not overwrite:
-        diff = sorted(k for k in set(options) | set(old or {}) if (old or {}).get(k) != options.get(k))
-        raise SettingsMismatchError(
-            f"{folder}: expected an image set made with the same options, got one made with other {', '.join(diff) or 'options'}; "
-            "rerun with --overwrite to replace it, or choose another --out."
-        )
-    return False
+    if overwrite:
+        return False
+    old = read_settings(meta_path, "`mil extract needles` or `mil extract crops`", key="options")
+    refuse_other_settings(folder, old, json.loads(json.dumps(options, default=str)), what="image set", ignore=())
+    return True
 
 
 def start_folder(folder: Path) -> None:

@@ -1,4 +1,4 @@
-"""`mil extract moco`: the Typer command (thin; the work is in `mil.extract.moco`).
+"""`mil extract moco`: the Typer command (thin; the work is in `mil.extract.moco.train`).
 
 Mounted by `mil.extract.cli` with ``app.command()(moco)``. Under ``torchrun`` every process runs
 this command; only rank 0 prints.
@@ -13,9 +13,23 @@ from typing import Annotated, Optional
 
 import typer
 
+from mil.extract.options import (
+    Input,
+    MaskMpp,
+    Mpp,
+    Overlap,
+    Progress_,
+    SaturationThreshold,
+    SlidesRoot,
+    TargetMpp,
+    TissueThreshold,
+    load_slides,
+    tiling_config,
+)
+
 
 def moco(
-    input_path: Annotated[Path, typer.Argument(metavar="INPUT", help="Manifest CSV, or a folder of slides.")],
+    input_path: Input,
     out: Annotated[Path, typer.Option("--out", help="ENCODER_DIR: encoder.pt, checkpoint.pt, metrics.csv, config.json, tiles/.")],
     arch: Annotated[
         str,
@@ -49,23 +63,19 @@ def moco(
     coords_dir: Annotated[
         Optional[Path], typer.Option(help="Folder of `mil extract tiles` output to reuse (default: ENCODER_DIR/tiles).")
     ] = None,
-    target_mpp: Annotated[float, typer.Option(help="Microns per pixel of the tiles.")] = 0.5,
+    target_mpp: TargetMpp = 0.5,
     tile_size: Annotated[int, typer.Option(help="Tile side in px at --target-mpp (also the side of the augmented views).")] = 224,
-    overlap: Annotated[int, typer.Option(help="Overlap of neighbouring tiles in px at --target-mpp.")] = 0,
-    tissue_threshold: Annotated[float, typer.Option(help="Keep tiles whose tissue fraction is at least this (0–1).")] = 0.5,
-    saturation_threshold: Annotated[
-        Optional[float], typer.Option(help="Fixed saturation threshold for tissue (0–1); default: Otsu.")
-    ] = None,
-    mask_mpp: Annotated[float, typer.Option(help="Resolution (µm/px) of tissue detection.")] = 8.0,
-    mpp: Annotated[Optional[float], typer.Option(help="Level-0 mpp for slides whose file (and manifest) gives none.")] = None,
-    slides_root: Annotated[
-        Optional[Path], typer.Option(help="Folder that the manifest's relative slide paths start from (default: the manifest's folder).")
-    ] = None,
+    overlap: Overlap = 0,
+    tissue_threshold: TissueThreshold = 0.5,
+    saturation_threshold: SaturationThreshold = None,
+    mask_mpp: MaskMpp = 8.0,
+    mpp: Mpp = None,
+    slides_root: SlidesRoot = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an unfinished run from ENCODER_DIR/checkpoint.pt.")] = False,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Discard a run in ENCODER_DIR made with other settings (or unfinished) and start again.")
     ] = False,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    progress: Progress_ = True,
 ) -> None:
     """Pretrain a tile encoder with MoCo v2 on tiles read straight from the slides (self-supervised).
 
@@ -74,8 +84,7 @@ def moco(
     `mil extract features --encoder ARCH`.
     """
     from mil.device import resolve_device
-    from mil.extract.cli import load_slides, tiling_config
-    from mil.extract.moco import MocoConfig, run_moco
+    from mil.extract.moco.train import MocoConfig, run_moco
 
     tiling = tiling_config(target_mpp, tile_size, overlap, tissue_threshold, saturation_threshold, mask_mpp, mpp)
     config = MocoConfig(
@@ -125,7 +134,7 @@ def moco(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m mil.extract.moco_cli …` (and `torchrun -m mil.extract.moco_cli …`): the command on
+    """`python -m mil.extract.moco.cli …` (and `torchrun -m mil.extract.moco.cli …`): the command on
     its own, with `mil`'s error handling (a `MilError` is one line and exit status 2)."""
     import sys
 

@@ -5,7 +5,7 @@ mask) and have a lesion fraction (the crop's O2I) inside the requested range; th
 random positions around the component (up to `tries` per component, up to `per_lesion` kept).
 Negative crops come from negative slides (label 0) at random positions, rejected as background
 when less than `min_tissue` of the crop is tissue (the project's tissue detection,
-`mil.extract.tissue.detect_tissue`, on a low-resolution image) or their mean green exceeds
+`mil.extract.wsi.tissue.detect_tissue`, on a low-resolution image) or their mean green exceeds
 `max_green` (the paper's test); up to `per_slide` per slide. Each split (the manifest's `split`
 column) is then balanced by subsampling the larger class.
 
@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from mil.errors import ManifestError, OptionError
-from mil.extract.needles import MAX_BYTES, check_existing, mil_version, start_folder
+from mil.extract.generate.needles import MAX_BYTES, check_existing, mil_version, start_folder
 from mil.imagesets import SPLITS, check_split, write_meta, write_split
 
 POSITIONS_NAME = "crops.csv"  # sidecar beside the split files: where each crop came from
@@ -364,7 +364,7 @@ def run_crops(
         TimeElapsedColumn,
     )
 
-    from mil.extract.tissue import TissueParams, detect_tissue, read_low_res
+    from mil.extract.wsi.tissue import TissueParams, detect_tissue, read_low_res
     from mil.imagesets import read_meta
     from mil.slides import open_slide, slide_geometry
 
@@ -445,7 +445,7 @@ def run_crops(
         "before_balance": {},
         "o2i_range": None,
         "counts": counts,
-        "background_test": f"tissue fraction >= {cfg.min_tissue} (mil.extract.tissue at {cfg.tissue_mpp} µm/px) "
+        "background_test": f"tissue fraction >= {cfg.min_tissue} (mil.extract.wsi.tissue at {cfg.tissue_mpp} µm/px) "
         f"and mean green <= {cfg.max_green}",
     }
     o2i_all, rows = [], []

@@ -250,7 +250,7 @@ def _safe_ids(raw_ids: list[str], prefix: str, path: Path) -> list[str]:
 
 
 def _write_bag(out: Path, sid: str, bag: _Bag, source: str, csv_name: str) -> None:
-    """Write one bag in the project's feature-file layout (see ARCHITECTURE.md)."""
+    """Write one bag in the project's feature-file layout (see docs/architecture.md)."""
     x = np.stack(bag.rows).astype(np.float32)  # (N, D)
     n, d = x.shape
     coords = np.stack([np.arange(n, dtype=np.int64), np.zeros(n, dtype=np.int64)], axis=1)  # (N, 2) (index, 0)

@@ -5,7 +5,7 @@ OpenSlide handle each, see `TileDataset`), the encoder runs in the main process 
 batches, and each batch of features is written into the HDF5 file as it is produced, so
 memory stays bounded whatever the number of tiles.
 
-Output per slide, ``OUT/<slide_id>.h5`` (CLAM/TRIDENT compatible, see ARCHITECTURE.md)::
+Output per slide, ``OUT/<slide_id>.h5`` (CLAM/TRIDENT compatible, see docs/architecture.md)::
 
     features        (N, D) float32 (or float16), chunked by rows; attrs: encoder
     coords          (N, 2) int64 level-0 px; attrs as written by `mil extract tiles`
@@ -34,11 +34,12 @@ from torch.utils.data import DataLoader
 
 import mil
 from mil.atomic import atomic_path, remove_stale_temporaries
-from mil.errors import OptionError, SettingsMismatchError
-from mil.extract.reader import TileDataset
-from mil.extract.tiles import SlideResult, TilingConfig, check_existing, failed, tile_slide, write_report
+from mil.errors import OptionError
+from mil.extract.wsi.reader import TileDataset
+from mil.extract.wsi.tiles import SlideResult, TilingConfig, check_existing, failed, tile_slide, write_report
+from mil.rundir import refuse_other_settings
 
-ROWS_PER_CHUNK = 1024  # HDF5 chunk height: whole bags read fast, random rows acceptably (platform.md)
+ROWS_PER_CHUNK = 1024  # HDF5 chunk height: whole bags read fast, random rows acceptably
 DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
@@ -185,12 +186,8 @@ def run_features(
     for sid, o in zip(slides["slide_id"], overrides):
         has_coords = not overwrite and check_existing(coords_dir, sid, tiling.settings(o))
         old = _stored_feature_settings(out_dir / f"{sid}.h5") if (out_dir / f"{sid}.h5").exists() and has_coords else None
-        if old is not None and old != settings and not overwrite:
-            key = next(k for k in settings if old.get(k) != settings[k])
-            raise SettingsMismatchError(
-                f"{out_dir / (sid + '.h5')}: has features with {key}={old.get(key)!r}, this run asks for "
-                f"{key}={settings[key]!r}; use another --out folder, or --overwrite to re-extract."
-            )
+        if old is not None and not overwrite:
+            refuse_other_settings(out_dir / f"{sid}.h5", old, settings, what="feature file", ignore=(), redo="re-extract")
         plan[sid] = "skip" if old == settings else ("embed" if has_coords else "tile+embed")
     _write_config(out_dir / "features_config.json", encoder, config, coords_dir, len(slides))
 

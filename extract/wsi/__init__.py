@@ -1,0 +1,1 @@
+"""Whole-slide images → tiles → features: tissue, grid, tiles, reader, encoders, features."""
