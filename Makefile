@@ -5,12 +5,12 @@ BIN    := $(VENV)/bin
 DEMO   ?= demo_out
 DEMO_LESION ?= 0.01
 
-.PHONY: demo test test-fast bench lock clean
+.PHONY: demo test test-fast bench docs lock clean
 
 # constraints.txt pins every package to the versions CI tested, so a fresh clone resolves the same set.
 $(BIN)/mil: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,workflow,bench]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,workflow,bench,docs]'
 	touch $@
 
 ## lock: re-pin constraints.txt to what .venv holds now (after changing dependencies in pyproject.toml)
@@ -44,6 +44,11 @@ test: $(BIN)/mil
 
 test-fast: $(BIN)/mil
 	$(BIN)/python -m pytest -q -m "not slow"
+
+## docs: the documentation site (docs/, mkdocs.yml) into site/, failing on any warning (a broken link, a bad docstring);
+# .venv/bin comes first on PATH because docs/cli.md is made by running `typer mil.cli utils docs`
+docs: $(BIN)/mil
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/mkdocs build --strict -d site
 
 ## bench: every benchmark at full size (hours); `python -m pytest -q tests/benchmarks` runs each one's --quick smoke test
 FASHION := /usr/share/datasets/fashion-mnist
