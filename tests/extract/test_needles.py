@@ -8,8 +8,10 @@ import json
 import numpy as np
 import pytest
 
+from mil.errors import IdxError
 from mil.extract.generate import needles as nd
-from mil.extract.generate.needles import IdxError, default_n_clutter, idx_splits, load_idx_dir, make_needles, read_idx
+from mil.extract.generate.idx import idx_splits, load_idx_dir, read_idx
+from mil.extract.generate.needles import default_n_clutter, make_needles
 from mil.imagesets import SPLITS, read_meta, read_split
 from tests.conftest import invoke_mil
 
