@@ -33,9 +33,9 @@ demo: $(BIN)/mil
 	$(BIN)/mil evaluate run $(DEMO)/runs/abmil
 	$(BIN)/mil evaluate run $(DEMO)/runs/abmil_hnm
 	$(BIN)/mil evaluate compare $(DEMO)/runs/abmil $(DEMO)/runs/abmil_hnm
-	$(BIN)/mil evaluate heatmap $(DEMO)/runs/abmil --slide synth_000 --slides $(DEMO)/slides/manifest.csv \
+	$(BIN)/mil evaluate heatmap $(DEMO)/runs/abmil --slide synth_000 --manifest $(DEMO)/slides/manifest.csv \
 		--out $(DEMO)/heatmap_abmil_synth_000.png
-	$(BIN)/mil evaluate heatmap $(DEMO)/runs/abmil_hnm --slide synth_000 --slides $(DEMO)/slides/manifest.csv \
+	$(BIN)/mil evaluate heatmap $(DEMO)/runs/abmil_hnm --slide synth_000 --manifest $(DEMO)/slides/manifest.csv \
 		--out $(DEMO)/heatmap_abmil_hnm_synth_000.png
 
 ## test: the whole default suite (what CI runs); the 15 slowest tests are listed at the end

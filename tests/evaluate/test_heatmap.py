@@ -102,10 +102,10 @@ def test_hottest_region_lies_on_the_lesion(case):
     check_hot_on_lesion(inst.image, case["lesion"])
 
 
-def test_cli_writes_the_figure_with_no_temporary_left(case):
-    r = invoke_mil(
-        "evaluate", "heatmap", case["run"], "--slide", "les", "--slides", case["slides"], "--thumbnail-size", "256", "--top-k", "3"
-    )
+@pytest.mark.parametrize("flag", ["--manifest", "--slides"])  # --manifest, as on every command; --slides, its old name
+def test_cli_writes_the_figure_with_no_temporary_left(case, flag):
+    shutil.rmtree(case["run"] / "heatmaps", ignore_errors=True)
+    r = invoke_mil("evaluate", "heatmap", case["run"], "--slide", "les", flag, case["slides"], "--thumbnail-size", "256", "--top-k", "3")
     assert r.returncode == 0, r.stderr
     out = case["run"] / "heatmaps" / "les.png"
     assert f"wrote {out}" in r.stdout
