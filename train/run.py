@@ -13,7 +13,8 @@
 Only the train and validation slides of each fold are opened: for a run on the manifest's
 ``split`` column the test slides are never read (their feature files need not even exist).
 Rerunning into a finished run directory with the same settings does nothing; other settings
-are refused unless ``overwrite``.
+are refused unless ``overwrite``, which trains the new run in a hidden sibling folder and swaps
+it in only when it has finished: a replacement that fails leaves the old run as it was.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import pandas as pd
 import torch
 
 import mil
-from mil.atomic import atomic_path, remove_stale_temporaries, write_csv, write_text
+from mil.atomic import atomic_folder, atomic_path, remove_stale_temporaries, write_csv, write_text
 from mil.data import CACHE_MODES, BagDataset, resolve_feature_files
 from mil.errors import ManifestError, MilError, OptionError
 from mil.rundir import read_settings, refuse_other_settings
@@ -105,8 +106,15 @@ def run_train(
             summary = pd.read_csv(out / "summary.csv", dtype={"fold": str})
             summary.attrs["skipped"] = True
             return summary
-    if out.exists() and (overwrite or (out / "config.json").exists()):
-        shutil.rmtree(out)  # replaced, or an unfinished run with the same settings trained again
+    if overwrite and out.exists():
+        # --overwrite: the new run is trained in a hidden sibling folder that replaces `out` only once it
+        # has finished, so a run that fails (or is killed) keeps the old outputs.
+        remove_stale_temporaries(out.parent)  # a killed replacement's folder
+        with atomic_folder(out) as tmp:
+            (tmp / "checkpoints").mkdir()
+            return _train_folds(tmp, slides, fold_list, files, label, spec, config, doc, cache, on_epoch, annotations)
+    if out.exists() and (out / "config.json").exists():
+        shutil.rmtree(out)  # an unfinished run with the same settings: trained again
     created, created_checkpoints = not out.exists(), not (out / "checkpoints").exists()
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     for folder in (out, out / "checkpoints"):  # leftovers of a run killed before its config.json was written

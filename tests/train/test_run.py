@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import h5py
 import numpy as np
@@ -141,6 +142,27 @@ def test_refusals(tmp_path):
     (tmp_path / "done" / "summary.csv").unlink()  # an unfinished run with the same settings is trained again
     run_train(tmp_path / "x", read_manifest(ok), tmp_path / "done", TrainConfig(epochs=1))
     assert (tmp_path / "done" / "summary.csv").exists()
+
+
+def test_overwrite_that_fails_keeps_the_old_run(tmp_path):
+    """--overwrite replaces a run only once the new one has finished: a replacement that fails on a bad
+    bag leaves the old run directory exactly as it was, and no temporary folder beside it."""
+    from mil.manifest import read_manifest
+
+    slides = read_manifest(needle_cohort(tmp_path))
+    run_train(tmp_path, slides, tmp_path / "runs" / "r", TrainConfig(epochs=1))
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "runs").rglob("*") if p.is_file()}
+    good = (tmp_path / "b1.h5").read_bytes()
+    with h5py.File(tmp_path / "b1.h5", "r+") as f:  # a NaN in a training bag, found while the new run loads its bags
+        f["features"][0, 0] = np.nan
+    with pytest.raises(FeatureFileError, match="b1.h5"):
+        run_train(tmp_path, slides, tmp_path / "runs" / "r", TrainConfig(epochs=2), overwrite=True)
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "runs").rglob("*") if p.is_file()}
+    assert after == before and sorted(os.listdir(tmp_path / "runs")) == ["r"]
+    (tmp_path / "b1.h5").write_bytes(good)
+    run_train(tmp_path, slides, tmp_path / "runs" / "r", TrainConfig(epochs=2), overwrite=True)  # now it is replaced
+    assert json.loads((tmp_path / "runs" / "r" / "config.json").read_text())["train"]["epochs"] == 2
+    assert sorted(os.listdir(tmp_path / "runs")) == ["r"]
 
 
 def test_cli_train_features(tmp_path):
