@@ -56,6 +56,7 @@ FASHION := /usr/share/datasets/fashion-mnist
 bench: $(BIN)/mil
 	@test -d $(FASHION) || { echo "error: make bench needs Fashion-MNIST in $(FASHION): apt-get install dataset-fashion-mnist" >&2; exit 2; }
 	mkdir -p bench_out
+	$(BIN)/python benchmarks/startup.py
 	$(BIN)/python benchmarks/tiling.py
 	$(BIN)/python benchmarks/extract_throughput.py
 	$(BIN)/python benchmarks/precision_agreement.py

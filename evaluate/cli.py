@@ -70,7 +70,9 @@ def compare(
 def heatmap(
     run_dir: Annotated[Path, typer.Argument(help="Run directory from `mil train features`.")],
     slide: Annotated[str, typer.Option("--slide", help="slide_id of the slide to draw.")],
-    slides: Annotated[Path, typer.Option("--manifest", "--slides", help="Manifest CSV giving the slide's path (and mpp); --slides is the old name.")],
+    slides: Annotated[
+        Path, typer.Option("--manifest", "--slides", help="Manifest CSV giving the slide's path (and mpp); --slides is the old name.")
+    ],
     out: Annotated[Optional[Path], typer.Option(help="PNG to write (default RUN_DIR/heatmaps/<slide>.png).")] = None,
     features: Annotated[Optional[Path], typer.Option(help="Folder of feature files (default: the run's feature_dir).")] = None,
     fold: Annotated[
