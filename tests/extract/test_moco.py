@@ -37,27 +37,10 @@ from mil.manifest import read_manifest
 
 TILING = TilingConfig(grid=GridSpec(target_mpp=1.0, tile_size=32))
 FAST = dict(arch="test_resnet", epochs=2, batch_size=16, queue=48, steps_per_epoch=3, tiling=TILING)
-CLI_FAST = [
-    "--arch",
-    "test_resnet",
-    "--target-mpp",
-    "1.0",
-    "--tile-size",
-    "32",
-    "--batch-size",
-    "16",
-    "--queue",
-    "48",
-    "--steps-per-epoch",
-    "3",
-    "--workers",
-    "0",
-    "--device",
-    "cpu",
-    "--precision",
-    "fp32",
-    "--no-progress",
-]
+CLI_FAST = (
+    "--arch test_resnet --target-mpp 1.0 --tile-size 32 --batch-size 16 --queue 48 --steps-per-epoch 3 "
+    "--workers 0 --device cpu --precision fp32 --no-progress"
+).split()
 
 
 class Toy(nn.Module):

@@ -20,6 +20,7 @@ import pandas as pd
 import pytest
 import torch
 
+from tests.extract.test_moco import CLI_FAST
 from tests.reliability.cases import WorkState, invoke, kill_inside, leftovers
 from tests.train.test_bagnet_train import toy_imageset
 
@@ -46,28 +47,10 @@ BAGNET = [
     "cpu",
     "--no-progress",
 ]
-# tests/extract/test_moco.py's CLI_FAST (timm's test_resnet on 32-px tiles, 3 steps of 16 per epoch).
+# tests/extract/test_moco.py's CLI_FAST (timm's test_resnet on 32-px tiles, 3 steps of 16 per epoch), more epochs.
 MOCO_EPOCHS = 4
 MOCO = [
-    "--arch",
-    "test_resnet",
-    "--target-mpp",
-    "1.0",
-    "--tile-size",
-    "32",
-    "--batch-size",
-    "16",
-    "--queue",
-    "48",
-    "--steps-per-epoch",
-    "3",
-    "--workers",
-    "0",
-    "--device",
-    "cpu",
-    "--precision",
-    "fp32",
-    "--no-progress",
+    *CLI_FAST,
     "--epochs",
     str(MOCO_EPOCHS),
     "--seed",
