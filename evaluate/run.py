@@ -154,7 +154,7 @@ def score_split(run: Run, features: str | Path, split: str = "test", labels: pd.
 
 def summarise(pred: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> dict:
     """metrics.json's content from `score_split`'s table (see the module docstring)."""
-    per_slide = pred.groupby("slide_id", sort=False).agg(label=("label", "first"), probability=("probability", "mean"))
+    per_slide = _per_slide(pred)
     y, p = check_predictions(per_slide["label"], per_slide["probability"])
     doc = {
         "n_slides": len(per_slide),
@@ -204,20 +204,30 @@ def evaluate_run(
     with atomic_folder(final) as tmp:
         (tmp / "metrics.json").write_text(json.dumps(doc, indent=2) + "\n")
         pred.to_csv(tmp / "predictions.csv", index=False)
-        per_slide = pred.groupby("slide_id", sort=False).agg(label=("label", "first"), probability=("probability", "mean"))
-        plot_curves(per_slide["label"], per_slide["probability"], tmp, title=f"{run.path.name} · {split}", n_boot=n_boot, seed=seed)
+        per_slide = _per_slide(pred)
+        title = f"{run.path.name} · {split}"
+        plot_curves(per_slide["label"], per_slide["probability"], tmp, title=title, auc=doc["auc"], n_boot=n_boot, seed=seed)
     return doc, final
 
 
-def plot_curves(labels, probs, out_dir: Path, title: str, n_boot: int = 1000, seed: int = 0) -> None:
-    """Write ``roc.png`` and ``pr.png`` with their pointwise 95 % bootstrap bands into `out_dir`."""
+def _per_slide(pred: pd.DataFrame) -> pd.DataFrame:
+    """One row per slide: its label and its mean probability over the repeats that scored it."""
+    return pred.groupby("slide_id", sort=False).agg(label=("label", "first"), probability=("probability", "mean"))
+
+
+def plot_curves(labels, probs, out_dir: Path, title: str, auc: dict | None = None, n_boot: int = 1000, seed: int = 0) -> None:
+    """Write ``roc.png`` and ``pr.png`` with their pointwise 95 % bootstrap bands into `out_dir`.
+
+    `auc` is `auc_ci`'s result for the legend when the caller has it already (`evaluate_run` does), so
+    the bootstrap is not drawn a second time; None computes it.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     c = curve_bands(labels, probs, n_boot=n_boot, seed=seed)
-    auc = auc_ci(labels, probs, n_boot=n_boot, seed=seed)
+    auc = auc_ci(labels, probs, n_boot=n_boot, seed=seed) if auc is None else auc
     prevalence = float(np.mean(labels))
     for name, x, y, lo, hi, xlabel, ylabel, chance in [
         ("roc", c["fpr"], c["tpr"], c["tpr_low"], c["tpr_high"], "false positive rate", "true positive rate", ([0, 1], [0, 1])),

@@ -219,7 +219,8 @@ class BagNet(nn.Module):
     def _pool(self, F: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``F (B, C, h, w)`` → bag ``X (B, h·w, C)``, pooled ``Z (B, C)``, pooling weights ``(B, h·w)`` or None."""
         X = F.flatten(2).transpose(1, 2)  # (B, h·w, C) positions are the instances
-        Z, weights = self.pool(X)  # (B, C), (B, h·w) | None
+        mask = X.new_ones(X.shape[:2], dtype=torch.bool)  # (B, h·w) every position is real: no check needed
+        Z, weights = self.pool.compute(X, mask)  # (B, C), (B, h·w) | None
         return X, Z, weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

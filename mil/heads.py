@@ -75,7 +75,7 @@ class ABMIL(nn.Module):
         X, mask = check_bag(X, mask)
         X = masked_fill_value(X, mask, 0.0)  # (B, N, D) garbage/NaN padding → 0
         H = self.project(X)  # (B, N, hidden_dim)
-        Z, a = self.pool(H, mask)  # (B, hidden_dim), (B, N)
+        Z, a = self.pool.compute(H, mask)  # (B, hidden_dim), (B, N)
         logits = self.classifier(Z).squeeze(-1)  # (B,)
         scores = self.classifier(H).squeeze(-1)  # (B, N)
         return BagOutput(logits, scores, a)
@@ -109,7 +109,7 @@ class InstanceMIL(nn.Module):
         X, mask = check_bag(X, mask)
         X = masked_fill_value(X, mask, 0.0)  # (B, N, D) garbage/NaN padding → 0
         scores = self.instance_mlp(X).squeeze(-1)  # (B, N)
-        logits, _ = self.pool(scores.unsqueeze(-1), mask)  # (B, 1)
+        logits, _ = self.pool.compute(scores.unsqueeze(-1), mask)  # (B, 1)
         return BagOutput(logits.squeeze(-1), scores, None)
 
 

@@ -96,7 +96,11 @@ class BagBCELoss(nn.Module):
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Args: logits ``(B,)`` bag logits; labels ``(B,)`` in {0, 1} (bool, int or float). Returns: scalar."""
         logits = _check_scores(logits, "logits")  # (B,)
-        labels = _check_labels(labels, logits, "labels", (0, 1)).to(logits.dtype)  # (B,)
+        return self.compute(logits, _check_labels(labels, logits, "labels", (0, 1)))
+
+    def compute(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """`forward` on inputs already checked (the training loop's labels are, by the manifest and `collate_bags`)."""
+        labels = labels.to(logits.dtype)  # (B,)
         pw = None if self.pos_weight is None else logits.new_tensor(self.pos_weight)  # ()
         return F.binary_cross_entropy_with_logits(logits, labels, pos_weight=pw)
 
@@ -160,6 +164,13 @@ class MIRankingLoss(nn.Module):
             raise ValueError("expected neg_scores, the instance logits of negative bags, got None instead.")
         s_pos = self._bag_scores(pos_scores, pos_mask, "pos_scores")  # (P,)
         s_neg = self._bag_scores(neg_scores, neg_mask, "neg_scores")  # (Q,)
+        return self._hinge(s_pos, s_neg)
+
+    def compute(self, pos_scores, pos_mask, neg_scores, neg_mask) -> torch.Tensor:
+        """`forward` on ``(P, N1)``/``(Q, N2)`` scores with full bool masks already checked (every bag has a real instance)."""
+        return self._hinge(topk_mean(pos_scores, pos_mask, self.k), topk_mean(neg_scores, neg_mask, self.k))
+
+    def _hinge(self, s_pos: torch.Tensor, s_neg: torch.Tensor) -> torch.Tensor:
         return F.relu(self.margin - s_pos[:, None] + s_neg[None, :]).mean()  # (P, Q) -> ()
 
 

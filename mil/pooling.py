@@ -14,6 +14,10 @@ heads (`mil.heads`) and the BagNet path::
 
     pool = create_pooling("gated_attention", dim=512, attn_dim=128)
     Z, a = pool(X, mask)                     # (B, 512), (B, N)
+
+``forward`` validates its input (`check_bag`, the public boundary); ``compute(X, mask)`` is the same
+operator on a bag that is already clean, which a head calls after its own single check, so a
+training step validates once rather than once per module.
 """
 
 from __future__ import annotations
@@ -67,7 +71,10 @@ class MeanPool(nn.Module):
 
     def forward(self, X: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Args: ``X (B, N, D)``, ``mask (B, N)`` or None. Returns ``Z (B, D)``, ``weights (B, N)``."""
-        X, mask = check_bag(X, mask)
+        return self.compute(*check_bag(X, mask))
+
+    def compute(self, X: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` on a bag `check_bag` has cleaned already (heads call this: one check per step)."""
         X = masked_fill_value(X, mask, 0.0)  # (B, N, D) padding → 0, so 0 · NaN never happens
         m = mask.to(X.dtype)  # (B, N)
         weights = m / m.sum(dim=1, keepdim=True)  # (B, N)
@@ -88,7 +95,10 @@ class MaxPool(nn.Module):
 
     def forward(self, X: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
         """Args: ``X (B, N, D)``, ``mask (B, N)`` or None. Returns ``Z (B, D)`` and None (no per-instance weights)."""
-        X, mask = check_bag(X, mask)
+        return self.compute(*check_bag(X, mask))
+
+    def compute(self, X: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """`forward` on a bag `check_bag` has cleaned already."""
         Z = masked_fill_value(X, mask, float("-inf")).amax(dim=1)  # (B, D)
         return Z, None
 
@@ -117,7 +127,10 @@ class LogSumExpPool(nn.Module):
 
     def forward(self, X: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
         """Args: ``X (B, N, D)``, ``mask (B, N)`` or None. Returns ``Z (B, D)`` and None."""
-        X, mask = check_bag(X, mask)
+        return self.compute(*check_bag(X, mask))
+
+    def compute(self, X: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """`forward` on a bag `check_bag` has cleaned already."""
         n = mask.sum(dim=1, keepdim=True).to(X.dtype)  # (B, 1)
         S = masked_fill_value(self.r * X, mask, float("-inf"))  # (B, N, D) exp(-inf) = 0 drops padding
         Z = (torch.logsumexp(S, dim=1) - n.log()) / self.r  # (B, D)
@@ -150,7 +163,10 @@ class AttentionPool(nn.Module):
 
     def forward(self, X: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Args: ``X (B, N, D)``, ``mask (B, N)`` or None. Returns ``Z (B, D)``, attention ``a (B, N)``."""
-        X, mask = check_bag(X, mask)
+        return self.compute(*check_bag(X, mask))
+
+    def compute(self, X: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` on a bag `check_bag` has cleaned already."""
         X = masked_fill_value(X, mask, 0.0)  # (B, N, D) padding → 0, so 0 · NaN never happens
         H = torch.tanh(self.V(X))  # (B, N, attn_dim)
         if self.U is not None:

@@ -102,9 +102,9 @@ class Objective:
         bag, top = bag_and_max_logits(out, mask)  # (B,), (B,)
         parts: dict[str, torch.Tensor] = {}
         if c.bag_weight > 0:
-            parts["bag"] = c.bag_weight * self.bce(bag, y)
+            parts["bag"] = c.bag_weight * self.bce.compute(bag, y)
         if c.max_instance_weight > 0:
-            parts["max_instance"] = c.max_instance_weight * self.bce(top, y)
+            parts["max_instance"] = c.max_instance_weight * self.bce.compute(top, y)
         if c.ranking_weight > 0 and (y == 1).any() and (y == 0).any():
             parts["ranking"] = c.ranking_weight * self._ranking(model, s, mask, y, mined)
         if c.hnm_instance_weight > 0 and (len(mined) or mined.positives):
@@ -133,7 +133,7 @@ class Objective:
             q = s_neg.shape[0]
             s_neg = torch.cat([s_neg, s_bank.expand(q, -1)], dim=1)  # (Q, N + K)
             m_neg = torch.cat([m_neg, m_neg.new_ones(q, len(pick))], dim=1)  # (Q, N + K)
-        return self.ranking(s[pos], mask[pos], s_neg, m_neg)
+        return self.ranking.compute(s[pos], mask[pos], s_neg, m_neg)  # the batch was checked by the head
 
     @staticmethod
     def _pseudo_labels(s, mask, ids, mined: MinedSet) -> torch.Tensor | None:

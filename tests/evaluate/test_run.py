@@ -73,6 +73,17 @@ def test_threshold_comes_from_the_checkpoint_not_the_evaluated_labels(runs, tmp_
     assert doc2["auc"]["auc"] == pytest.approx(1 - doc["auc"]["auc"])
 
 
+def test_the_auc_bootstrap_is_drawn_once(runs, tmp_path, monkeypatch):
+    import mil.evaluate.metrics as metrics
+    from mil.evaluate.run import evaluate_run
+
+    drawn = []
+    real = metrics.bootstrap_indices
+    monkeypatch.setattr(metrics, "bootstrap_indices", lambda y, n, seed: drawn.append(n) or real(y, n, seed))
+    evaluate_run(copy_run(runs, "a", tmp_path), n_boot=50)
+    assert sorted(drawn) == [1, 50, 50]  # the per-fold AUC (1 resample), the CI, the curve bands; not the CI twice
+
+
 def test_cross_validated_run_scores_every_held_out_slide_once(runs, tmp_path):
     from mil.evaluate.run import evaluate_run
 
