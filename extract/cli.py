@@ -10,7 +10,9 @@ import typer
 
 from mil.extract.moco.cli import moco
 from mil.extract.options import (
+    TILING_DEFAULTS,
     Input,
+    Manifest,
     MaskMpp,
     Mpp,
     Overlap,
@@ -22,6 +24,8 @@ from mil.extract.options import (
     TileSize,
     TissueThreshold,
     load_slides,
+    optional,
+    stored_tiling,
     tiling_config,
 )
 
@@ -66,14 +70,15 @@ def synthetic(
 
 @app.command()
 def tiles(
-    input_path: Input,
     out: Annotated[Path, typer.Option("--out", help="Output folder for <slide_id>.h5, thumbnails/ and the report.")],
-    target_mpp: TargetMpp = 0.5,
-    tile_size: TileSize = 224,
-    overlap: Overlap = 0,
-    tissue_threshold: TissueThreshold = 0.5,
+    input_path: Input = None,
+    manifest: Manifest = None,
+    target_mpp: TargetMpp = TILING_DEFAULTS["target_mpp"],
+    tile_size: TileSize = TILING_DEFAULTS["tile_size"],
+    overlap: Overlap = TILING_DEFAULTS["overlap"],
+    tissue_threshold: TissueThreshold = TILING_DEFAULTS["tissue_threshold"],
     saturation_threshold: SaturationThreshold = None,
-    mask_mpp: MaskMpp = 8.0,
+    mask_mpp: MaskMpp = TILING_DEFAULTS["mask_mpp"],
     mpp: Mpp = None,
     slides_root: SlidesRoot = None,
     skip_errors: SkipErrors = False,
@@ -84,15 +89,16 @@ def tiles(
     from mil.extract.wsi.tiles import run_tiles
 
     config = tiling_config(target_mpp, tile_size, overlap, tissue_threshold, saturation_threshold, mask_mpp, mpp)
-    slides = load_slides(input_path, slides_root)
+    slides = load_slides(input_path, slides_root, manifest)
     report = run_tiles(slides, out, config, overwrite=overwrite, progress=progress)
     finish(report, out, skip_errors)
 
 
 @app.command()
 def features(
-    input_path: Input,
     out: Annotated[Path, typer.Option("--out", help="Output folder for <slide_id>.h5 feature files and the report.")],
+    input_path: Input = None,
+    manifest: Manifest = None,
     encoder: Annotated[
         str, typer.Option(help="Encoder name: resnet50_trunc, resnet50, resnet18, vit_small_patch16_224 or any timm model.")
     ] = "resnet50_trunc",
@@ -109,12 +115,12 @@ def features(
     dtype: Annotated[str, typer.Option(help="Stored feature dtype: float32 or float16.")] = "float32",
     input_size: Annotated[Optional[int], typer.Option(help="Override the encoder's input size (px); tiles are resized to it.")] = None,
     coords_dir: Annotated[Optional[Path], typer.Option(help="Folder of existing `mil extract tiles` output (default: --out).")] = None,
-    target_mpp: TargetMpp = 0.5,
-    tile_size: TileSize = 224,
-    overlap: Overlap = 0,
-    tissue_threshold: TissueThreshold = 0.5,
+    target_mpp: optional(TargetMpp) = None,
+    tile_size: optional(TileSize) = None,
+    overlap: optional(Overlap) = None,
+    tissue_threshold: optional(TissueThreshold) = None,
     saturation_threshold: SaturationThreshold = None,
-    mask_mpp: MaskMpp = 8.0,
+    mask_mpp: optional(MaskMpp) = None,
     mpp: Mpp = None,
     slides_root: SlidesRoot = None,
     skip_errors: SkipErrors = False,
@@ -123,14 +129,21 @@ def features(
     ] = False,
     progress: Progress_ = True,
 ) -> None:
-    """Embed every tile of every slide (tiling first where needed) into one HDF5 file per slide."""
+    """Embed every tile of every slide (tiling first where needed) into one HDF5 file per slide.
+
+    The tiling options come from the tiles_config.json of --coords-dir (or --out) when `mil extract tiles` wrote one there; an option given here that differs from it is refused. Without one, they default as in `mil extract tiles`.
+    """
     from mil.device import resolve_device
     from mil.extract.wsi.encoders import create_encoder
     from mil.extract.wsi.features import FeatureConfig, run_features
 
-    tiling = tiling_config(target_mpp, tile_size, overlap, tissue_threshold, saturation_threshold, mask_mpp, mpp)
+    given = dict(target_mpp=target_mpp, tile_size=tile_size, overlap=overlap, tissue_threshold=tissue_threshold)
+    given |= dict(saturation_threshold=saturation_threshold, mask_mpp=mask_mpp, mpp=mpp)
+    tiling, stored = stored_tiling(coords_dir or out, given, TILING_DEFAULTS)
+    if stored is not None:
+        typer.echo(f"tiling from {stored}", err=True)
     config = FeatureConfig(tiling=tiling, batch_size=batch_size, workers=workers, dtype=dtype)
-    slides = load_slides(input_path, slides_root)
+    slides = load_slides(input_path, slides_root, manifest)
     with warnings.catch_warnings(record=True) as caught:  # e.g. random weights: shown as one plain line
         warnings.simplefilter("always")
         enc = create_encoder(encoder, weights=weights, precision=precision, device=str(resolve_device(device)), input_size=input_size)
@@ -187,7 +200,7 @@ def needles(
     source: Annotated[
         Optional[str], typer.Option(help="'sklearn-digits': scikit-learn's bundled 8×8 digits, upscaled to 28×28 (offline).")
     ] = None,
-    seed: Annotated[int, typer.Option(help="Random seed; same seed, identical image sets.")] = 1234,
+    seed: Annotated[int, typer.Option(help="Random seed; same seed, identical image sets.")] = 0,
     duplicates: Annotated[int, typer.Option(help="Times each target object is used, each with fresh clutter.")] = 2,
     val_size: Annotated[Optional[int], typer.Option(help="Objects at the end of the IDX train file that form val (default 5000).")] = None,
     max_per_split: Annotated[

@@ -198,7 +198,7 @@ def bagnet(
     accumulate: Annotated[int, typer.Option(help="Forward passes per optimizer step (effective batch = batch size × accumulate).")] = 1,
     lr: Annotated[float, typer.Option(help="RMSprop learning rate.")] = 5e-5,
     max_train: Annotated[Optional[int], typer.Option(help="Train on a seeded balanced subset of N training images.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of initialisation, subset, shuffling and dropout.")] = 42,
+    seed: Annotated[int, typer.Option(help="Seed of initialisation, subset, shuffling and dropout.")] = 0,
     device: Annotated[str, typer.Option(help="cpu | cuda | auto.")] = "auto",
     workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,

@@ -232,7 +232,7 @@ def run_needles(
     canvases: Sequence[int],
     idx_dir: str | Path | None = None,
     source: str = "idx",
-    seed: int = 1234,
+    seed: int = 0,
     duplicates: int = 2,
     val_size: int | None = None,
     max_per_split: Sequence[int] | None = None,

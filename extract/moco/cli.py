@@ -15,6 +15,7 @@ import typer
 
 from mil.extract.options import (
     Input,
+    Manifest,
     MaskMpp,
     Mpp,
     Overlap,
@@ -29,8 +30,9 @@ from mil.extract.options import (
 
 
 def moco(
-    input_path: Input,
     out: Annotated[Path, typer.Option("--out", help="ENCODER_DIR: encoder.pt, checkpoint.pt, metrics.csv, config.json, tiles/.")],
+    input_path: Input = None,
+    manifest: Manifest = None,
     arch: Annotated[
         str,
         typer.Option(help="Backbone: an encoder name of `mil extract features` (resnet50, resnet18, resnet50_trunc, …) or any timm model."),
@@ -103,7 +105,7 @@ def moco(
         tiling=tiling,
         splits=splits,
     )
-    slides = load_slides(input_path, slides_root)
+    slides = load_slides(input_path, slides_root, manifest)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     with warnings.catch_warnings(record=True) as caught:  # shown as plain lines
         warnings.simplefilter("always")

@@ -107,6 +107,31 @@ def test_cli_tiles_first_then_skips_on_rerun(tmp_path, cohort):
         assert f["features"].dtype == np.float16
 
 
+def test_features_take_the_tiling_of_tiles_config_json(tmp_path, cohort):
+    """After `mil extract tiles`, features need no tiling options again: tiles_config.json gives them,
+    and an option that contradicts it is refused before any work rather than tiling a second time."""
+    tiles, out = tmp_path / "tiles", tmp_path / "feats"
+    r = invoke_mil("extract", "tiles", "--manifest", cohort, "--out", tiles, "--target-mpp", "1.0", "--tile-size", "64", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    no_tiling = [a for a in FAST if a not in ("--target-mpp", "1.0", "--tile-size", "64")]
+    r = invoke_mil("extract", "features", "--manifest", cohort, "--coords-dir", tiles, "--out", out, *no_tiling, "--tile-size", "64")
+    assert r.returncode == 0, r.stderr
+    assert "tiling from" in r.stderr and str(tiles / "tiles_config.json") in r.stderr
+    with h5py.File(tiles / "s0.h5") as t, h5py.File(out / "s0.h5") as f:
+        np.testing.assert_array_equal(t["coords"][:], f["coords"][:])
+    assert not (tiles / "s0.h5.tmp").exists()
+    r = invoke_mil("extract", "features", cohort, "--coords-dir", tiles, "--out", tmp_path / "other", *no_tiling, "--tile-size", "128")
+    assert r.returncode == 2 and "--tile-size" in r.stderr and "64" in r.stderr and "128" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not list((tmp_path / "other").glob("*.h5"))
+
+
+def test_input_or_manifest_but_one_of_them(tmp_path, cohort):
+    r = invoke_mil("extract", "tiles", "--out", tmp_path / "o")
+    assert r.returncode == 2 and "--manifest" in r.stderr
+    r = invoke_mil("extract", "tiles", cohort, "--manifest", tmp_path / "else.csv", "--out", tmp_path / "o")
+    assert r.returncode == 2 and "one input" in r.stderr and not (tmp_path / "o").exists()
+
+
 def test_bad_slide_is_reported_and_others_finish(tmp_path, cohort):
     df = pd.read_csv(cohort)
     (tmp_path / "bad.svs").write_text("not a slide")
