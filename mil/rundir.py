@@ -7,7 +7,9 @@ when its output is there before it starts:
 * made with the same settings → skip what is finished (a stage that can resume continues);
 * made with other settings → refused before any work, naming the first setting that differs and
   both values (`refuse_other_settings`), unless ``--overwrite``;
-* ``--overwrite`` → replaced.
+* ``--overwrite`` → replaced: a run directory is rebuilt in a hidden sibling folder that takes its
+  place only once the new run has finished (`replacing`), so a replacement that fails or is killed
+  keeps the old outputs.
 
 Settings are the JSON-able values a stage stores beside its outputs (``config.json``, an image
 set's ``meta.json``, a feature file's attrs); keys that describe how a run ran rather than what
@@ -18,9 +20,11 @@ it computes (``mil_version``, ``runtime``) are left out of the comparison. Write
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
+from mil.atomic import atomic_folder, remove_stale_temporaries
 from mil.errors import SettingsMismatchError
 
 NOT_COMPARED = ("mil_version", "runtime")  # how a run ran, not what it computes
@@ -45,6 +49,18 @@ def refuse_other_settings(
         f"{where}: holds a {what} with a different {k!r} ({k}={_short(old.get(k))} there, {k}={_short(new.get(k))} asked for{also}); "
         f"choose another --out, or pass --overwrite to {redo}."
     )
+
+
+@contextmanager
+def replacing(out: str | Path) -> Iterator[Path]:
+    """``--overwrite`` of a run directory: yield an empty hidden sibling of `out` to write the new run
+    into; it replaces `out` when the block succeeds. On an error (or a kill) `out` is left as it was;
+    a killed replacement's folder is removed by the next call.
+    """
+    out = Path(out)
+    remove_stale_temporaries(out.parent)
+    with atomic_folder(out) as tmp:
+        yield tmp
 
 
 def read_settings(path: str | Path, writer: str, key: str | None = None) -> dict:

@@ -19,7 +19,9 @@ subset of N training images (the authors' ``num_examples``). Run directory::
 Only ``train.h5`` and ``val.h5`` are read; ``test.h5`` is left to `mil evaluate o2i`. A rerun with
 the same settings skips a finished run and resumes an unfinished one from ``last.pt``; each epoch's
 shuffling and dropout are seeded from ``(seed, epoch)``, so on CPU a resumed run ends bit-identical
-to an uninterrupted one. Other settings raise `SettingsMismatchError` unless ``overwrite``.
+to an uninterrupted one. Other settings raise `SettingsMismatchError` unless ``overwrite``, which
+trains the new run in a hidden sibling folder that replaces RUN_DIR only when finished
+(`mil.rundir.replacing`): a replacement that fails or is killed keeps the old run.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from mil.device import resolve_device
 from mil.errors import OptionError
 from mil.imagesets import ImageSetDataset, ImageSetError, read_meta
 from mil.predict import predict_images
-from mil.rundir import read_settings, refuse_other_settings
+from mil.rundir import read_settings, refuse_other_settings, replacing
 
 PAPER_EPOCHS = 200
 PAPER_MILESTONES = (80, 120, 160)
@@ -263,10 +265,18 @@ def run_bagnet(
         "runtime": {"device": str(dev), "workers": workers},
     }
     doc = json.loads(json.dumps(doc, default=str))  # as it reads back from config.json
-    state = _prepare_out(out, doc, overwrite, resume)
+    if overwrite and out.exists():  # trained beside the old run, which it replaces only when finished
+        with replacing(out) as tmp:
+            write_text(tmp / "config.json", json.dumps(doc, indent=2) + "\n")
+            return _train(tmp, net, None, train_ds, val_ds, indices, doc, config, dev, workers, on_epoch, on_batch)
+    state = _prepare_out(out, doc, resume)
     if isinstance(state, pd.DataFrame):
         return state
+    return _train(out, net, state, train_ds, val_ds, indices, doc, config, dev, workers, on_epoch, on_batch)
 
+
+def _train(out, net, state, train_ds, val_ds, indices, doc, config, dev, workers, on_epoch, on_batch) -> pd.DataFrame:
+    """The epochs of `run_bagnet` into the prepared run directory `out` (from a resume `state`, or None)."""
     net.to(dev)
     opt, sched = build_optimizer(net, config)
     history, best_state, start_epoch = [], None, 0
@@ -372,9 +382,9 @@ def _finish(
     return summary
 
 
-def _prepare_out(out: Path, doc: dict, overwrite: bool, resume: bool) -> pd.DataFrame | dict | None:
+def _prepare_out(out: Path, doc: dict, resume: bool) -> pd.DataFrame | dict | None:
     """Skip (the stored summary), resume (the last.pt state) or start (None, run directory ready)."""
-    if (out / "config.json").exists() and not overwrite:
+    if (out / "config.json").exists():
         refuse_other_settings(out, read_settings(out / "config.json", "`mil train bagnet`"), doc)
         if (out / "summary.csv").exists():
             summary = pd.read_csv(out / "summary.csv")
@@ -384,8 +394,8 @@ def _prepare_out(out: Path, doc: dict, overwrite: bool, resume: bool) -> pd.Data
             remove_stale_temporaries(out)
             write_text(out / "config.json", json.dumps(doc, indent=2) + "\n")  # the runtime of this attempt
             return torch.load(out / "last.pt", map_location="cpu", weights_only=True)
-    if out.exists() and (overwrite or (out / "config.json").exists()):
-        shutil.rmtree(out)  # replaced, or an unfinished run started over
+    if out.exists() and (out / "config.json").exists():
+        shutil.rmtree(out)  # an unfinished run started over
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "config.json", json.dumps(doc, indent=2) + "\n")
     return None

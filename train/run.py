@@ -30,10 +30,10 @@ import pandas as pd
 import torch
 
 import mil
-from mil.atomic import atomic_folder, atomic_path, remove_stale_temporaries, write_csv, write_text
+from mil.atomic import atomic_path, remove_stale_temporaries, write_csv, write_text
 from mil.data import CACHE_MODES, BagDataset, resolve_feature_files
 from mil.errors import ManifestError, MilError, OptionError
-from mil.rundir import read_settings, refuse_other_settings
+from mil.rundir import read_settings, refuse_other_settings, replacing
 from mil.train.instances import read_instance_labels
 from mil.train.loop import TrainConfig, fit_fold
 from mil.train.mining import export_hard_negatives
@@ -109,8 +109,7 @@ def run_train(
     if overwrite and out.exists():
         # --overwrite: the new run is trained in a hidden sibling folder that replaces `out` only once it
         # has finished, so a run that fails (or is killed) keeps the old outputs.
-        remove_stale_temporaries(out.parent)  # a killed replacement's folder
-        with atomic_folder(out) as tmp:
+        with replacing(out) as tmp:
             (tmp / "checkpoints").mkdir()
             return _train_folds(tmp, slides, fold_list, files, label, spec, config, doc, cache, on_epoch, annotations)
     if out.exists() and (out / "config.json").exists():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -276,6 +277,21 @@ def test_rerun_skips_and_other_settings_are_refused(toy, tmp_path):
         "train", "bagnet", toy, "--out", tmp_path / "run", "--rf", 33, "--width", 0.0625, "--epochs", 1, "--device", "cpu", "--no-progress"
     )
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--overwrite" in r.stderr
+
+
+def test_overwrite_that_fails_keeps_the_old_run(toy, tmp_path):
+    """--overwrite trains beside the old run: one that stops in its first epoch leaves the old run as it was."""
+    run_bagnet(toy, tmp_path / "runs" / "r", BagNetTrainConfig(epochs=1, max_train=16, **TINY), device="cpu")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "runs" / "r").iterdir()}
+
+    def stop(row):
+        raise RuntimeError("stopped")
+
+    other = BagNetTrainConfig(epochs=2, max_train=16, **{**TINY, "seed": 1})
+    with pytest.raises(RuntimeError, match="stopped"):
+        run_bagnet(toy, tmp_path / "runs" / "r", other, device="cpu", overwrite=True, on_epoch=stop)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "runs" / "r").iterdir()} == before
+    assert os.listdir(tmp_path / "runs") == ["r"]  # no temporary folder left
 
 
 def test_norm_option_builds_batchnorm_and_is_recorded(toy, tmp_path):
