@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mil.extract.generate.synthetic import random_masks, write_slide
+from mil.extract.generate.slide_writer import random_masks, write_slide
 
 # Runs argv[1:] and prints the largest max-RSS (KiB) of it and its waited-for descendants.
 WRAPPER = (

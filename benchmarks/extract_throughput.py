@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mil.extract.generate.synthetic import random_masks, write_slide
+from mil.extract.generate.slide_writer import random_masks, write_slide
 from mil.extract.wsi.encoders import create_encoder
 from mil.extract.wsi.features import FeatureConfig, run_features
 from mil.extract.wsi.tiles import TilingConfig

@@ -61,7 +61,7 @@ print(json.dumps(r))
 
 def setup(out: Path, size: int, tile_size: int, dim: int) -> tuple[Path, Path, Path, Path, int]:
     """Slide, manifest, feature file and run directory (reused when present); returns them and N."""
-    from mil.extract.generate.synthetic import random_masks, write_slide
+    from mil.extract.generate.slide_writer import random_masks, write_slide
     from mil.extract.wsi.grid import GridSpec
     from mil.extract.wsi.tiles import TilingConfig, run_tiles
     from mil.manifest import read_manifest

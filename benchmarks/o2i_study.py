@@ -36,7 +36,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-FASHION = Path("/usr/share/datasets/fashion-mnist")
+from mil.errors import OptionError
+from mil.extract.generate.idx import FASHION_MNIST as FASHION
+from mil.extract.generate.idx import require_fashion_mnist
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -67,16 +69,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     a = parse(argv)
-    if a.source is None and a.idx_dir is None:  # no silent fallback: digits give numbers unlike the documented ones (docs/benchmarks.md)
-        if not FASHION.is_dir():
-            print(
-                f"error: Fashion-MNIST not found in {FASHION}; install the Debian package dataset-fashion-mnist "
-                "(apt-get install dataset-fashion-mnist), or pass --source sklearn-digits for an offline run "
-                "(its numbers are not comparable with those in docs/benchmarks.md)",
-                file=sys.stderr,
-            )
-            raise SystemExit(2)
-        a.idx_dir, a.source = FASHION, "idx"
+    if a.source is None and a.idx_dir is None:
+        try:
+            a.idx_dir, a.source = require_fashion_mnist(FASHION), "idx"
+        except OptionError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
     threads = torch.get_num_threads()
     torch.set_num_threads(a.threads)
     try:

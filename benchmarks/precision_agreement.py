@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mil.extract.generate.synthetic import random_masks, write_slide
+from mil.extract.generate.slide_writer import random_masks, write_slide
 from mil.extract.wsi.encoders import create_encoder
 from mil.extract.wsi.reader import TileDataset
 from mil.extract.wsi.tiles import TilingConfig, run_tiles

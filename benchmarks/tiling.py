@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from mil.extract.generate.synthetic import random_masks, write_slide
+from mil.extract.generate.slide_writer import random_masks, write_slide
 from mil.extract.wsi.grid import tile_grid, tissue_fraction
 from mil.extract.wsi.reader import TileDataset
 from mil.extract.wsi.tiles import TilingConfig, run_tiles

@@ -93,7 +93,7 @@ def slide_factory(tmp_path_factory):
     Slides are cached per argument set (the mask included) for the whole session; each set gets a
     folder of its own, so a slide's file name is always `<name>.<fmt>`.
     """
-    from mil.extract.generate.synthetic import write_slide
+    from mil.extract.generate.slide_writer import write_slide
 
     root = tmp_path_factory.mktemp("slides")
     cache: dict = {}

@@ -58,6 +58,24 @@ def read_idx(path: str | Path) -> np.ndarray:
     return arr.astype(dtype.newbyteorder("="))  # native byte order, writable copy
 
 
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # where Debian's dataset-fashion-mnist puts it
+
+
+def require_fashion_mnist(folder: str | Path = FASHION_MNIST) -> Path:
+    """`folder` if it holds Fashion-MNIST, else an `OptionError` saying how to install it.
+
+    For the studies whose documented numbers are on Fashion-MNIST: no silent fallback to the
+    bundled digits, whose numbers are not comparable.
+    """
+    if not Path(folder).is_dir():
+        raise OptionError(
+            f"Fashion-MNIST not found in {folder}; install the Debian package dataset-fashion-mnist "
+            "(apt-get install dataset-fashion-mnist), or pass --source sklearn-digits for an offline run "
+            "(its numbers are not comparable with those in docs/benchmarks.md)"
+        )
+    return Path(folder)
+
+
 def find_idx(folder: str | Path) -> dict[tuple[str, str], Path]:
     """Paths of the four MNIST files in `folder` (plain or ``.gz``), keyed like `IDX_NAMES`."""
     folder = Path(folder)

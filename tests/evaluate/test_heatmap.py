@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 import mil
-from mil.extract.generate.synthetic import MASK_DOWNSAMPLE, write_slide
+from mil.extract.generate.slide_writer import MASK_DOWNSAMPLE, write_slide
 from mil.extract.wsi.grid import GridSpec, tissue_fraction
 from mil.extract.wsi.tiles import TilingConfig, run_tiles
 from mil.manifest import read_manifest

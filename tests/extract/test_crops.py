@@ -10,14 +10,8 @@ import pytest
 from scipy import ndimage
 
 from mil.errors import OptionError
-from mil.extract.generate.crops import (
-    POSITIONS_NAME,
-    CropConfig,
-    crop_mask,
-    mask_scale,
-    parse_range,
-    positive_positions,
-)
+from mil.extract.generate.crop_positions import crop_mask, mask_scale, positive_positions
+from mil.extract.generate.crops import POSITIONS_NAME, CropConfig, parse_range
 from mil.extract.generate.synthetic import MASK_DOWNSAMPLE, load_masks, make_cohort
 from mil.imagesets import read_meta, read_split
 from tests.conftest import invoke_mil

@@ -14,13 +14,8 @@ from skimage.color import rgb2hsv
 from skimage.filters import threshold_otsu
 
 from mil.errors import OptionError
-from mil.extract.generate.synthetic import (
-    MASK_DOWNSAMPLE,
-    load_masks,
-    make_cohort,
-    random_masks,
-    write_slide,
-)
+from mil.extract.generate.slide_writer import MASK_DOWNSAMPLE, random_masks, write_slide
+from mil.extract.generate.synthetic import load_masks, make_cohort
 
 W, H = 3072, 2560  # non-square, not a multiple of the tile, on purpose
 

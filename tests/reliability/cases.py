@@ -263,7 +263,7 @@ def good_slide(
     tissue: np.ndarray | None = None,
 ) -> Path:
     """A small pyramidal JPEG-tiled slide with one ellipse of tissue."""
-    from mil.extract.generate.synthetic import MASK_DOWNSAMPLE, write_slide
+    from mil.extract.generate.slide_writer import MASK_DOWNSAMPLE, write_slide
 
     n = size // MASK_DOWNSAMPLE
     Path(path).parent.mkdir(parents=True, exist_ok=True)
