@@ -200,7 +200,9 @@ def bagnet(
     max_train: Annotated[Optional[int], typer.Option(help="Train on a seeded balanced subset of N training images.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of initialisation, subset, shuffling and dropout.")] = 0,
     device: Annotated[str, typer.Option(help="cpu | cuda | auto.")] = "auto",
-    workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
+    workers: Annotated[
+        int, typer.Option(help="DataLoader worker processes; 0 (unlike the slide readers' 2): the image set is in memory.")
+    ] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue an unfinished run with the same settings from its last.pt.")] = True,
     progress: Annotated[bool, typer.Option(help="Show a progress bar with the running loss and validation accuracy.")] = True,

@@ -59,7 +59,9 @@ def moco(
         ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the initial weights, the tile sample, the order and the augmentations.")] = 0,
-    workers: Annotated[int, typer.Option(help="DataLoader worker processes reading and augmenting tiles (per process).")] = 4,
+    workers: Annotated[
+        int, typer.Option(help="DataLoader worker processes reading and augmenting tiles (per process); 2 as for `mil extract features`.")
+    ] = 2,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N (with torchrun: each process takes cuda:LOCAL_RANK).")] = "auto",
     precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 (auto: bf16 autocast where the hardware has it).")] = "auto",
     coords_dir: Annotated[
