@@ -16,13 +16,19 @@ from mil.imagesets import ImageSetDataset
 
 
 @torch.inference_mode()
-def predict(model: torch.nn.Module, ds: BagDataset) -> pd.DataFrame:
-    """Probabilities of every bag of `ds` (one bag at a time: no padding, any size)."""
+def predict(model: torch.nn.Module, ds: BagDataset, autocast: torch.dtype | None = None) -> pd.DataFrame:
+    """Probabilities of every bag of `ds` (one bag at a time: no padding, any size), on the model's device.
+
+    `autocast`: the mixed-precision dtype of the forward pass (`mil.device.autocast_dtype`), or None.
+    """
     model.eval()
+    dev = next(model.parameters()).device
     rows = []
     for i in range(len(ds)):
         X, y, sid = ds[i]  # (N, D)
-        p = torch.sigmoid(model(X[None]).logits)[0].item()
+        with torch.autocast(dev.type, dtype=autocast, enabled=autocast is not None):
+            logit = model(X[None].to(dev)).logits  # (1,)
+        p = torch.sigmoid(logit.float())[0].item()
         rows.append((sid, int(y), p))
     return pd.DataFrame(rows, columns=["slide_id", "label", "probability"])
 

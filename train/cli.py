@@ -84,6 +84,8 @@ def features(
         ),
     ] = True,
     cache: Annotated[str, typer.Option(help="auto | ram | stream: keep bags in RAM as float16, or read them per step.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N (auto: a CUDA GPU when one is visible).")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 (auto: bf16 autocast on a GPU that has it, else fp32).")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of splits, initialisation and shuffling.")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar with the running loss and validation AUC.")] = True,
@@ -133,6 +135,8 @@ def features(
             overwrite=overwrite,
             on_epoch=on_epoch,
             instance_labels=instance_labels,
+            device=device,
+            precision=precision,
         )
     if summary.attrs.get("skipped"):
         typer.echo(f"{out}: already trained with these settings; nothing to do (pass --overwrite to train again)")

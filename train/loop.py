@@ -10,7 +10,6 @@ every batch holds both classes (`mil.train.sampling`; batch size 1 = the seed's 
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -111,6 +110,11 @@ class FoldResult:
     mined: MinedSet | None = None  # hard negatives of the training bags under the selected model (mining on)
 
 
+def _cpu_state(model: torch.nn.Module) -> dict:
+    """A copy of the model's state dict on the CPU (what checkpoints hold, whatever the training device)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
 def _auc(pred: pd.DataFrame) -> float:
     return float(roc_auc_score(pred["label"], pred["probability"])) if pred["label"].nunique() == 2 else math.nan
 
@@ -130,8 +134,14 @@ def fit_fold(
     config: TrainConfig,
     on_epoch: Callable[[dict], None] | None = None,
     annotations: InstanceLabels | None = None,
+    device: torch.device | None = None,
+    autocast: torch.dtype | None = None,
 ) -> FoldResult:
     """Train `config.head` on `train_ds`, select the epoch on `val_ds`.
+
+    The head runs on `device` (default CPU) with `autocast` mixed precision (`mil.device.autocast_dtype`;
+    None = fp32); bags stay in RAM on the CPU and move to the device one batch at a time, and the
+    returned state dict is on the CPU.
 
     With `annotations` (sparse tile labels, `mil.train.instances`), ``config.instance_loss`` on the
     instance scores is added to the bag loss with weight ``config.instance_weight``. With mining on,
@@ -141,6 +151,8 @@ def fit_fold(
     model = create_head(config.head, in_dim=in_dim, **config.head_kwargs)
     if config.standardize:  # statistics of the training bags only
         model = Standardized(model, *feature_stats(train_ds))
+    device = torch.device("cpu") if device is None else device
+    model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     labels = np.asarray(train_ds.labels)
     objective = Objective(config, float((labels == 0).sum() / max((labels == 1).sum(), 1)), annotations, config.seed)
@@ -165,7 +177,9 @@ def fit_fold(
         model.train()
         losses, parts, ranked = [], {k: [] for k in LOSS_PARTS}, []
         for X, mask, y, ids in loader:  # X (B, N, D), mask (B, N), y (B,)
-            loss, step_parts = objective(model, model(X, mask), mask, y, ids, mined)
+            X, mask, y = X.to(device, non_blocking=True), mask.to(device), y.to(device)
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                loss, step_parts = objective(model, model(X, mask), mask, y, ids, mined)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -173,7 +187,7 @@ def fit_fold(
             for k in LOSS_PARTS:  # a part missing from a step counts as 0 (e.g. ranking without a pair)
                 parts[k].append(step_parts.get(k, 0.0))
             ranked.append("ranking" in step_parts)  # the step held a (positive, negative) pair
-        pred = predict(model, val_ds)
+        pred = predict(model, val_ds, autocast)
         val_loss = float(log_loss(pred["label"], pred["probability"], labels=[0, 1]))
         row = {
             "epoch": epoch,
@@ -189,13 +203,13 @@ def fit_fold(
             on_epoch(row)
         score = (-math.inf if math.isnan(row["val_auc"]) else row["val_auc"], -val_loss)
         if score > best:
-            best, best_state, best_epoch, stale = score, copy.deepcopy(model.state_dict()), epoch, 0
+            best, best_state, best_epoch, stale = score, _cpu_state(model), epoch, 0
         else:
             stale += 1
             if stale >= config.patience:
                 break
     model.load_state_dict(best_state)
-    val_pred = predict(model, val_ds)
+    val_pred = predict(model, val_ds, autocast)
     # The selected model's hard negatives, for export (no bank: nothing trains on them any more).
     final = mine_hard_negatives(model, train_ds, config.neg_ratio) if config.hard_negatives else None
     return FoldResult(best_state, best_epoch, youden_threshold(val_pred), history, val_pred, final)

@@ -68,12 +68,13 @@ def mine_hard_negatives(
     if not (0 < neg_ratio <= 1):
         raise OptionError(f"expected --neg-ratio in (0, 1], got {neg_ratio!r} instead.")
     model.eval()
+    dev = next(model.parameters()).device
     neg: dict[str, torch.Tensor] = {}  # slide_id -> scores (N,)
     cand: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # slide_id -> (indices, features) of its top bank_max tiles
     pos: dict[str, torch.Tensor] = {}  # slide_id -> scores (N,)
     for i in range(len(ds)):
         X, y, sid = ds[i]  # (N, D)
-        s = model(X[None]).instance_scores[0].float()  # (N,)
+        s = model(X[None].to(dev)).instance_scores[0].float().cpu()  # (N,) mined on the CPU
         if y == 0:
             neg[sid] = s
             if bank_max > 0:  # the bank's global top bank_max lies within each bag's own top bank_max

@@ -112,7 +112,7 @@ class Objective:
             if inst is not None:
                 parts["hnm_instance"] = c.hnm_instance_weight * inst
         if self.annotations is not None:
-            t = instance_targets(ids, y, mask, self.annotations)  # (B, N) 1 / 0 known, -1 unannotated
+            t = instance_targets(ids, y.cpu(), mask.cpu(), self.annotations).to(s.device)  # (B, N) 1 / 0 known, -1 unannotated
             known = t >= 0  # (B, N)
             if self.ece is not None:
                 inst = self.ece(s, t, mask=mask, generator=self.gen) / known.sum().clamp_min(1)
@@ -129,7 +129,7 @@ class Objective:
         s_neg, m_neg = s[neg], mask[neg]  # (Q, N)
         if mined.bank is not None and self.c.hnm_bank > 0:
             pick = torch.randperm(len(mined.bank), generator=self.gen)[: self.c.hnm_bank]  # (K,)
-            s_bank = model(mined.bank[pick][None]).instance_scores[0]  # (K,) the current scores of the mined tiles
+            s_bank = model(mined.bank[pick][None].to(s.device)).instance_scores[0]  # (K,) the current scores of the mined tiles
             q = s_neg.shape[0]
             s_neg = torch.cat([s_neg, s_bank.expand(q, -1)], dim=1)  # (Q, N + K)
             m_neg = torch.cat([m_neg, m_neg.new_ones(q, len(pick))], dim=1)  # (Q, N + K)

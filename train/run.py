@@ -32,6 +32,7 @@ import torch
 import mil
 from mil.atomic import atomic_path, remove_stale_temporaries, write_csv, write_text
 from mil.data import CACHE_MODES, BagDataset, resolve_feature_files
+from mil.device import autocast_dtype, resolve_device
 from mil.errors import ManifestError, MilError, OptionError
 from mil.rundir import read_settings, refuse_other_settings, replacing
 from mil.train.instances import read_instance_labels
@@ -55,6 +56,8 @@ def run_train(
     overwrite: bool = False,
     on_epoch: Callable[[str, dict], None] | None = None,
     instance_labels: str | Path | None = None,
+    device: str = "auto",
+    precision: str = "auto",
 ) -> pd.DataFrame:
     """Train one head per fold and write the run directory; return the per-fold summary.
 
@@ -66,8 +69,13 @@ def run_train(
 
     A rerun with the same settings into a finished run directory does nothing and returns the
     stored summary (``summary.attrs["skipped"] = True``); an unfinished one is trained again.
+    `device` (``auto``, ``cpu``, ``cuda``, ``cuda:N``) and `precision` (``auto``, ``fp32``, ``bf16``;
+    `mil.device.autocast_dtype`) say where and how the heads train; they are recorded under
+    ``runtime`` in config.json and are not compared on reruns.
     """
     out = Path(out_dir)
+    dev = resolve_device(device)
+    autocast = autocast_dtype(precision, dev)
     if cache not in CACHE_MODES:  # before anything is written (BagDataset would only say so inside the first fold)
         raise OptionError(f"expected --cache to be one of {', '.join(CACHE_MODES)}, got {cache!r} instead.")
     _check_binary(slides, config.head)
@@ -98,6 +106,7 @@ def run_train(
             "slides": len(annotations.by_slide),
         },
         "slides_sha256": _table_hash(slides),
+        "runtime": {"device": str(dev), "precision": "fp32" if autocast is None else "bf16"},  # not compared on reruns
     }
     doc = json.loads(json.dumps(doc))  # as it reads back from config.json
     if (out / "config.json").exists() and not overwrite:
@@ -111,7 +120,7 @@ def run_train(
         # has finished, so a run that fails (or is killed) keeps the old outputs.
         with replacing(out) as tmp:
             (tmp / "checkpoints").mkdir()
-            return _train_folds(tmp, slides, fold_list, files, label, spec, config, doc, cache, on_epoch, annotations)
+            return _train_folds(tmp, slides, fold_list, files, label, spec, config, doc, cache, on_epoch, annotations, (dev, autocast))
     if out.exists() and (out / "config.json").exists():
         shutil.rmtree(out)  # an unfinished run with the same settings: trained again
     created, created_checkpoints = not out.exists(), not (out / "checkpoints").exists()
@@ -119,7 +128,7 @@ def run_train(
     for folder in (out, out / "checkpoints"):  # leftovers of a run killed before its config.json was written
         remove_stale_temporaries(folder)
     try:
-        return _train_folds(out, slides, fold_list, files, label, spec, config, doc, cache, on_epoch, annotations)
+        return _train_folds(out, slides, fold_list, files, label, spec, config, doc, cache, on_epoch, annotations, (dev, autocast))
     except MilError:
         # A user mistake found while training (a NaN bag read in the first fold, a bag beyond float16
         # range …): leave no half-written run directory behind (docs/architecture.md, "Errors").
@@ -134,7 +143,7 @@ def run_train(
         raise
 
 
-def _train_folds(out, slides, fold_list, files, label, spec, config, doc, cache, on_epoch, annotations) -> pd.DataFrame:
+def _train_folds(out, slides, fold_list, files, label, spec, config, doc, cache, on_epoch, annotations, runtime) -> pd.DataFrame:
     """Write the run directory's files and train every fold (see `run_train`)."""
     write_text(out / "config.json", json.dumps(doc, indent=2) + "\n")
     write_csv(out / "slides.csv", slides[[c for c in ("slide_id", "label", "patient_id", "split") if c in slides.columns]])
@@ -150,7 +159,7 @@ def _train_folds(out, slides, fold_list, files, label, spec, config, doc, cache,
     for fold in fold_list:
         train_ds, val_ds = dataset(fold.train), dataset(fold.val)
         report = (lambda row, f=fold.name: on_epoch(f, row)) if on_epoch else None
-        res = fit_fold(train_ds, val_ds, spec.feature_dim, config, report, annotations)
+        res = fit_fold(train_ds, val_ds, spec.feature_dim, config, report, annotations, *runtime)  # runtime: (device, autocast)
         ckpt = {
             "head": config.head,
             "head_kwargs": dict(config.head_kwargs),
