@@ -20,6 +20,12 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return torch.device(device)
 
 
+def module_device(module: torch.nn.Module) -> torch.device:
+    """The device of a module's parameters (CPU for a module without any)."""
+    first = next(module.parameters(), None)
+    return torch.device("cpu") if first is None else first.device
+
+
 HEAD_PRECISIONS = ("auto", "fp32", "bf16")
 
 

@@ -75,13 +75,7 @@ def read_manifest(
         ManifestError: on the first problem, naming the manifest and its line.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ManifestError(f"expected a manifest CSV file, got {str(path)!r} which does not exist.")
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise ManifestError(f"{path}: expected a CSV manifest, could not parse it: {str(e).strip()}") from None
-    df.columns = [str(c).strip() for c in df.columns]
+    df = read_csv_table(path, "manifest")
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
         raise ManifestError(
@@ -90,9 +84,36 @@ def read_manifest(
         )
     if require_labels and "label" not in df.columns:
         raise ManifestError(f"{path}: expected a 'label' column (0/1) for training, found none.")
+    return validate_slides(df, path, require_labels=require_labels, check_files=check_files, slides_root=slides_root)
+
+
+def read_csv_table(path: Path, what: str) -> pd.DataFrame:
+    """A CSV file as strings (no NaN: empty cells are ""), header names stripped; `ManifestError` if unreadable."""
+    if not path.is_file():
+        raise ManifestError(f"expected a {what} CSV file, got {str(path)!r} which does not exist.")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{path}: expected a CSV {what}, could not parse it: {str(e).strip()}") from None
+    df.columns = [str(c).strip() for c in df.columns]
+    return df
+
+
+def validate_slides(
+    df: pd.DataFrame,
+    path: Path,
+    *,
+    require_labels: bool = False,
+    check_files: bool = True,
+    slides_root: str | Path | None = None,
+    require_path: bool = True,
+) -> pd.DataFrame:
+    """`read_manifest`'s checks and cleaning of a table in the manifest's columns (`path` may be
+    missing or empty when not `require_path`: training on features needs no slide file)."""
     if len(df) == 0:
         raise ManifestError(f"{path}: expected at least one slide row, found none.")
-    for col in OPTIONAL_COLUMNS:
+    df = df.copy()
+    for col in OPTIONAL_COLUMNS + (() if require_path else ("path",)):
         if col not in df.columns:
             df[col] = ""
     df = df[list(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)].apply(lambda s: s.str.strip())
@@ -110,13 +131,7 @@ def read_manifest(
         if sid in seen:
             raise ManifestError(f"{where}duplicate slide_id {sid!r} (first on line {_line(seen[sid])}); ids must be unique.")
         seen[sid] = i
-        if not row.path:
-            raise ManifestError(f"{where}expected a slide path for {sid!r}, got an empty 'path'.")
-        p = Path(row.path).expanduser()
-        p = p if p.is_absolute() else base / p
-        if check_files and not p.exists():
-            raise ManifestError(f"{where}slide file {str(p)!r} for {sid!r} does not exist; fix its 'path'.")
-        paths.append(str(p.resolve()) if p.exists() else str(p))
+        paths.append(_resolve_path(row.path, base, where, sid, require_path, check_files))
         labels.append(_parse_label(row.label, where, sid, require_labels))
         if row.split and row.split not in SPLITS:
             raise ManifestError(f"{where}expected split to be one of {', '.join(SPLITS)} or empty, got {row.split!r} instead.")
@@ -127,6 +142,19 @@ def read_manifest(
     df["mpp"] = np.asarray(mpps, dtype=float)
     _check_patients(df, path)
     return df.reset_index(drop=True)
+
+
+def _resolve_path(value: str, base: Path, where: str, sid: str, required: bool, check_file: bool) -> str:
+    """The slide's absolute path ("" when none is given and none is `required`)."""
+    if not value:
+        if required:
+            raise ManifestError(f"{where}expected a slide path for {sid!r}, got an empty 'path'.")
+        return ""
+    p = Path(value).expanduser()
+    p = p if p.is_absolute() else base / p
+    if check_file and not p.exists():
+        raise ManifestError(f"{where}slide file {str(p)!r} for {sid!r} does not exist; fix its 'path'.")
+    return str(p.resolve()) if p.exists() else str(p)
 
 
 def _parse_label(value: str, where: str, sid: str, required: bool) -> float:

@@ -12,6 +12,7 @@ import torch
 
 from mil.bagnet import BagNet
 from mil.data import BagDataset
+from mil.device import module_device
 from mil.imagesets import ImageSetDataset
 
 
@@ -22,7 +23,7 @@ def predict(model: torch.nn.Module, ds: BagDataset, autocast: torch.dtype | None
     `autocast`: the mixed-precision dtype of the forward pass (`mil.device.autocast_dtype`), or None.
     """
     model.eval()
-    dev = next(model.parameters()).device
+    dev = module_device(model)
     rows = []
     for i in range(len(ds)):
         X, y, sid = ds[i]  # (N, D)

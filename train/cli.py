@@ -13,7 +13,12 @@ app = typer.Typer(help="Stage 2: feature files → trained MIL heads; image sets
 @app.command()
 def features(
     feature_dir: Annotated[Path, typer.Argument(help="Folder of <slide_id>.h5 feature files (from `mil extract features`).")],
-    manifest: Annotated[Path, typer.Option(help="Manifest CSV with slide_id, label and a split column (or use --folds).")],
+    manifest: Annotated[
+        Path,
+        typer.Option(
+            help="Label table: our manifest (slide_id, label, [split, patient_id]), CLAM's case_id,slide_id,label CSV, or STAMP's clinical table (with --slide-table)."
+        ),
+    ],
     out: Annotated[Path, typer.Option("--out", help="Run directory to create.")],
     head: Annotated[str, typer.Option(help="Head name: abmil, gated_abmil, maxpool, meanpool, lse, chowder, dsmil.")] = "abmil",
     folds: Annotated[
@@ -84,6 +89,17 @@ def features(
         ),
     ] = True,
     cache: Annotated[str, typer.Option(help="auto | ram | stream: keep bags in RAM as float16, or read them per step.")] = "auto",
+    label_column: Annotated[str, typer.Option(help="Column of the label table holding the target.")] = "label",
+    label_map: Annotated[
+        Optional[str],
+        typer.Option(help="Classes to 0/1, e.g. tumor=1,normal=0 (default: 0/1 as they are, or two classes in sorted order)."),
+    ] = None,
+    patient_column: Annotated[
+        Optional[str], typer.Option(help="Column of the patient (default: patient_id, case_id or PATIENT, whichever is there).")
+    ] = None,
+    slide_table: Annotated[
+        Optional[Path], typer.Option(help="STAMP's slide table (PATIENT, FILENAME) beside its clinical --manifest.")
+    ] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N (auto: a CUDA GPU when one is visible).")] = "auto",
     precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 (auto: bf16 autocast on a GPU that has it, else fp32).")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of splits, initialisation and shuffling.")] = 0,
@@ -91,7 +107,7 @@ def features(
     progress: Annotated[bool, typer.Option(help="Show a progress bar with the running loss and validation AUC.")] = True,
 ) -> None:
     """Train a MIL head on slide features; select epochs and thresholds on validation data only."""
-    from mil.manifest import read_manifest
+    from mil.labels import parse_label_map, read_label_table
     from mil.train.loop import TrainConfig
     from mil.train.run import run_train
 
@@ -121,11 +137,17 @@ def features(
         ece_schedule_epochs=ece_schedule_epochs,
         standardize=standardize,
     )
-    slides = read_manifest(manifest, require_labels=False, check_files=False)
+    table = read_label_table(
+        manifest, label_column=label_column, label_map=parse_label_map(label_map), patient_column=patient_column, slide_table=slide_table
+    )
+    if table.ignored:
+        typer.echo(f"warning: {manifest}: ignoring column(s) {', '.join(map(repr, table.ignored))}", err=True)
+    if table.label_map:
+        typer.echo(f"labels: {', '.join(f'{k}={v}' for k, v in table.label_map.items())} (recorded in config.json)", err=True)
     with _EpochProgress(epochs, enabled=progress, mined=config.hard_negatives) as on_epoch:
         summary = run_train(
             feature_dir,
-            slides,
+            table.slides,
             out,
             config,
             folds=folds,
@@ -137,6 +159,7 @@ def features(
             instance_labels=instance_labels,
             device=device,
             precision=precision,
+            labels=table.describe(),
         )
     if summary.attrs.get("skipped"):
         typer.echo(f"{out}: already trained with these settings; nothing to do (pass --overwrite to train again)")

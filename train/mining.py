@@ -24,6 +24,7 @@ import torch
 
 from mil.atomic import write_csv
 from mil.data import BagDataset
+from mil.device import module_device
 from mil.errors import OptionError
 from mil.features import read_bag
 
@@ -68,7 +69,7 @@ def mine_hard_negatives(
     if not (0 < neg_ratio <= 1):
         raise OptionError(f"expected --neg-ratio in (0, 1], got {neg_ratio!r} instead.")
     model.eval()
-    dev = next(model.parameters()).device
+    dev = module_device(model)
     neg: dict[str, torch.Tensor] = {}  # slide_id -> scores (N,)
     cand: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # slide_id -> (indices, features) of its top bank_max tiles
     pos: dict[str, torch.Tensor] = {}  # slide_id -> scores (N,)

@@ -58,6 +58,7 @@ def run_train(
     instance_labels: str | Path | None = None,
     device: str = "auto",
     precision: str = "auto",
+    labels: dict | None = None,
 ) -> pd.DataFrame:
     """Train one head per fold and write the run directory; return the per-fold summary.
 
@@ -71,7 +72,8 @@ def run_train(
     stored summary (``summary.attrs["skipped"] = True``); an unfinished one is trained again.
     `device` (``auto``, ``cpu``, ``cuda``, ``cuda:N``) and `precision` (``auto``, ``fp32``, ``bf16``;
     `mil.device.autocast_dtype`) say where and how the heads train; they are recorded under
-    ``runtime`` in config.json and are not compared on reruns.
+    ``runtime`` in config.json and are not compared on reruns. `labels` is how a label table was
+    read (`mil.labels.LabelTable.describe`: layout, column, class map), recorded when given.
     """
     out = Path(out_dir)
     dev = resolve_device(device)
@@ -106,6 +108,7 @@ def run_train(
             "slides": len(annotations.by_slide),
         },
         "slides_sha256": _table_hash(slides),
+        **({"labels": labels} if labels is not None else {}),
         "runtime": {"device": str(dev), "precision": "fp32" if autocast is None else "bf16"},  # not compared on reruns
     }
     doc = json.loads(json.dumps(doc))  # as it reads back from config.json

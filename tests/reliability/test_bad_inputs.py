@@ -257,7 +257,8 @@ for _kind in MANIFEST_KINDS:
     # extract tiles / features: every manifest defect
     case(f"tiles/manifest:{_kind}")(lambda ctx, tmp, k=_kind: (*_tiles(ctx, tmp, (m := bad_manifest(ctx.slides, k, tmp))[0]), m[1]))
     case(f"features/manifest:{_kind}")(lambda ctx, tmp, k=_kind: (*_features(ctx, tmp, (m := bad_manifest(ctx.slides, k, tmp))[0]), m[1]))
-    if _kind not in ("missing_file",):  # train does not open slide files: see train/manifest:no_feature_file
+    # train opens no slide file and needs no path column (mil.labels): see train/manifest:no_feature_file
+    if _kind not in ("missing_file", "missing_column"):
         case(f"train/manifest:{_kind}")(lambda ctx, tmp, k=_kind: (*_train(ctx, tmp, (m := bad_manifest(ctx.bags, k, tmp))[0]), m[1]))
 for _kind in ("duplicate_id", "bad_label", "id_dotdot", "missing_column", "not_csv"):
     case(f"evaluate run/manifest:{_kind}")(
