@@ -48,6 +48,55 @@ def run(
 
 
 @app.command()
+def predict(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory from `mil train features`.")],
+    source: Annotated[
+        Path, typer.Argument(help="A folder of feature files (every *.h5 in it, unlabelled), or a manifest CSV (slide_id [, label]).")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Output folder: predictions.csv, config.json, tiles/, metrics.json when labelled.")],
+    features: Annotated[Optional[Path], typer.Option(help="Folder of the manifest's feature files (needed with a manifest).")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N: where the heads run.")] = "auto",
+    tiles: Annotated[str, typer.Option(help="Per-tile scores in tiles/: h5 | csv | both | none.")] = "h5",
+    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for the AUC interval (labelled slides).")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
+) -> None:
+    """Score a new cohort (labels optional) with the ensemble of a run's folds; per-tile scores; metrics when labelled."""
+    from mil.evaluate.predict import predict_cohort
+
+    pred, doc, path = predict_cohort(
+        run_dir,
+        source,
+        out,
+        features=features,
+        device=device,
+        tiles=tiles,
+        overwrite=overwrite,
+        n_boot=n_boot,
+        seed=seed,
+        progress=progress,
+    )
+    folds = [c[len("threshold_") :] for c in pred.columns if c.startswith("threshold_")]
+    scored = pred[pred["n_tiles"] > 0]
+    typer.echo(
+        f"{len(pred)} slides scored by {len(folds)} fold(s) ({', '.join(folds)}); ensemble threshold {pred['threshold'].iloc[0]:.3f}: "
+        f"{int(scored['predicted'].sum())} of {len(scored)} predicted positive"
+        + (f"; {len(pred) - len(scored)} without tiles" if len(scored) < len(pred) else "")
+    )
+    if doc is not None:
+        a, e = doc["auc"], doc["ensemble"]
+        typer.echo(
+            f"  {doc['n_labelled']} labelled slides ({doc['n_positive']} positive): AUC {a['auc']:.3f}  95% CI [{a['ci_low']:.3f}, {a['ci_high']:.3f}]"
+        )
+        typer.echo(
+            f"  ensemble at {e['threshold']:.3f}: balanced accuracy {e['balanced_accuracy']:.3f}  sensitivity {e['sensitivity']:.3f}  "
+            f"specificity {e['specificity']:.3f}"
+        )
+    typer.echo(f"wrote {path}")
+
+
+@app.command()
 def compare(
     run_dirs: Annotated[list[Path], typer.Argument(help="Two or more evaluated run directories; the first is the reference.")],
     split: Annotated[str, typer.Option(help="Which evaluation to compare (eval/<split>).")] = "test",

@@ -1,0 +1,315 @@
+"""`mil evaluate predict`: score a new cohort (labelled or not) with the ensemble of a run's folds.
+
+Input: a folder of feature files (every ``*.h5`` in it; slide id = file name; no labels) or a
+manifest CSV (``slide_id`` and optionally ``label`` 0/1/empty; other columns such as ``path`` are
+ignored) with ``--features DIR``. Every fold's checkpoint scores every slide, one bag at a time:
+
+    OUT/predictions.csv    slide_id, [label], n_tiles, probability, threshold, predicted,
+                           then per fold f: probability_<f>, threshold_<f>, predicted_<f>
+    OUT/tiles/<slide_id>.h5   coords (N, 2); instance_score (N,) and attention (N,) (heads with
+                           attention only) averaged over folds; instance_score_folds (F, N) and
+                           attention_folds (F, N) per fold, rows in the order of the ``folds`` attr
+    OUT/config.json        the resolved options: run, input, features, folds, thresholds, mil_version …
+    OUT/metrics.json, roc.png, pr.png   when some slides are labelled (both classes): `evaluate run`'s
+                           metrics on the labelled slides, plus ``ensemble`` (metrics of the ensemble rule)
+
+Ensemble rule: ``probability`` is the mean of the folds' probabilities; ``threshold`` the mean of
+the folds' validation thresholds (each stored in its checkpoint, chosen during training);
+``predicted = probability >= threshold``. Each fold's own threshold and prediction sit beside it.
+A slide with no tile has empty probabilities (a warning names it) and is left out of the metrics.
+
+Everything is checked before any work (run, input, feature files and their spec against the
+run's, --out); the outputs are written into a temporary folder renamed when whole.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+import mil
+from mil.checkpoint import load_head
+from mil.data import resolve_feature_files
+from mil.device import resolve_device
+from mil.errors import OptionError, SettingsMismatchError
+from mil.evaluate.metrics import threshold_metrics
+from mil.evaluate.run import Run, load_run, plot_curves, summarise
+from mil.features import check_finite, read_bag
+from mil.labels import read_label_table
+from mil.manifest import check_slide_id
+from mil.rundir import replacing
+
+TILE_FORMATS = ("h5", "csv", "both", "none")
+COORD_ATTRS = ("patch_size", "patch_size_level0", "target_mpp", "level0_mpp", "level0_width", "level0_height", "overlap")
+
+
+@dataclass
+class Cohort:
+    """The slides to score: ``slides`` (slide_id, label: Int64, NA = unlabelled) and their feature folder."""
+
+    source: Path
+    kind: str  # "folder" | "manifest"
+    features: Path
+    slides: pd.DataFrame
+
+
+def read_cohort(source: str | Path, features: str | Path | None = None, labels: dict | None = None) -> Cohort:
+    """The slides of a feature folder (every ``*.h5``, unlabelled) or of a label table with `features`.
+
+    A label table is read as `mil train features` reads one (ours or CLAM's, `mil.labels`), with the
+    training run's label column and class map (`labels`, config.json's ``labels``); without one,
+    labels must be 0, 1 or empty.
+
+    Raises (one line): OptionError (a source that is neither, no ``.h5`` in the folder, --features
+    missing or superfluous), ManifestError (no slide_id column, duplicate id, label not 0/1/empty).
+    """
+    source = Path(source)
+    if source.is_dir():
+        if features is not None and Path(features).resolve() != source.resolve():
+            raise OptionError(f"{source}: is a folder of feature files already; drop --features (it is for a manifest CSV).")
+        files = sorted(source.glob("*.h5"))
+        if not files:
+            raise OptionError(f"{source}: expected a folder of feature files (*.h5), found none; run `mil extract features` first.")
+        ids = [check_slide_id(p.stem, where=f"{p}: ") for p in files]
+        slides = pd.DataFrame({"slide_id": ids, "label": pd.array([None] * len(ids), dtype="Int64")})
+        return Cohort(source, "folder", source, slides)
+    if not source.is_file():
+        raise OptionError(f"expected a folder of feature files or a manifest CSV, got {str(source)!r} which does not exist.")
+    if features is None:
+        raise OptionError(f"{source}: is a manifest; expected --features DIR, the folder of its slides' feature files.")
+    labels = labels or {}
+    table = read_label_table(
+        source, label_column=labels.get("label_column", "label"), label_map=labels.get("label_map") or {"0": 0, "1": 1, "0.0": 0, "1.0": 1}
+    )
+    if table.ignored:
+        warnings.warn(f"{source}: ignoring column(s) {', '.join(map(repr, table.ignored))}", stacklevel=2)
+    return Cohort(source, "manifest", Path(features), table.slides[["slide_id", "label"]].reset_index(drop=True))
+
+
+def check_out(out: Path, overwrite: bool, keep: list[Path]) -> None:
+    """Refuse an --out that is a file, holds the run / features / input, or is a non-empty folder without `overwrite`."""
+    if out.exists() and not out.is_dir():
+        raise OptionError(f"{out}: expected --out to be a folder, got a file; choose another --out.")
+    for p in keep:
+        if p.resolve() == out.resolve() or p.resolve().is_relative_to(out.resolve()):
+            raise OptionError(f"{out}: expected an --out folder apart from the run, the features and the input, got one holding {p}.")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise SettingsMismatchError(f"{out}: exists and is not empty; choose another --out, or pass --overwrite to replace it.")
+
+
+def predict_cohort(
+    run_dir: str | Path,
+    source: str | Path,
+    out: str | Path,
+    *,
+    features: str | Path | None = None,
+    device: str = "auto",
+    tiles: str = "h5",
+    overwrite: bool = False,
+    n_boot: int = 1000,
+    seed: int = 0,
+    progress: bool = False,
+) -> tuple[pd.DataFrame, dict | None, Path]:
+    """Score `source` with every fold of `run_dir` and write `out` (see the module docstring).
+
+    Returns:
+        (predictions.csv's table, metrics.json's content or None when no labelled slides of both
+        classes, the output folder).
+
+    Raises (before anything is written, one line each): RunError (not a run, unreadable checkpoint),
+    OptionError / ManifestError (bad input or option), FeatureFileError (missing feature files, all
+    listed), SettingsMismatchError (features made differently from the run's, or --out not empty).
+    """
+    if tiles not in TILE_FORMATS:
+        raise OptionError(f"expected --tiles to be one of {', '.join(TILE_FORMATS)}, got {tiles!r} instead.")
+    if n_boot < 1:
+        raise OptionError(f"expected --n-boot >= 1, got {n_boot!r} instead.")
+    run = load_run(run_dir)
+    cohort = read_cohort(source, features, run.config.get("labels"))
+    files, spec = resolve_feature_files(cohort.slides, cohort.features)
+    diff = run.feature_spec.first_difference(spec)
+    if diff is not None:
+        name, trained, given = diff
+        raise SettingsMismatchError(
+            f"{cohort.features}: expected features with {name}={trained!r} as the run was trained on, got {name}={given!r} instead; "
+            "extract them with the run's settings (see its config.json)."
+        )
+    out = Path(out)
+    check_out(out, overwrite, [run.path, cohort.features, cohort.source])
+    dev = resolve_device(device)
+    heads = {fold: load_head(path) for fold, path in run.checkpoints.items()}
+    models = {fold: model.to(dev) for fold, (model, _) in heads.items()}
+    thresholds = {fold: float(ckpt["threshold"]) for fold, (_, ckpt) in heads.items()}
+    ckpt0 = next(iter(heads.values()))[1]
+    config = {
+        "command": "mil evaluate predict",
+        "run": str(run.path.resolve()),
+        "input": str(cohort.source.resolve()),
+        "input_kind": cohort.kind,
+        "features": str(cohort.features.resolve()),
+        "feature_spec": spec.as_dict(),
+        "folds": list(models),
+        "head": ckpt0.get("head"),
+        "thresholds": thresholds,
+        "ensemble": "probability = mean of the folds' probabilities; predicted = probability >= mean of the folds' thresholds",
+        "ensemble_threshold": float(np.mean(list(thresholds.values()))),
+        "tiles": tiles,
+        "device": str(dev),
+        "n_boot": n_boot,
+        "seed": seed,
+        "n_slides": len(cohort.slides),
+        "n_labelled": int(cohort.slides["label"].notna().sum()),
+        "mil_version": mil.__version__,
+    }
+    with replacing(out) as tmp:
+        pred = score_cohort(models, thresholds, cohort.slides, files, tmp / "tiles", tiles, progress, dev)
+        doc = summarise_labelled(run, pred, n_boot, seed)
+        config["empty_slides"] = empty = pred.loc[pred["n_tiles"] == 0, "slide_id"].tolist()
+        if empty:
+            warnings.warn(f"{len(empty)} slide(s) have no tile: {', '.join(empty[:10])}; their probabilities are left empty.", stacklevel=2)
+        config["metrics"] = "metrics.json" if doc is not None else None
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        table = pred if cohort.slides["label"].notna().any() else pred.drop(columns=["label"])
+        table.to_csv(tmp / "predictions.csv", index=False)
+        if doc is not None:
+            (tmp / "metrics.json").write_text(json.dumps(doc, indent=2) + "\n")
+            scored = pred[pred["label"].notna() & (pred["n_tiles"] > 0)]
+            title = f"{run.path.name} · {cohort.source.name}"
+            plot_curves(scored["label"].astype(int), scored["probability"], tmp, title=title, auc=doc["auc"], n_boot=n_boot, seed=seed)
+        if tiles == "none":
+            (tmp / "tiles").rmdir()
+    return table, doc, out
+
+
+@torch.inference_mode()
+def score_cohort(
+    models: dict[str, torch.nn.Module],
+    thresholds: dict[str, float],
+    slides: pd.DataFrame,
+    files: dict[str, Path],
+    tile_dir: Path,
+    tiles: str,
+    progress: bool,
+    device: torch.device,
+) -> pd.DataFrame:
+    """predictions.csv's table; each bag is read once and scored by every fold, its tile scores written to `tile_dir`."""
+    tile_dir.mkdir()
+    folds = list(models)
+    t_ens = float(np.mean([thresholds[f] for f in folds]))
+    rows = []
+    with _progress_bar(progress) as bar:
+        task = bar.add_task("scoring slides", total=len(slides))
+        for sid, label in zip(slides["slide_id"], slides["label"]):
+            bag = read_bag(files[sid], dtype=np.float32)
+            check_finite(bag)
+            n = bag.n_instances
+            probs, inst, att = np.full(len(folds), np.nan), np.zeros((len(folds), n), np.float32), np.zeros((len(folds), n), np.float32)
+            has_attention = n > 0
+            if n > 0:
+                X = torch.from_numpy(np.ascontiguousarray(bag.features))[None].to(device)  # (1, N, D)
+                for i, f in enumerate(folds):
+                    o = models[f](X)  # logits (1,), instance_scores (1, N), attention (1, N) | None
+                    probs[i] = torch.sigmoid(o.logits.float())[0].item()
+                    inst[i] = o.instance_scores[0].float().cpu().numpy()  # (N,)
+                    if o.attention is None:
+                        has_attention = False
+                    else:
+                        att[i] = o.attention[0].float().cpu().numpy()  # (N,)
+            p = float(probs.mean()) if n > 0 else np.nan
+            row = {"slide_id": sid, "label": label, "n_tiles": n, "probability": p, "threshold": t_ens, "predicted": _hard(p, t_ens)}
+            for i, f in enumerate(folds):
+                row |= {f"probability_{f}": probs[i], f"threshold_{f}": thresholds[f], f"predicted_{f}": _hard(probs[i], thresholds[f])}
+            rows.append(row)
+            if tiles != "none":
+                write_tiles(tile_dir, sid, bag.coords, bag.attrs, folds, inst, att if has_attention else None, p, tiles)
+            bar.advance(task)
+    pred = pd.DataFrame(rows)
+    pred["label"] = pred["label"].astype("Int64")
+    for c in ["predicted", *(f"predicted_{f}" for f in folds)]:
+        pred[c] = pred[c].astype("Int64")
+    return pred
+
+
+def _hard(p: float, t: float):
+    return None if np.isnan(p) else int(p >= t)
+
+
+def write_tiles(
+    folder: Path, sid: str, coords: np.ndarray, attrs: dict, folds: list[str], inst: np.ndarray, att: np.ndarray | None, p: float, fmt: str
+) -> None:
+    """``<sid>.h5`` and/or ``<sid>.csv`` of one slide: coords (N, 2), fold-mean and per-fold ``(F, N)`` tile scores."""
+    scores = {"instance_score": inst} | ({"attention": att} if att is not None else {})
+    if fmt in ("h5", "both"):
+        import h5py
+
+        with h5py.File(folder / f"{sid}.h5", "w") as f:
+            c = f.create_dataset("coords", data=np.asarray(coords, np.int64))  # (N, 2)
+            c.attrs.update({k: attrs[k] for k in COORD_ATTRS if isinstance(attrs.get(k), (int, float, str))})
+            for name, per_fold in scores.items():
+                f.create_dataset(name, data=per_fold.mean(0))  # (N,)
+                f.create_dataset(f"{name}_folds", data=per_fold)  # (F, N)
+            f.attrs.update(slide_id=sid, folds=json.dumps(folds), probability=p, mil_version=mil.__version__)
+    if fmt in ("csv", "both"):
+        table = {"x": coords[:, 0], "y": coords[:, 1]}
+        for name, per_fold in scores.items():
+            table[name] = per_fold.mean(0)
+            table |= {f"{name}_{f}": per_fold[i] for i, f in enumerate(folds)}
+        pd.DataFrame(table).to_csv(folder / f"{sid}.csv", index=False)
+
+
+def summarise_labelled(run: Run, pred: pd.DataFrame, n_boot: int, seed: int) -> dict | None:
+    """metrics.json: `summarise` on the labelled slides (every fold scores each), plus the ensemble's metrics.
+
+    None (with a warning) when no labelled slide, or only one class among them: there is no AUC to give.
+    """
+    scored = pred[pred["label"].notna() & (pred["n_tiles"] > 0)]
+    if scored.empty:
+        return None
+    labels = scored["label"].astype(int)
+    if labels.nunique() < 2:
+        warnings.warn(
+            f"all {len(scored)} labelled slides have label {labels.iloc[0]}: no AUC, so no metrics.json; predictions are written.",
+            stacklevel=2,
+        )
+        return None
+    folds = list(dict.fromkeys(c[len("threshold_") :] for c in pred.columns if c.startswith("threshold_")))
+    long = pd.concat(
+        [
+            pd.DataFrame(
+                {
+                    "fold": f,
+                    "slide_id": scored["slide_id"],
+                    "label": labels,
+                    "probability": scored[f"probability_{f}"],
+                    "threshold": scored[f"threshold_{f}"],
+                    "predicted": scored[f"predicted_{f}"].astype(int),
+                }
+            )
+            for f in folds
+        ],
+        ignore_index=True,
+    )
+    doc = {
+        "run": str(run.path.resolve()),
+        "n_labelled": len(scored),
+        "n_unlabelled": int(len(pred) - len(scored)),
+        "mil_version": mil.__version__,
+        **summarise(long, n_boot, seed),
+    }
+    doc["ensemble"] = {"threshold": float(scored["threshold"].iloc[0]), **threshold_metrics(labels, scored["predicted"].astype(int))}
+    return doc
+
+
+def _progress_bar(enabled: bool):
+    """A rich progress bar on stderr (slides done / total, elapsed, remaining); silent when disabled."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    return Progress(*columns, console=Console(stderr=True), disable=not enabled, transient=True)
