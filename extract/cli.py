@@ -100,12 +100,15 @@ def features(
     input_path: Input = None,
     manifest: Manifest = None,
     encoder: Annotated[
-        str, typer.Option(help="Encoder name: resnet50_trunc, resnet50, resnet18, vit_small_patch16_224 or any timm model.")
+        str,
+        typer.Option(
+            help="Encoder: resnet50_trunc, resnet50, resnet18, vit_small_patch16_224, a pathology model (uni, uni2-h, virchow2, h-optimus-0, prov-gigapath, …: `mil extract encoders`), hf-hub:ORG/REPO, or any timm model."
+        ),
     ] = "resnet50_trunc",
     weights: Annotated[
         str,
         typer.Option(
-            help="'imagenet' (timm's weights, from the network or its cache), a local file (state dict, timm or MoCo v2 checkpoint), or 'none' (random, for testing)."
+            help="'imagenet' (the encoder's own weights: timm's ImageNet weights, or a pathology model's from the Hugging Face cache), a local file (state dict .pt/.bin/.safetensors, timm or MoCo v2 checkpoint), or 'none' (random, for testing)."
         ),
     ] = "imagenet",
     precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16 (auto: bf16 where the hardware supports it).")] = "auto",
@@ -151,6 +154,30 @@ def features(
         typer.echo(f"warning: {w.message}", err=True)
     report = run_features(slides, out, enc, config, coords_dir=coords_dir, overwrite=overwrite, progress=progress)
     finish(report, out, skip_errors)
+
+
+@app.command()
+def encoders() -> None:
+    """List the pathology foundation models `--encoder` knows: feature dim, input size, precision, output rule, weights source.
+
+    Their weights come from the Hugging Face cache (HF_HOME), else the hub (gated models: request access and `huggingface-cli login` first; never with HF_HUB_OFFLINE=1), or from --weights PATH.
+    """
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    from mil.extract.wsi.hub import BUILTIN, ENTRIES
+
+    table = Table(title="mil extract features --encoder NAME", title_justify="left", box=box.SIMPLE, pad_edge=False, collapse_padding=True)
+    for col in ("name", "dim", "input", "precision", "output", "hf-hub repo"):
+        table.add_column(col, justify="right" if col in ("dim", "input") else "left", overflow="fold", min_width=len(col))
+    for e in ENTRIES.values():
+        table.add_row(e.name, str(e.dim), str(e.input_size), e.precision, e.output, e.repo)
+    console = Console()
+    console.print(table)
+    console.print(
+        f"Also: {', '.join(BUILTIN)} (timm, --weights imagenet), any timm model name, and hf-hub:ORG/REPO for a timm model on the hub."
+    )
 
 
 @app.command("import-csv")

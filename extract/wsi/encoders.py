@@ -3,7 +3,9 @@
 A timm-style registry: `@register_encoder` entrypoints build a timm backbone without its classifier,
 `create_encoder` adds weights (random, timm's ImageNet or a local checkpoint: state dict, timm or
 MoCo v2) and wraps it in an `Encoder` that turns uint8 tiles `(B, H, W, 3)` into float32 features
-`(B, D)`. Nothing here touches the network on import; only `weights="imagenet"` may download.
+`(B, D)`. Pathology foundation models (`uni`, `virchow2` …) and `hf-hub:ORG/REPO` names are
+delegated to `mil.extract.wsi.hub`. Nothing here touches the network on import; only pretrained
+weights may download.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mil.errors import MilError, OptionError
+from mil.extract.wsi import hub
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -96,13 +99,15 @@ class Encoder(nn.Module):
         seed: int,
         precision: str,
         device: torch.device,
+        details: dict | None = None,
     ) -> None:
+        """`details`: more JSON-ready facts for `describe()` (hub models: source, architecture, output rule)."""
         super().__init__()
         self.model = model.eval().to(device, memory_format=torch.channels_last)
         self.name, self.weights, self.weights_sha256, self.seed = name, weights, weights_sha256, seed
         self.feature_dim = int(getattr(model, "head_hidden_size", None) or model.num_features)
         self.input_size, self.mean, self.std = input_size, tuple(mean), tuple(std)
-        self.precision, self.device = precision, device
+        self.precision, self.device, self.details = precision, device, dict(details or {})
         # uint8 x -> (x / 255 - mean) / std  ==  x * scale + shift
         std255 = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255  # (1, 3, 1, 1)
         self.register_buffer("_scale", 1.0 / std255, persistent=False)  # (1, 3, 1, 1)
@@ -147,7 +152,7 @@ class Encoder(nn.Module):
             "weights_sha256": self.weights_sha256,
             "seed": self.seed,
             "precision": self.precision,
-        }
+        } | self.details
 
 
 def create_encoder(
@@ -164,7 +169,9 @@ def create_encoder(
     """Build an encoder by name.
 
     Args:
-        name: a registered name (`list_encoders()`) or any timm model name (created with num_classes=0).
+        name: a registered name (`list_encoders()`), a pathology model (`hub.list_hub_encoders()`),
+            `hf-hub:ORG/REPO` or any timm model name (created with num_classes=0). Pathology models and
+            hf-hub names are built by `hub.create_hub_encoder`, where 'imagenet' means their own weights.
         weights: 'none' (random, seeded: for tests only), 'imagenet' (timm's pretrained weights, downloaded
             or from timm's cache) or the path of a local checkpoint (see `load_weights`).
         precision: 'auto', 'fp32', 'bf16' or 'fp16'; see `resolve_precision`.
@@ -176,6 +183,8 @@ def create_encoder(
         OptionError: unknown name, precision or weights value.
         MilError: ImageNet weights unavailable, or a checkpoint that cannot be read or does not fit.
     """
+    if name not in _ENCODERS and hub.is_hub_name(name):
+        return hub.create_hub_encoder(name, weights, precision, device=device, input_size=input_size, mean=mean, std=std, seed=seed)
     device = torch.device(device)
     precision = resolve_precision(precision, device)
     if name in _ENCODERS:
@@ -183,17 +192,14 @@ def create_encoder(
     elif timm.is_model(name):
         build, removed = (lambda pretrained: timm.create_model(name, pretrained=pretrained, num_classes=0)), ()
     else:
-        close = difflib.get_close_matches(name, list_encoders() + timm.list_models(), n=1)
+        close = hub.close_names(name) or difflib.get_close_matches(name, list_encoders() + timm.list_models(), n=1)
         raise OptionError(
-            f"expected --encoder to be one of {', '.join(list_encoders())} or a timm model name, got {name!r} instead"
-            + (f"; did you mean {close[0]!r}?" if close else ".")
+            f"expected --encoder to be one of {', '.join(list_encoders() + hub.list_hub_encoders())} (`mil extract encoders`), "
+            f"hf-hub:ORG/REPO or a timm model name, got {name!r} instead" + (f"; did you mean {close[0]!r}?" if close else ".")
         )
     if weights not in ("none", "imagenet") and not Path(weights).is_file():
         raise OptionError(f"expected --weights to be imagenet, none or a file, got {weights!r}: no such file.")
-    if input_size is not None and input_size <= 0:
-        raise OptionError(f"expected --input-size to be a positive number of pixels, got {input_size} instead.")
-    if (mean is not None and len(mean) != 3) or (std is not None and (len(std) != 3 or min(std) <= 0)):
-        raise OptionError(f"expected 3 channel means and 3 positive stds, got mean={mean}, std={std} instead.")
+    check_preprocessing(input_size, mean, std)
     with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's random state
         torch.manual_seed(seed)
         model = _build_pretrained(name, build) if weights == "imagenet" else build(False)
@@ -222,6 +228,14 @@ def create_encoder(
         precision=precision,
         device=device,
     )
+
+
+def check_preprocessing(input_size: int | None, mean: tuple | None, std: tuple | None) -> None:
+    """Refuse a non-positive input size, or mean/std that are not 3 numbers (stds > 0)."""
+    if input_size is not None and input_size <= 0:
+        raise OptionError(f"expected --input-size to be a positive number of pixels, got {input_size} instead.")
+    if (mean is not None and len(mean) != 3) or (std is not None and (len(std) != 3 or min(std) <= 0)):
+        raise OptionError(f"expected 3 channel means and 3 positive stds, got mean={mean}, std={std} instead.")
 
 
 def _build_pretrained(name: str, build: Callable[[bool], nn.Module]) -> nn.Module:
@@ -313,9 +327,17 @@ def load_weights(model: nn.Module, path: str | Path, *, removed_prefixes: tuple[
 
 
 def _read_checkpoint(path: Path) -> object:
-    """`torch.load(path, weights_only=True)` with one-line errors naming the file."""
+    """`torch.load(path, weights_only=True)` (or safetensors' loader) with one-line errors naming the file."""
     if not path.is_file():
         raise MilError(f"expected a checkpoint file, got {path} which does not exist; check --weights.")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path, device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise MilError(f"expected a safetensors file, got {path}: it cannot be read ({type(e).__name__}).") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)  # never unpickle arbitrary code
     except Exception as e:  # torch.load raises UnpicklingError, RuntimeError, KeyError … for bad files
