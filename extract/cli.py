@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
@@ -12,6 +12,7 @@ from mil.extract.moco.cli import moco
 from mil.extract.options import (
     TILING_DEFAULTS,
     Input,
+    Mag,
     Manifest,
     MaskMpp,
     Mpp,
@@ -25,6 +26,7 @@ from mil.extract.options import (
     TissueThreshold,
     load_slides,
     optional,
+    resolve_target_mpp,
     stored_tiling,
     tiling_config,
 )
@@ -37,7 +39,7 @@ def synthetic(
     out_dir: Annotated[Path, typer.Argument(help="Folder for the slides, masks/ and manifest.csv.")],
     n_slides: Annotated[int, typer.Option(help="Number of slides.")] = 6,
     size: Annotated[int, typer.Option(help="Width = height of each slide in level-0 px.")] = 8192,
-    fmt: Annotated[str, typer.Option("--format", help="'tiff' (generic TIFF) or 'svs' (Aperio-like).")] = "tiff",
+    fmt: Annotated[Literal["tiff", "svs"], typer.Option("--format", help="'tiff' (generic TIFF) or 'svs' (Aperio-like).")] = "tiff",
     seed: Annotated[int, typer.Option(help="Random seed; same seed, same cohort.")] = 0,
     mpp: Annotated[float, typer.Option(help="Level-0 microns per pixel written into the slides.")] = 0.25,
     positive_fraction: Annotated[float, typer.Option(help="Fraction of slides with a planted lesion (label 1).")] = 0.5,
@@ -73,7 +75,8 @@ def tiles(
     out: Annotated[Path, typer.Option("--out", help="Output folder for <slide_id>.h5, thumbnails/ and the report.")],
     input_path: Input = None,
     manifest: Manifest = None,
-    target_mpp: TargetMpp = TILING_DEFAULTS["target_mpp"],
+    target_mpp: TargetMpp = None,
+    mag: Mag = None,
     tile_size: TileSize = TILING_DEFAULTS["tile_size"],
     overlap: Overlap = TILING_DEFAULTS["overlap"],
     tissue_threshold: TissueThreshold = TILING_DEFAULTS["tissue_threshold"],
@@ -88,7 +91,7 @@ def tiles(
     """Detect tissue and write each slide's tile grid (coords in level-0 px) at a target mpp."""
     from mil.extract.wsi.tiles import run_tiles
 
-    config = tiling_config(target_mpp, tile_size, overlap, tissue_threshold, saturation_threshold, mask_mpp, mpp)
+    config = tiling_config(resolve_target_mpp(target_mpp, mag), tile_size, overlap, tissue_threshold, saturation_threshold, mask_mpp, mpp)
     slides = load_slides(input_path, slides_root, manifest)
     report = run_tiles(slides, out, config, overwrite=overwrite, progress=progress)
     finish(report, out, skip_errors)
@@ -111,14 +114,18 @@ def features(
             help="'imagenet' (the encoder's own weights: timm's ImageNet weights, or a pathology model's from the Hugging Face cache), a local file (state dict .pt/.bin/.safetensors, timm or MoCo v2 checkpoint), or 'none' (random, for testing)."
         ),
     ] = "imagenet",
-    precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16 (auto: bf16 where the hardware supports it).")] = "auto",
+    precision: Annotated[
+        Literal["auto", "fp32", "bf16", "fp16"],
+        typer.Option(help="auto: a pathology model's own precision, else bf16 where the hardware supports it."),
+    ] = "auto",
     batch_size: Annotated[int, typer.Option(help="Tiles per encoder batch.")] = 64,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes reading tiles.")] = 2,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="Stored feature dtype: float32 or float16.")] = "float32",
+    dtype: Annotated[Literal["float32", "float16"], typer.Option(help="Stored feature dtype.")] = "float32",
     input_size: Annotated[Optional[int], typer.Option(help="Override the encoder's input size (px); tiles are resized to it.")] = None,
     coords_dir: Annotated[Optional[Path], typer.Option(help="Folder of existing `mil extract tiles` output (default: --out).")] = None,
-    target_mpp: optional(TargetMpp) = None,
+    target_mpp: TargetMpp = None,
+    mag: Mag = None,
     tile_size: optional(TileSize) = None,
     overlap: optional(Overlap) = None,
     tissue_threshold: optional(TissueThreshold) = None,
@@ -140,7 +147,12 @@ def features(
     from mil.extract.wsi.encoders import create_encoder
     from mil.extract.wsi.features import FeatureConfig, run_features
 
-    given = dict(target_mpp=target_mpp, tile_size=tile_size, overlap=overlap, tissue_threshold=tissue_threshold)
+    given = dict(
+        target_mpp=resolve_target_mpp(target_mpp, mag, default=None),
+        tile_size=tile_size,
+        overlap=overlap,
+        tissue_threshold=tissue_threshold,
+    )
     given |= dict(saturation_threshold=saturation_threshold, mask_mpp=mask_mpp, mpp=mpp)
     tiling, stored = stored_tiling(coords_dir or out, given, TILING_DEFAULTS)
     if stored is not None:

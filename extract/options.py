@@ -26,8 +26,12 @@ TILING_DEFAULTS = {
 
 Input = Annotated[Optional[Path], typer.Argument(metavar="INPUT", help="Manifest CSV, or a folder of slides (or give --manifest).")]
 Manifest = Annotated[Optional[Path], typer.Option("--manifest", help="Manifest CSV (the same as INPUT; the flag every command takes).")]
-TargetMpp = Annotated[float, typer.Option(help="Microns per pixel of the tiles.")]
-TileSize = Annotated[int, typer.Option(help="Tile side in px at --target-mpp.")]
+TargetMpp = Annotated[Optional[float], typer.Option(help="Microns per pixel of the tiles (default 0.5, or from --mag).")]
+Mag = Annotated[
+    Optional[float],
+    typer.Option(help="Magnification instead of --target-mpp, mpp = 10 / mag (TRIDENT's convention): 40 → 0.25, 20 → 0.5, 10 → 1.0 µm/px."),
+]
+TileSize = Annotated[int, typer.Option("--tile-size", "--patch-size", help="Tile side in px at --target-mpp (--patch-size: the same).")]
 Overlap = Annotated[int, typer.Option(help="Overlap of neighbouring tiles in px at --target-mpp.")]
 TissueThreshold = Annotated[float, typer.Option(help="Keep tiles whose tissue fraction is at least this (0–1).")]
 SaturationThreshold = Annotated[Optional[float], typer.Option(help="Fixed saturation threshold for tissue (0–1); default: Otsu.")]
@@ -43,6 +47,20 @@ SlidesRoot = Annotated[
 def optional(option):
     """The same option with ``None`` (not given) allowed, e.g. ``optional(TargetMpp)``, for `stored_tiling`."""
     return Annotated[(Optional[option.__origin__], *option.__metadata__)]
+
+
+def resolve_target_mpp(target_mpp: float | None, mag: float | None, default: float | None = TILING_DEFAULTS["target_mpp"]) -> float | None:
+    """--target-mpp, or 10 / --mag (both only if they agree), else `default`."""
+    if mag is None:
+        return default if target_mpp is None else target_mpp
+    if not mag > 0:
+        raise OptionError(f"expected --mag > 0 (e.g. 20 for 0.5 µm/px), got {mag!r} instead.")
+    from_mag = 10.0 / mag
+    if target_mpp is not None and abs(target_mpp - from_mag) > 1e-9:
+        raise OptionError(
+            f"expected one resolution, got --target-mpp {target_mpp} and --mag {mag:g} (= {from_mag:g} µm/px); give one of them."
+        )
+    return from_mag
 
 
 def tiling_config(target_mpp, tile_size, overlap, tissue_threshold, saturation_threshold, mask_mpp, mpp):

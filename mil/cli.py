@@ -6,7 +6,10 @@ User mistakes (`MilError`) are printed as one line and exit with status 2, witho
 
 from __future__ import annotations
 
+import re
 import sys
+from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -21,9 +24,30 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-app.add_typer(extract_app, name="extract")
-app.add_typer(train_app, name="train")
-app.add_typer(evaluate_app, name="evaluate")
+
+
+def _config_callback(stage: str):
+    """The group callback of `mil STAGE`: ``--config FILE`` sets the defaults of its commands (`mil.config_file`)."""
+
+    def callback(
+        ctx: typer.Context,
+        config: Optional[Path] = typer.Option(  # noqa: B008 — typer's declaration, not a shared default
+            None, "--config", help="YAML file of options (the workflow's config.yaml schema); the command line overrides it."
+        ),
+    ) -> None:
+        if config is None:
+            return
+        from mil.config_file import default_map
+
+        commands = {name: [p.name for p in cmd.params] for name, cmd in ctx.command.commands.items()}
+        ctx.default_map = {**(ctx.default_map or {}), **default_map(config, stage, commands)}
+
+    return callback
+
+
+app.add_typer(extract_app, name="extract", callback=_config_callback("extract"))
+app.add_typer(train_app, name="train", callback=_config_callback("train"))
+app.add_typer(evaluate_app, name="evaluate", callback=_config_callback("evaluate"))
 
 
 def _print_version(value: bool) -> None:
@@ -64,10 +88,19 @@ def main(argv: list[str] | None = None) -> None:
         ctx = getattr(e, "ctx", None)
         where = f"{ctx.command_path}: " if ctx is not None else ""
         hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
-        typer.echo(f"error: {where}{e.format_message()}{hint}", err=True)
+        typer.echo(f"error: {where}{_house_style(e.format_message())}{hint}", err=True)
         sys.exit(e.exit_code)
     if isinstance(rc, int) and rc != 0:  # typer.Exit(code), e.g. 1 when some slides failed
         sys.exit(rc)
+
+
+_CHOICE = re.compile(r"Invalid value for '([^']+)': (?:Value error, )?(.+?) is not one of (.+?)\.?$")
+
+
+def _house_style(message: str) -> str:
+    """Click's message for a value outside an option's choices, said as every other error is."""
+    m = _CHOICE.match(message.strip())
+    return f"expected {m[1]} to be one of {m[3]}, got {m[2]} instead." if m else message
 
 
 def _is_click_error(e: Exception) -> bool:

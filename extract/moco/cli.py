@@ -9,12 +9,13 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
 from mil.extract.options import (
     Input,
+    Mag,
     Manifest,
     MaskMpp,
     Mpp,
@@ -25,6 +26,7 @@ from mil.extract.options import (
     TargetMpp,
     TissueThreshold,
     load_slides,
+    resolve_target_mpp,
     tiling_config,
 )
 
@@ -63,12 +65,15 @@ def moco(
         int, typer.Option(help="DataLoader worker processes reading and augmenting tiles (per process); 2 as for `mil extract features`.")
     ] = 2,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N (with torchrun: each process takes cuda:LOCAL_RANK).")] = "auto",
-    precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 (auto: bf16 autocast where the hardware has it).")] = "auto",
+    precision: Annotated[Literal["auto", "fp32", "bf16"], typer.Option(help="auto: bf16 autocast where the hardware has it.")] = "auto",
     coords_dir: Annotated[
         Optional[Path], typer.Option(help="Folder of `mil extract tiles` output to reuse (default: ENCODER_DIR/tiles).")
     ] = None,
-    target_mpp: TargetMpp = 0.5,
-    tile_size: Annotated[int, typer.Option(help="Tile side in px at --target-mpp (also the side of the augmented views).")] = 224,
+    target_mpp: TargetMpp = None,
+    mag: Mag = None,
+    tile_size: Annotated[
+        int, typer.Option("--tile-size", "--patch-size", help="Tile side in px at --target-mpp (also the side of the augmented views).")
+    ] = 224,
     overlap: Overlap = 0,
     tissue_threshold: TissueThreshold = 0.5,
     saturation_threshold: SaturationThreshold = None,
@@ -90,7 +95,7 @@ def moco(
     from mil.device import resolve_device
     from mil.extract.moco.train import MocoConfig, run_moco
 
-    tiling = tiling_config(target_mpp, tile_size, overlap, tissue_threshold, saturation_threshold, mask_mpp, mpp)
+    tiling = tiling_config(resolve_target_mpp(target_mpp, mag), tile_size, overlap, tissue_threshold, saturation_threshold, mask_mpp, mpp)
     config = MocoConfig(
         arch=arch,
         epochs=epochs,

@@ -326,4 +326,4 @@ def test_cli_synthetic_reports_a_skipped_rerun(tmp_path):
     assert first.returncode == second.returncode == 0
     assert "wrote 2 slides" in first.stdout and "nothing written" in second.stdout
     bad = invoke_mil("extract", "synthetic", tmp_path / "x", "--format", "png")
-    assert bad.returncode == 2 and "expected --format to be 'tiff' or 'svs'" in bad.stderr
+    assert bad.returncode == 2 and "expected --format to be one of 'tiff', 'svs', got 'png'" in bad.stderr
