@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 DEMO   ?= demo_out
 DEMO_LESION ?= 0.01
 
-.PHONY: demo test test-fast bench docs lock clean
+.PHONY: demo test test-fast test-slurm bench docs lock clean
 
 # constraints.txt pins every package to the versions CI tested, so a fresh clone resolves the same set.
 $(BIN)/mil: pyproject.toml constraints.txt
@@ -44,6 +44,11 @@ test: $(BIN)/mil
 
 test-fast: $(BIN)/mil
 	$(BIN)/python -m pytest -q -m "not slow"
+
+## test-slurm: the workflow's SLURM profile against a real single-node SLURM (as root; installs Debian's slurm-wlm and munge)
+test-slurm: $(BIN)/mil
+	test -x /usr/sbin/slurmctld -a -x /usr/sbin/munged || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge; }
+	$(BIN)/python -m pytest -q -s -m slurm tests/workflow/test_slurm_real.py
 
 ## docs: the documentation site (docs/, mkdocs.yml) into site/, failing on any warning (a broken link, a bad docstring);
 # .venv/bin comes first on PATH because docs/cli.md is made by running `typer mil.cli utils docs`
