@@ -23,12 +23,27 @@ def run(
     n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for the confidence intervals.")] = 1000,
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
 ) -> None:
-    """Score a run's held-out slides: AUC with a bootstrap CI, thresholded metrics, ROC/PR plots."""
-    from mil.evaluate.run import evaluate_run
+    """Score a run's held-out slides: AUC with a bootstrap CI, thresholded metrics, ROC/PR plots (multi-class: per-class
+    and macro one-vs-rest AUC, accuracy, balanced accuracy, confusion matrix)."""
+    from mil.evaluate.run import evaluate_run, load_run
+    from mil.labels import read_label_table
     from mil.manifest import read_manifest
 
-    labels = read_manifest(manifest, require_labels=False, check_files=False) if manifest is not None else None
+    labels = None
+    if manifest is not None:
+        run = load_run(run_dir)
+        if run.n_classes > 2:  # the run's own class map and label column
+            rec = run.config.get("labels") or {}
+            labels = read_label_table(
+                manifest, label_column=rec.get("label_column", "label"), label_map=rec.get("label_map") or None, n_classes=run.n_classes
+            ).slides
+        else:
+            labels = read_manifest(manifest, require_labels=False, check_files=False)
     doc, out = evaluate_run(run_dir, features=features, labels=labels, split=split, n_boot=n_boot, seed=seed)
+    if "auc_macro" in doc:
+        _echo_multiclass(doc, split)
+        typer.echo(f"wrote {out}")
+        return
     a = doc["auc"]
     typer.echo(f"{split}: {doc['n_slides']} slides ({doc['n_positive']} positive), folds {', '.join(doc['folds'])}")
     typer.echo(
@@ -45,6 +60,25 @@ def run(
             f"{m['balanced_accuracy'][0]:.3f} ± {m['balanced_accuracy'][1]:.3f}  (mean ± sd)"
         )
     typer.echo(f"wrote {out}")
+
+
+def _echo_multiclass(doc: dict, split: str) -> None:
+    """The summary lines of a multi-class `mil evaluate run`."""
+    counts = ", ".join(f"{k} {v}" for k, v in doc["n_per_class"].items())
+    typer.echo(f"{split}: {doc['n_slides']} slides ({counts}), folds {', '.join(doc['folds'])}")
+    m = doc["auc_macro"]
+    typer.echo(
+        f"  macro one-vs-rest AUC {m['auc']:.3f}  95% CI [{m['ci_low']:.3f}, {m['ci_high']:.3f}]  "
+        f"({m['n_boot']} class-stratified bootstrap resamples, seed {m['seed']})"
+    )
+    for a in doc["auc_per_class"]:
+        typer.echo(f"    {a['class']}: AUC {a['auc']:.3f}  [{a['ci_low']:.3f}, {a['ci_high']:.3f}]")
+    typer.echo(
+        f"  argmax: accuracy {doc['accuracy']:.3f}  balanced accuracy {doc['balanced_accuracy']:.3f}  (confusion matrix in metrics.json)"
+    )
+    if "fold_mean_sd" in doc:
+        f = doc["fold_mean_sd"]
+        typer.echo(f"  over {len(doc['per_fold'])} folds: macro AUC {f['auc_macro'][0]:.3f} ± {f['auc_macro'][1]:.3f}  (mean ± sd)")
 
 
 @app.command()
@@ -118,11 +152,25 @@ def compare(
 @app.command()
 def heatmap(
     run_dir: Annotated[Path, typer.Argument(help="Run directory from `mil train features`.")],
-    slide: Annotated[str, typer.Option("--slide", help="slide_id of the slide to draw.")],
+    slide: Annotated[
+        Optional[str], typer.Option("--slide", help="One slide_id: its figure at --out (default RUN_DIR/heatmaps/<slide>.png).")
+    ] = None,
     slides: Annotated[
-        Path, typer.Option("--manifest", "--slides", help="Manifest CSV giving the slide's path (and mpp); --slides is the old name.")
-    ],
-    out: Annotated[Optional[Path], typer.Option(help="PNG to write (default RUN_DIR/heatmaps/<slide>.png).")] = None,
+        Optional[list[str]],
+        typer.Option(
+            "--slides",
+            help="test (each fold's test slides) | all (every feature file) | slide ids, comma-separated or repeated: "
+            "all drawn in one process into the --out folder, with index.html. A CSV here is the old name of --manifest.",
+        ),
+    ] = None,
+    manifest: Annotated[
+        Optional[Path], typer.Option("--manifest", help="Manifest CSV giving slide paths (default: the paths the feature files record).")
+    ] = None,
+    slides_root: Annotated[
+        Optional[Path],
+        typer.Option(help="Folder that relative slide paths start from; moved slides are looked for here by file name."),
+    ] = None,
+    out: Annotated[Optional[Path], typer.Option(help="PNG to write with --slide; folder with --slides (default RUN_DIR/heatmaps).")] = None,
     features: Annotated[Optional[Path], typer.Option(help="Folder of feature files (default: the run's feature_dir).")] = None,
     fold: Annotated[
         Optional[str], typer.Option(help="Checkpoint to use (default: the fold that held the slide out, else the first).")
@@ -132,14 +180,43 @@ def heatmap(
     ] = "attention",
     top_k: Annotated[int, typer.Option(help="Tiles in the montage of the highest-scoring tiles.")] = 8,
     thumbnail_size: Annotated[int, typer.Option(help="Longest side of the thumbnail in pixels.")] = 1024,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="With --slides: draw slides whose outputs exist again.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr (with --slides).")] = True,
 ) -> None:
-    """Paint each tile's attention (or instance score) over the slide thumbnail, with the top-k tiles."""
-    from mil.evaluate.heatmap import render_heatmap
+    """Paint each tile's attention (or instance score) over the slide thumbnail, with the top-k tiles; tile scores as CSV and GeoJSON."""
+    from mil.errors import OptionError
 
-    path = render_heatmap(
-        run_dir, slide, slides, out=out, features=features, fold=fold, score=score, top_k=top_k, thumbnail_size=thumbnail_size
+    old = [v for v in slides or [] if v.lower().endswith(".csv") or "/" in v]  # --slides CSV: the old name of --manifest
+    if old:
+        if len(old) > 1 or (manifest is not None and manifest.resolve() != Path(old[0]).resolve()):
+            raise OptionError(
+                f"expected one manifest, got --manifest {manifest} and --slides {', '.join(old)}; give it once, as --manifest."
+            )
+        manifest, slides = Path(old[0]), [v for v in slides if v not in old] or None
+    if (slide is None) == (slides is None):
+        raise OptionError(
+            "expected --slide ID (one slide) or --slides test|all|IDS (many), got " + ("both." if slide is not None else "neither.")
+        )
+    opts = dict(features=features, fold=fold, score=score, top_k=top_k, thumbnail_size=thumbnail_size, slides_root=slides_root)
+    if slide is not None:
+        from mil.evaluate.heatmap import render_heatmap
+        from mil.evaluate.heatmap_cohort import output_paths
+
+        path = render_heatmap(run_dir, slide, manifest, out=out, **opts)
+        files = output_paths(path)
+        typer.echo(f"wrote {path} (tile scores: {files['csv']}, {files['geojson']})")
+        return
+    from mil.evaluate.heatmap_cohort import render_cohort
+
+    report, index = render_cohort(run_dir, slides, out=out, manifest=manifest, overwrite=overwrite, progress=progress, **opts)
+    counts = report["status"].value_counts()
+    typer.echo(
+        f"{len(report)} slides: {counts.get('written', 0)} drawn, {counts.get('skipped', 0)} skipped (outputs exist), "
+        f"{counts.get('error', 0)} failed"
     )
-    typer.echo(f"wrote {path}")
+    typer.echo(f"wrote {index}")
+    if counts.get("error", 0):
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -1,5 +1,8 @@
 """`mil evaluate heatmap`: where a run's model looked on one slide.
 
+Many slides in one process, where each slide file is found, and the tile scores as CSV and GeoJSON
+(for QuPath) are in `mil.evaluate.heatmap_cohort`; this module computes and draws one slide's figure.
+
 The figure: the slide thumbnail with each tile's attention weight (or instance score) painted
 over its footprint, a colour bar, and a montage of the top-k tiles read from the slide at full
 resolution with their scores.
@@ -20,12 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from PIL import Image
 
 from mil.errors import OptionError, SettingsMismatchError
-from mil.features import FeatureFileError, check_finite, read_bag
+from mil.features import FeatureFileError, check_finite
 from mil.slides import rgba_to_rgb
 
 SCORES = ("attention", "instance")
@@ -46,6 +48,8 @@ class Heatmap:
         top: (k,) indices of the highest-scoring tiles, best first; tiles: k (MONTAGE_PX, MONTAGE_PX, 3) uint8.
         score_name: "attention" or "instance score"; note: why attention was not used, or "".
         probability: the slide's predicted probability; fold / held_out: checkpoint used, slide's set in it.
+        attention: (N,) raw attention weights, or None (head without attention); instance: (N,) instance scores.
+        slide_path: the slide file read.
     """
 
     slide_id: str
@@ -64,55 +68,63 @@ class Heatmap:
     hi: float
     top: np.ndarray
     tiles: list[np.ndarray]
+    attention: np.ndarray | None
+    instance: np.ndarray
+    slide_path: str
+
+
+def check_options(score: str, top_k: int, thumbnail_size: int) -> None:
+    """One-line `OptionError` for a bad --score, --top-k or --thumbnail-size."""
+    if score not in SCORES:
+        raise OptionError(f"expected --score attention or instance, got {score!r} instead.")
+    if not 0 <= top_k <= 64 or not 32 <= thumbnail_size <= 16384:
+        raise OptionError(f"expected --top-k in [0, 64] and --thumbnail-size in [32, 16384], got {top_k} and {thumbnail_size} instead.")
 
 
 def compute_heatmap(
     run_dir: str | Path,
     slide_id: str,
-    slides_manifest: str | Path,
+    slides_manifest: str | Path | None = None,
     *,
     features: str | Path | None = None,
     fold: str | None = None,
     score: str = "attention",
     top_k: int = 8,
     thumbnail_size: int = 1024,
+    slides_root: str | Path | None = None,
 ) -> Heatmap:
     """Score one slide's tiles with a run's checkpoint and paint them at thumbnail resolution.
 
     Checkpoint: `fold` if given, else the fold whose test set holds the slide, else the first fold.
+    Slide file: the manifest's path when it has the slide, else the one the feature file records
+    (`slides_root` re-roots moved slides: see `mil.evaluate.heatmap_cohort.HeatmapSource.locate`).
 
-    Raises (one-line `MilError`s): OptionError (bad option, unknown slide or fold), RunError (run files
+    Raises (one-line `MilError`s): OptionError (bad option, unknown fold, no slide path), RunError (run files
     missing, unreadable checkpoint), FeatureFileError, SettingsMismatchError (features or slide do
     not match the checkpoint), SlideError, ManifestError.
     """
-    from mil.checkpoint import load_head
-    from mil.data import FeatureSpec, resolve_feature_files
-    from mil.evaluate.run import load_run
-    from mil.manifest import read_manifest
+    from mil.evaluate.heatmap_cohort import HeatmapSource
+
+    src = HeatmapSource(
+        run_dir,
+        manifest=slides_manifest,
+        features=features,
+        slides_root=slides_root,
+        fold=fold,
+        score=score,
+        top_k=top_k,
+        thumbnail_size=thumbnail_size,
+    )
+    return src.heatmap(src.plan([slide_id])[0])
+
+
+def heatmap_of(
+    bag, model, ckpt: dict, slide_path: str | Path, *, slide_id: str, fold: str, held_out: str, score: str, top_k: int, thumbnail_size: int
+) -> Heatmap:
+    """The `Heatmap` of one read bag under a loaded head (`load_head`'s model and checkpoint dict), reading `slide_path`."""
     from mil.slides import open_slide
 
-    if score not in SCORES:
-        raise OptionError(f"expected --score attention or instance, got {score!r} instead.")
-    if not 0 <= top_k <= 64 or not 32 <= thumbnail_size <= 16384:
-        raise OptionError(f"expected --top-k in [0, 64] and --thumbnail-size in [32, 16384], got {top_k} and {thumbnail_size} instead.")
-    run = load_run(run_dir)
-    manifest = read_manifest(slides_manifest, require_labels=False, check_files=False)  # only this slide must exist: open_slide says so
-    row = manifest[manifest["slide_id"] == slide_id]
-    if row.empty:
-        raise OptionError(f"{slides_manifest}: expected a row for slide {slide_id!r}, got none; check --slide or --slides.")
-    fold, held_out = _pick_fold(run, slide_id, fold)
-    model, ckpt = load_head(run.checkpoints[fold])
-
-    folder = Path(features if features is not None else run.config["feature_dir"])
-    files, spec = resolve_feature_files(pd.DataFrame({"slide_id": [slide_id]}), folder)  # one-line error if missing
-    path = files[slide_id]
-    diff = FeatureSpec(**ckpt["feature_spec"]).first_difference(spec)
-    if diff is not None:
-        raise SettingsMismatchError(
-            f"{path}: expected {diff[0]}={diff[1]!r} as checkpoint {fold} was trained on, got "
-            f"{diff[0]}={diff[2]!r} instead; use the features the run was trained on (--features)."
-        )
-    bag = read_bag(path, dtype=np.float32)
+    path = bag.path
     check_finite(bag)
     if bag.n_instances == 0 or (bag.n_instances > 1 and not np.ptp(bag.coords, axis=0).any()):
         raise FeatureFileError(
@@ -122,19 +134,21 @@ def compute_heatmap(
     with torch.no_grad():
         out = model(torch.from_numpy(bag.features)[None])  # BagOutput: logits (1,), instance_scores (1, N), attention (1, N) | None
     note = "" if score == "instance" or out.attention is not None else f"head {ckpt['head']} has no attention: instance scores shown"
-    values = (out.attention if score == "attention" and out.attention is not None else out.instance_scores)[0].double().numpy()  # (N,)
+    attention = None if out.attention is None else out.attention[0].double().numpy()  # (N,)
+    instance = out.instance_scores[0].double().numpy()  # (N,)
+    values = attention if score == "attention" and attention is not None else instance  # (N,)
     lo, hi = np.percentile(values, [1, 99])
     norm = np.clip((values - lo) / (hi - lo), 0, 1) if hi > lo else np.full_like(values, 0.5)  # (N,)
     size0 = _tile_size0(bag.attrs, bag.coords, path)
     top = np.argsort(-values, kind="stable")[:top_k]  # (k,)
 
-    slide = open_slide(row["path"].iloc[0])
+    slide = open_slide(slide_path)
     try:
         W, H = slide.dimensions
         w0, h0 = bag.attrs.get("level0_width"), bag.attrs.get("level0_height")
         if w0 is not None and h0 is not None and (int(w0), int(h0)) != (W, H):
             raise SettingsMismatchError(
-                f"{path}: expected tiles of a {W}x{H} slide like {row['path'].iloc[0]}, got a feature file "
+                f"{path}: expected tiles of a {W}x{H} slide like {slide_path}, got a feature file "
                 f"made on a {w0}x{h0} slide instead; check the manifest's path for {slide_id!r}."
             )
         thumb = read_thumbnail(slide, thumbnail_size)  # (h, w, 3)
@@ -142,31 +156,33 @@ def compute_heatmap(
     finally:
         slide.close()
     scale = np.array([thumb.shape[1] / W, thumb.shape[0] / H])  # (2,) thumbnail px per level-0 px
-    image = score_image(bag.coords, norm, size0, thumb.shape[:2], scale)  # (h, w)
     return Heatmap(
-        slide_id,
-        fold,
-        held_out,
-        "instance score" if note or score == "instance" else "attention",
-        note,
-        float(torch.sigmoid(out.logits[0])),
-        thumb,
-        image,
-        values,
-        bag.coords,
-        size0,
-        scale,
-        float(lo),
-        float(hi),
-        top,
-        tiles,
+        slide_id=slide_id,
+        fold=fold,
+        held_out=held_out,
+        score_name="instance score" if note or score == "instance" else "attention",
+        note=note,
+        probability=float(torch.sigmoid(out.logits[0])),
+        thumbnail=thumb,
+        image=score_image(bag.coords, norm, size0, thumb.shape[:2], scale),  # (h, w)
+        values=values,
+        coords=bag.coords,
+        size0=size0,
+        scale=scale,
+        lo=float(lo),
+        hi=float(hi),
+        top=top,
+        tiles=tiles,
+        attention=attention,
+        instance=instance,
+        slide_path=str(slide_path),
     )
 
 
 def render_heatmap(
     run_dir: str | Path,
     slide_id: str,
-    slides_manifest: str | Path,
+    slides_manifest: str | Path | None = None,
     *,
     out: str | Path | None = None,
     features: str | Path | None = None,
@@ -174,8 +190,32 @@ def render_heatmap(
     score: str = "attention",
     top_k: int = 8,
     thumbnail_size: int = 1024,
+    slides_root: str | Path | None = None,
 ) -> Path:
     """Write the heatmap figure of `compute_heatmap` as a PNG (default RUN_DIR/heatmaps/<slide_id>.png); return its path.
+
+    The tile scores go beside it, as ``<name>.csv`` and ``<name>.geojson`` (`heatmap_cohort.write_outputs`).
+    """
+    from mil.evaluate.heatmap_cohort import write_outputs
+
+    hm = compute_heatmap(
+        run_dir,
+        slide_id,
+        slides_manifest,
+        features=features,
+        fold=fold,
+        score=score,
+        top_k=top_k,
+        thumbnail_size=thumbnail_size,
+        slides_root=slides_root,
+    )
+    out = Path(out) if out is not None else Path(run_dir) / "heatmaps" / f"{slide_id}.png"
+    write_outputs(hm, out)
+    return out
+
+
+def draw_heatmap(hm: Heatmap) -> tuple[Image.Image, Image.Image]:
+    """The figure of `hm` (title, painted thumbnail with the top-k tiles outlined, colour bar, montage) and its painted thumbnail.
 
     The painted thumbnail is pasted into the rendered figure at its native resolution (one figure pixel
     per thumbnail pixel): matplotlib's own image path would hold several float copies of it.
@@ -187,12 +227,6 @@ def render_heatmap(
     from matplotlib.figure import Figure
     from PIL import ImageDraw
 
-    from mil.atomic import atomic_path
-
-    hm = compute_heatmap(
-        run_dir, slide_id, slides_manifest, features=features, fold=fold, score=score, top_k=top_k, thumbnail_size=thumbnail_size
-    )
-    out = Path(out) if out is not None else Path(run_dir) / "heatmaps" / f"{slide_id}.png"
     where = f"slide in its {hm.held_out} set" if hm.held_out != "none" else "slide not in its splits"
     lines = [
         f"{hm.slide_id}: {hm.score_name} · checkpoint {hm.fold} ({where}) · P(positive) = {hm.probability:.3f}",
@@ -233,10 +267,7 @@ def render_heatmap(
         draw.rectangle([x, y, x + d[0], y + d[1]], outline=(0, 255, 255), width=2)
         draw.text((x + 3, y + 2), str(rank), fill=(0, 255, 255))
     page.paste(thumb, (m, top))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
-        page.save(tmp, format="PNG")
-    return out
+    return page, thumb
 
 
 def overlay(thumbnail: np.ndarray, image: np.ndarray, cmap, alpha: float = 0.6) -> np.ndarray:

@@ -131,6 +131,11 @@ def predict_cohort(
     if n_boot < 1:
         raise OptionError(f"expected --n-boot >= 1, got {n_boot!r} instead.")
     run = load_run(run_dir)
+    if run.n_classes > 2:
+        raise OptionError(
+            f"{run.path}: expected a binary run for `mil evaluate predict`, got a {run.n_classes}-class run; scoring new cohorts "
+            "is binary-only for now (score a multi-class run's held-out slides with `mil evaluate run`)."
+        )
     cohort = read_cohort(source, features, run.config.get("labels"))
     files, spec = resolve_feature_files(cohort.slides, cohort.features)
     diff = run.feature_spec.first_difference(spec)

@@ -13,6 +13,14 @@ training; the evaluated labels are used for nothing but the metrics. With repeat
 one probability per repeat: the AUC and curves use each slide's mean probability (one point per
 slide), the threshold metrics every (fold, slide) prediction.
 
+Multi-class runs (config.json ``n_classes`` = C > 2): predictions.csv holds ``fold, slide_id, label,
+prob_0 … prob_<C-1>, predicted`` (the argmax; no threshold); metrics.json holds ``auc_per_class``
+(one-vs-rest AUC of each class) and ``auc_macro`` (their mean), each with a class-stratified
+bootstrap CI computed on each slide's mean class probabilities, plus accuracy, balanced accuracy,
+per-class recall and the confusion matrix (counts; rows = true class, columns = predicted) over
+every (fold, slide) prediction, and per fold macro AUC, accuracy and balanced accuracy. Plots:
+``roc.png`` (one one-vs-rest curve per class) and ``confusion.png``.
+
 The outputs are written into a temporary folder renamed into place when whole.
 """
 
@@ -24,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from sklearn.metrics import roc_auc_score, roc_curve
 
 import mil
 from mil.atomic import atomic_folder, remove_stale_temporaries
@@ -34,6 +43,8 @@ from mil.evaluate.metrics import (
     auc_ci,
     check_predictions,
     curve_bands,
+    multiclass_auc_ci,
+    multiclass_metrics,
     threshold_metrics,
 )
 from mil.predict import predict
@@ -55,6 +66,16 @@ class Run:
     @property
     def feature_spec(self) -> FeatureSpec:
         return FeatureSpec(**self.config["feature_spec"])
+
+    @property
+    def n_classes(self) -> int:
+        """2 for a binary run; C for a multi-class one (config.json ``n_classes``)."""
+        return int(self.config.get("n_classes", 2))
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names in label order ("0", "1" for a binary run)."""
+        return [str(c) for c in self.config.get("classes", range(self.n_classes))]
 
 
 def load_run(run_dir: str | Path) -> Run:
@@ -112,7 +133,8 @@ def score_split(run: Run, features: str | Path, split: str = "test", labels: pd.
         labels: ``slide_id, label`` table (default: the run's slides.csv).
 
     Returns:
-        ``fold, slide_id, label, probability, threshold, predicted`` (one row per fold and slide).
+        ``fold, slide_id, label, probability, threshold, predicted`` (one row per fold and slide); for a
+        multi-class run ``fold, slide_id, label, prob_0 … prob_<C-1>, predicted`` (the argmax).
 
     Raises:
         OptionError: unknown split, no slide in it, or slides without a label.
@@ -146,10 +168,56 @@ def score_split(run: Run, features: str | Path, split: str = "test", labels: pd.
         model, ckpt = load_head(run.checkpoints[fold])
         ids = part["slide_id"].tolist()
         ds = BagDataset([files[s] for s in ids], [int(label[s]) for s in ids], cache="stream", slide_ids=ids)
-        pred = predict(model, ds)  # slide_id, label, probability
+        pred = predict(model, ds)  # slide_id, label, probability (multi-class: prob_<k>, predicted)
+        if run.n_classes > 2:
+            out.append(pred.assign(fold=fold))
+            continue
         t = float(ckpt["threshold"])
         out.append(pred.assign(fold=fold, threshold=t, predicted=(pred["probability"] >= t).astype(int)))
-    return pd.concat(out, ignore_index=True)[["fold", "slide_id", "label", "probability", "threshold", "predicted"]]
+    pred = pd.concat(out, ignore_index=True)
+    if run.n_classes > 2:
+        return pred[["fold", *(c for c in pred.columns if c != "fold")]]
+    return pred[["fold", "slide_id", "label", "probability", "threshold", "predicted"]]
+
+
+def prob_columns(pred: pd.DataFrame) -> list[str]:
+    """``prob_0 … prob_<C-1>`` of a multi-class prediction table, in class order."""
+    return sorted((c for c in pred.columns if c.startswith("prob_")), key=lambda c: int(c[len("prob_") :]))
+
+
+def summarise_multiclass(pred: pd.DataFrame, classes: list[str], n_boot: int = 1000, seed: int = 0) -> dict:
+    """metrics.json's content for a multi-class run from `score_split`'s table (see the module docstring)."""
+    cols = prob_columns(pred)
+    C = len(cols)
+    per_slide = pred.groupby("slide_id", sort=False).agg(label=("label", "first"), **{c: (c, "mean") for c in cols})
+    aucs = multiclass_auc_ci(per_slide["label"], per_slide[cols].to_numpy(), n_boot=n_boot, seed=seed, classes=classes)
+    counts = np.bincount(per_slide["label"].to_numpy(int), minlength=C)
+    doc = {
+        "n_slides": len(per_slide),
+        "n_classes": C,
+        "classes": list(classes),
+        "n_per_class": {classes[k]: int(counts[k]) for k in range(C)},
+        "folds": sorted(pred["fold"].unique().tolist()),
+        "auc_macro": {**aucs["macro"], "n_boot": n_boot, "seed": seed, "level": aucs["level"]},
+        "auc_per_class": aucs["per_class"],
+        **multiclass_metrics(pred["label"], pred["predicted"], C),
+    }
+    per_fold = []
+    for fold, part in pred.groupby("fold", sort=True):
+        y, P = part["label"].to_numpy(int), part[cols].to_numpy(float)
+        scored = [k for k in range(C) if 0 < (y == k).sum() < len(y)]
+        auc = float(np.mean([roc_auc_score(y == k, P[:, k]) for k in scored])) if len(scored) == C else float("nan")
+        m = multiclass_metrics(y, part["predicted"], C)
+        per_fold.append(
+            {"fold": fold, "n": len(part), "auc_macro": auc, "accuracy": m["accuracy"], "balanced_accuracy": m["balanced_accuracy"]}
+        )
+    doc["per_fold"] = per_fold
+    if len(per_fold) > 1:
+        keys = ("auc_macro", "accuracy", "balanced_accuracy")
+        doc["fold_mean_sd"] = {
+            k: [float(np.nanmean([f[k] for f in per_fold])), float(np.nanstd([f[k] for f in per_fold], ddof=1))] for k in keys
+        }
+    return doc
 
 
 def summarise(pred: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> dict:
@@ -197,13 +265,18 @@ def evaluate_run(
     run = load_run(run_dir)
     features = Path(features) if features is not None else Path(run.config["feature_dir"])
     pred = score_split(run, features, split, labels)
-    doc = {"split": split, "run": str(run.path), "features": str(features), "mil_version": mil.__version__, **summarise(pred, n_boot, seed)}
+    multi = run.n_classes > 2
+    metrics = summarise_multiclass(pred, run.classes, n_boot, seed) if multi else summarise(pred, n_boot, seed)
+    doc = {"split": split, "run": str(run.path), "features": str(features), "mil_version": mil.__version__, **metrics}
     final = run.path / "eval" / split
     if final.parent.is_dir():
         remove_stale_temporaries(final.parent)  # left by a killed evaluation
     with atomic_folder(final) as tmp:
         (tmp / "metrics.json").write_text(json.dumps(doc, indent=2) + "\n")
         pred.to_csv(tmp / "predictions.csv", index=False)
+        if multi:
+            plot_multiclass(pred, doc, tmp, title=f"{run.path.name} · {split}")
+            return doc, final
         per_slide = _per_slide(pred)
         title = f"{run.path.name} · {split}"
         plot_curves(per_slide["label"], per_slide["probability"], tmp, title=title, auc=doc["auc"], n_boot=n_boot, seed=seed)
@@ -213,6 +286,45 @@ def evaluate_run(
 def _per_slide(pred: pd.DataFrame) -> pd.DataFrame:
     """One row per slide: its label and its mean probability over the repeats that scored it."""
     return pred.groupby("slide_id", sort=False).agg(label=("label", "first"), probability=("probability", "mean"))
+
+
+def plot_multiclass(pred: pd.DataFrame, doc: dict, out_dir: Path, title: str) -> None:
+    """Write ``roc.png`` (one one-vs-rest ROC curve per class, on each slide's mean probabilities) and ``confusion.png``
+    (the counts of `summarise_multiclass`'s confusion matrix) into `out_dir`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = prob_columns(pred)
+    per_slide = pred.groupby("slide_id", sort=False).agg(label=("label", "first"), **{c: (c, "mean") for c in cols})
+    y = per_slide["label"].to_numpy(int)
+    fig, ax = plt.subplots(figsize=(4.6, 4.4), dpi=120)
+    for k, (col, a) in enumerate(zip(cols, doc["auc_per_class"])):
+        fpr, tpr, _ = roc_curve(y == k, per_slide[col])
+        label = f"{a['class']}: AUC {a['auc']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}]"
+        ax.plot(fpr, tpr, lw=1.6, drawstyle="steps-post", label=label)
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
+    m = doc["auc_macro"]
+    ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="false positive rate", ylabel="true positive rate")
+    ax.set_title(f"{title}\nmacro AUC {m['auc']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]", fontsize=9)
+    ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "roc.png")
+    plt.close(fig)
+
+    cm = np.asarray(doc["confusion_matrix"])  # (C, C) rows true, columns predicted
+    names = doc["classes"]
+    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2.0, 1.2 * len(names) + 1.6), dpi=120)
+    ax.imshow(cm, cmap="Blues")
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > cm.max() / 2 else "black")
+    ax.set(xticks=range(len(names)), yticks=range(len(names)), xticklabels=names, yticklabels=names)
+    ax.set(xlabel="predicted class", ylabel="true class", title=f"{title}\naccuracy {doc['accuracy']:.3f}")
+    fig.tight_layout()
+    fig.savefig(out_dir / "confusion.png")
+    plt.close(fig)
 
 
 def plot_curves(labels, probs, out_dir: Path, title: str, auc: dict | None = None, n_boot: int = 1000, seed: int = 0) -> None:

@@ -7,6 +7,12 @@ Every head is an ``nn.Module`` with ``forward(X, mask=None) -> BagOutput`` (see 
   hard-negative mining and heatmaps work with any head; finite (but meaningless) on padding.
 * ``attention``: ``(B, N)`` weights summing to 1 over real instances (0 on padding), or None.
 
+Multi-class (``n_classes=C > 2``; `MULTICLASS_HEADS`: abmil, gated_abmil, maxpool, meanpool, lse): ``logits`` are
+``(B, C)`` class logits (before the softmax) and ``instance_scores`` ``(B, N, C)``, one score per class and instance
+(ABMIL: the bag classifier on each instance, so ``logits[b, c] = Σ_n a_n s[b, n, c]``; instance heads: the scores
+that are pooled). ``n_classes=2`` (the default) is the binary single-logit head, unchanged: same modules, same
+initialisation, same outputs, same state dict. The other heads refuse ``n_classes > 2`` in one line.
+
 Heads are built by name so the CLI, configs and checkpoints speak the same names::
 
     head = create_head("abmil", in_dim=1024, hidden_dim=256, dropout=0.25)
@@ -27,12 +33,42 @@ import torch
 from torch import nn
 
 from mil.bags import BagOutput, check_bag, masked_fill_value, masked_softmax
+from mil.errors import OptionError
 from mil.pooling import AttentionPool, check_dropout, check_option, create_pooling
 from mil.registry import Registry
 
-__all__ = ["HEADS", "ABMIL", "Chowder", "DSMIL", "DSMILOutput", "InstanceMIL", "Standardized", "create_head", "list_heads"]
+__all__ = [
+    "HEADS",
+    "MULTICLASS_HEADS",
+    "ABMIL",
+    "Chowder",
+    "DSMIL",
+    "DSMILOutput",
+    "InstanceMIL",
+    "Standardized",
+    "create_head",
+    "list_heads",
+]
 
 HEADS = Registry("head")
+MULTICLASS_HEADS = ("abmil", "gated_abmil", "maxpool", "meanpool", "lse")  # heads that take n_classes > 2
+
+
+def check_n_classes(owner: str, n_classes: object) -> int:
+    """The head's output width: 1 for ``n_classes == 2`` (one logit), else ``n_classes``; `OptionError` unless an int >= 2."""
+    check_option(
+        owner, "n_classes", n_classes, isinstance(n_classes, int) and not isinstance(n_classes, bool) and n_classes >= 2, "an integer >= 2"
+    )
+    return 1 if n_classes == 2 else int(n_classes)
+
+
+def refuse_multiclass(head: str, n_classes: object) -> None:
+    """One-line `OptionError` for a binary-only head asked for more than two classes."""
+    if n_classes != 2:
+        raise OptionError(
+            f"expected n_classes=2 for head {head!r} (a binary-only head), got {n_classes!r} instead; "
+            f"for multi-class use one of {', '.join(MULTICLASS_HEADS)}."
+        )
 
 
 def _check_dim(owner: str, name: str, value: object) -> None:
@@ -58,17 +94,22 @@ class ABMIL(nn.Module):
         attn_dim: attention hidden size (the paper's code uses 128).
         dropout: dropout after the projection and inside the attention network.
         gated: use gated attention.
+        n_classes: 2 = one logit (binary); C > 2 = ``C`` logits, one attention shared by the classes.
     """
 
-    def __init__(self, in_dim: int, hidden_dim: int = 256, attn_dim: int = 128, dropout: float = 0.0, gated: bool = False) -> None:
+    def __init__(
+        self, in_dim: int, hidden_dim: int = 256, attn_dim: int = 128, dropout: float = 0.0, gated: bool = False, n_classes: int = 2
+    ) -> None:
         super().__init__()
         owner = "head gated_abmil" if gated else "head abmil"
         _check_dim(owner, "in_dim", in_dim)
         _check_dim(owner, "hidden_dim", hidden_dim)
         check_dropout(owner, dropout)
+        width = check_n_classes(owner, n_classes)
+        self.n_classes = n_classes
         self.project = _projection(in_dim, hidden_dim, dropout)
         self.pool = AttentionPool(hidden_dim, attn_dim=attn_dim, dropout=dropout, gated=gated)
-        self.classifier = nn.Linear(hidden_dim, 1)
+        self.classifier = nn.Linear(hidden_dim, width)
 
     def forward(self, X: torch.Tensor, mask: torch.Tensor | None = None) -> BagOutput:
         """Args: ``X (B, N, D)`` (or ``(N, D)``), ``mask (B, N)`` or None. Returns a `BagOutput`."""
@@ -76,8 +117,10 @@ class ABMIL(nn.Module):
         X = masked_fill_value(X, mask, 0.0)  # (B, N, D) garbage/NaN padding → 0
         H = self.project(X)  # (B, N, hidden_dim)
         Z, a = self.pool.compute(H, mask)  # (B, hidden_dim), (B, N)
-        logits = self.classifier(Z).squeeze(-1)  # (B,)
-        scores = self.classifier(H).squeeze(-1)  # (B, N)
+        logits = self.classifier(Z)  # (B, 1) or (B, C)
+        scores = self.classifier(H)  # (B, N, 1) or (B, N, C)
+        if self.n_classes == 2:
+            logits, scores = logits.squeeze(-1), scores.squeeze(-1)  # (B,), (B, N)
         return BagOutput(logits, scores, a)
 
 
@@ -92,25 +135,32 @@ class InstanceMIL(nn.Module):
         pooling: ``"max"``, ``"mean"`` or ``"logsumexp"``.
         hidden_dim: hidden size of the instance MLP.
         dropout: dropout in the instance MLP.
+        n_classes: 2 = one score per instance (binary); C > 2 = ``C`` scores per instance, each class pooled alone.
         **pool_kwargs: passed to the pooling (``r`` for logsumexp).
     """
 
-    def __init__(self, in_dim: int, pooling: str = "max", hidden_dim: int = 128, dropout: float = 0.0, **pool_kwargs) -> None:
+    def __init__(
+        self, in_dim: int, pooling: str = "max", hidden_dim: int = 128, dropout: float = 0.0, n_classes: int = 2, **pool_kwargs
+    ) -> None:
         super().__init__()
         owner = f"instance head ({pooling} pooling)"
         _check_dim(owner, "in_dim", in_dim)
         _check_dim(owner, "hidden_dim", hidden_dim)
         check_dropout(owner, dropout)
-        self.instance_mlp = nn.Sequential(_projection(in_dim, hidden_dim, dropout), nn.Linear(hidden_dim, 1))
+        width = check_n_classes(owner, n_classes)
+        self.n_classes = n_classes
+        self.instance_mlp = nn.Sequential(_projection(in_dim, hidden_dim, dropout), nn.Linear(hidden_dim, width))
         self.pool = create_pooling(pooling, dim=1, **pool_kwargs)
 
     def forward(self, X: torch.Tensor, mask: torch.Tensor | None = None) -> BagOutput:
         """Args: ``X (B, N, D)`` (or ``(N, D)``), ``mask (B, N)`` or None. Returns a `BagOutput` (attention None)."""
         X, mask = check_bag(X, mask)
         X = masked_fill_value(X, mask, 0.0)  # (B, N, D) garbage/NaN padding → 0
-        scores = self.instance_mlp(X).squeeze(-1)  # (B, N)
-        logits, _ = self.pool.compute(scores.unsqueeze(-1), mask)  # (B, 1)
-        return BagOutput(logits.squeeze(-1), scores, None)
+        scores = self.instance_mlp(X)  # (B, N, 1) or (B, N, C)
+        logits, _ = self.pool.compute(scores, mask)  # (B, 1) or (B, C): each class pooled over the real instances
+        if self.n_classes == 2:
+            logits, scores = logits.squeeze(-1), scores.squeeze(-1)  # (B,), (B, N)
+        return BagOutput(logits, scores, None)
 
 
 def _extremes(s: torch.Tensor, mask: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
@@ -235,46 +285,48 @@ class DSMIL(nn.Module):
 
 
 @HEADS.register(name="abmil")
-def _abmil(in_dim: int, hidden_dim: int = 256, attn_dim: int = 128, dropout: float = 0.0) -> ABMIL:
+def _abmil(in_dim: int, hidden_dim: int = 256, attn_dim: int = 128, dropout: float = 0.0, n_classes: int = 2) -> ABMIL:
     """ABMIL with attention pooling."""
-    return ABMIL(in_dim, hidden_dim=hidden_dim, attn_dim=attn_dim, dropout=dropout, gated=False)
+    return ABMIL(in_dim, hidden_dim=hidden_dim, attn_dim=attn_dim, dropout=dropout, gated=False, n_classes=n_classes)
 
 
 @HEADS.register(name="gated_abmil")
-def _gated_abmil(in_dim: int, hidden_dim: int = 256, attn_dim: int = 128, dropout: float = 0.0) -> ABMIL:
+def _gated_abmil(in_dim: int, hidden_dim: int = 256, attn_dim: int = 128, dropout: float = 0.0, n_classes: int = 2) -> ABMIL:
     """ABMIL with gated attention pooling."""
-    return ABMIL(in_dim, hidden_dim=hidden_dim, attn_dim=attn_dim, dropout=dropout, gated=True)
+    return ABMIL(in_dim, hidden_dim=hidden_dim, attn_dim=attn_dim, dropout=dropout, gated=True, n_classes=n_classes)
 
 
 @HEADS.register(name="maxpool")
-def _maxpool(in_dim: int, hidden_dim: int = 128, dropout: float = 0.0) -> InstanceMIL:
+def _maxpool(in_dim: int, hidden_dim: int = 128, dropout: float = 0.0, n_classes: int = 2) -> InstanceMIL:
     """Instance MLP, bag logit = max instance logit."""
-    return InstanceMIL(in_dim, "max", hidden_dim=hidden_dim, dropout=dropout)
+    return InstanceMIL(in_dim, "max", hidden_dim=hidden_dim, dropout=dropout, n_classes=n_classes)
 
 
 @HEADS.register(name="meanpool")
-def _meanpool(in_dim: int, hidden_dim: int = 128, dropout: float = 0.0) -> InstanceMIL:
+def _meanpool(in_dim: int, hidden_dim: int = 128, dropout: float = 0.0, n_classes: int = 2) -> InstanceMIL:
     """Instance MLP, bag logit = mean instance logit."""
-    return InstanceMIL(in_dim, "mean", hidden_dim=hidden_dim, dropout=dropout)
+    return InstanceMIL(in_dim, "mean", hidden_dim=hidden_dim, dropout=dropout, n_classes=n_classes)
 
 
 @HEADS.register(name="lse")
-def _lse(in_dim: int, hidden_dim: int = 128, dropout: float = 0.0, r: float = 5.0) -> InstanceMIL:
+def _lse(in_dim: int, hidden_dim: int = 128, dropout: float = 0.0, r: float = 5.0, n_classes: int = 2) -> InstanceMIL:
     """Instance MLP, bag logit = log-mean-exp of instance logits with temperature `r`."""
-    return InstanceMIL(in_dim, "logsumexp", hidden_dim=hidden_dim, dropout=dropout, r=r)
+    return InstanceMIL(in_dim, "logsumexp", hidden_dim=hidden_dim, dropout=dropout, n_classes=n_classes, r=r)
 
 
 @HEADS.register(name="chowder")
 def _chowder(
-    in_dim: int, r: int = 10, mlp_dims: Sequence[int] = (200, 100), hidden_dim: int | None = None, dropout: float = 0.0
+    in_dim: int, r: int = 10, mlp_dims: Sequence[int] = (200, 100), hidden_dim: int | None = None, dropout: float = 0.0, n_classes: int = 2
 ) -> Chowder:
-    """CHOWDER: top/bottom-R instance scores → MLP."""
+    """CHOWDER: top/bottom-R instance scores → MLP (binary only)."""
+    refuse_multiclass("chowder", n_classes)
     return Chowder(in_dim, r=r, mlp_dims=mlp_dims, hidden_dim=hidden_dim, dropout=dropout)
 
 
 @HEADS.register(name="dsmil")
-def _dsmil(in_dim: int, hidden_dim: int | None = None, attn_dim: int = 128, dropout: float = 0.0) -> DSMIL:
-    """DSMIL: max-instance stream + critical-instance attention stream."""
+def _dsmil(in_dim: int, hidden_dim: int | None = None, attn_dim: int = 128, dropout: float = 0.0, n_classes: int = 2) -> DSMIL:
+    """DSMIL: max-instance stream + critical-instance attention stream (binary only)."""
+    refuse_multiclass("dsmil", n_classes)
     return DSMIL(in_dim, hidden_dim=hidden_dim, attn_dim=attn_dim, dropout=dropout)
 
 

@@ -6,6 +6,9 @@
     grad_libra  EQL v2 gradient-ratio re-balancing times a per-sample hardness term. This is a reconstruction from
                 the abstract, not the paper's formula (Grad-Libra's formula is unpublished in any source we could read).
 
+`BagCrossEntropyLoss` (bag-level softmax cross-entropy over C classes, optionally class-weighted; the multi-class
+heads' loss) is built directly, not yet by name.
+
 Every loss is an ``nn.Module`` whose ``forward`` validates its inputs and returns a scalar. Bag tensors follow
 `mil.bags`: scores ``(B, N)`` with ``mask (B, N)`` bool, True = real instance; padded slots never change a value.
 """
@@ -103,6 +106,47 @@ class BagBCELoss(nn.Module):
         labels = labels.to(logits.dtype)  # (B,)
         pw = None if self.pos_weight is None else logits.new_tensor(self.pos_weight)  # ()
         return F.binary_cross_entropy_with_logits(logits, labels, pos_weight=pw)
+
+
+# ---------------------------------------------------------------------------------------------- cross-entropy
+class BagCrossEntropyLoss(nn.Module):
+    """Bag-level softmax cross-entropy: ``Σ_b w_{y_b}·(−log softmax(z_b)[y_b]) / Σ_b w_{y_b}``, w = `weight`.
+
+    Args:
+        weight: ``(C,)`` per-class weights (a sequence of floats > 0); ``class_weights_from_labels`` gives the
+            inverse class frequency of the training bags, ``n / (C · n_c)`` (for two classes the same ratio as
+            `BagBCELoss`'s ``pos_weight``). None = unweighted.
+    """
+
+    def __init__(self, weight=None) -> None:
+        super().__init__()
+        w = None if weight is None else [float(v) for v in weight]
+        ok = w is None or (len(w) >= 2 and all(math.isfinite(v) and v > 0 for v in w))
+        _check_option("ce", "weight", weight, ok, "a sequence of at least two finite floats > 0 or None")
+        self.weight = w
+
+    @staticmethod
+    def class_weights_from_labels(labels, n_classes: int) -> list[float]:
+        """``n / (C · n_c)`` for each class ``c`` of bag labels in ``0..C-1``; every class must be present."""
+        y = torch.as_tensor(labels).flatten()  # (B,)
+        y = _check_labels(y, y, "labels", tuple(range(n_classes)))  # (B,)
+        counts = torch.bincount(y, minlength=n_classes)  # (C,)
+        if bool((counts == 0).any()):
+            raise ValueError(f"expected labels of every class 0..{n_classes - 1}, got counts {counts.tolist()} instead.")
+        return [len(y) / (n_classes * int(c)) for c in counts]
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Args: logits ``(B, C)`` class logits; labels ``(B,)`` in ``0..C-1``. Returns: scalar."""
+        logits = _check_scores(logits, "logits", (2,))  # (B, C)
+        if self.weight is not None and logits.shape[1] != len(self.weight):
+            raise ValueError(f"expected logits with {len(self.weight)} classes (one per weight), got shape {tuple(logits.shape)} instead.")
+        like = logits[:, 0]  # (B,)
+        return self.compute(logits, _check_labels(labels, like, "labels", tuple(range(logits.shape[1]))))
+
+    def compute(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """`forward` on inputs already checked (the training loop's labels are)."""
+        w = None if self.weight is None else logits.new_tensor(self.weight)  # (C,)
+        return F.cross_entropy(logits.float(), labels.long(), weight=None if w is None else w.float())
 
 
 # ---------------------------------------------------------------------------------------------- ranking

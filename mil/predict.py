@@ -1,6 +1,7 @@
 """Prediction, shared by training (validation) and evaluation: a MIL head over bags, a BagNet over images.
 
-* `predict`: the probability of every bag of a `BagDataset`, one bag at a time (no padding).
+* `predict`: the probability of every bag of a `BagDataset`, one bag at a time (no padding); for a
+  multi-class head (logits ``(1, C)``) the softmax of every class and the argmax.
 * `predict_images`: BagNet logits of every image of an image set, and saliency maps on request.
 """
 
@@ -21,16 +22,26 @@ def predict(model: torch.nn.Module, ds: BagDataset, autocast: torch.dtype | None
     """Probabilities of every bag of `ds` (one bag at a time: no padding, any size), on the model's device.
 
     `autocast`: the mixed-precision dtype of the forward pass (`mil.device.autocast_dtype`), or None.
+
+    Returns:
+        binary head (logits ``(1,)``): ``slide_id, label, probability`` (the sigmoid);
+        multi-class head (logits ``(1, C)``): ``slide_id, label, prob_0 … prob_<C-1>, predicted`` (softmax, argmax).
     """
     model.eval()
     dev = module_device(model)
-    rows = []
+    rows, n_classes = [], None
     for i in range(len(ds)):
         X, y, sid = ds[i]  # (N, D)
         with torch.autocast(dev.type, dtype=autocast, enabled=autocast is not None):
-            logit = model(X[None].to(dev)).logits  # (1,)
-        p = torch.sigmoid(logit.float())[0].item()
-        rows.append((sid, int(y), p))
+            logit = model(X[None].to(dev)).logits  # (1,) binary, (1, C) multi-class
+        if logit.ndim == 2:
+            p = torch.softmax(logit.double(), dim=1)[0].cpu().numpy()  # (C,) float64: sums to 1 for log_loss
+            n_classes = len(p)
+            rows.append((sid, int(y), *p.tolist(), int(p.argmax())))
+        else:
+            rows.append((sid, int(y), torch.sigmoid(logit.float())[0].item()))
+    if n_classes is not None:
+        return pd.DataFrame(rows, columns=["slide_id", "label", *(f"prob_{k}" for k in range(n_classes)), "predicted"])
     return pd.DataFrame(rows, columns=["slide_id", "label", "probability"])
 
 

@@ -21,6 +21,13 @@ def features(
     ],
     out: Annotated[Path, typer.Option("--out", help="Run directory to create.")],
     head: Annotated[str, typer.Option(help="Head name: abmil, gated_abmil, maxpool, meanpool, lse, chowder, dsmil.")] = "abmil",
+    n_classes: Annotated[
+        int,
+        typer.Option(
+            help="Number of slide classes: 2 (binary, one logit) or C > 2 (labels 0..C-1, or C string classes mapped in sorted order; "
+            "softmax cross-entropy weighted by inverse class frequency; heads abmil, gated_abmil, maxpool, meanpool, lse)."
+        ),
+    ] = 2,
     folds: Annotated[
         Optional[int], typer.Option(help="K for patient-level stratified K-fold CV (default: the manifest's split column).")
     ] = None,
@@ -92,7 +99,9 @@ def features(
     label_column: Annotated[str, typer.Option(help="Column of the label table holding the target.")] = "label",
     label_map: Annotated[
         Optional[str],
-        typer.Option(help="Classes to 0/1, e.g. tumor=1,normal=0 (default: 0/1 as they are, or two classes in sorted order)."),
+        typer.Option(
+            help="Classes to 0/1, e.g. tumor=1,normal=0 (default: 0/1 as they are, or two classes in sorted order); with --n-classes C, to 0..C-1."
+        ),
     ] = None,
     patient_column: Annotated[
         Optional[str], typer.Option(help="Column of the patient (default: patient_id, case_id or PATIENT, whichever is there).")
@@ -113,6 +122,7 @@ def features(
 
     config = TrainConfig(
         head=head,
+        head_kwargs={"n_classes": n_classes} if n_classes != 2 else {},
         epochs=epochs,
         patience=patience,
         lr=lr,
@@ -138,7 +148,12 @@ def features(
         standardize=standardize,
     )
     table = read_label_table(
-        manifest, label_column=label_column, label_map=parse_label_map(label_map), patient_column=patient_column, slide_table=slide_table
+        manifest,
+        label_column=label_column,
+        label_map=parse_label_map(label_map),
+        patient_column=patient_column,
+        slide_table=slide_table,
+        n_classes=n_classes,
     )
     if table.ignored:
         typer.echo(f"warning: {manifest}: ignoring column(s) {', '.join(map(repr, table.ignored))}", err=True)

@@ -6,6 +6,10 @@ a named recipe (``bce`` or ``hnm-wsi``) of bag BCE, max-instance BCE and the MI 
 with hard negatives mined on a schedule (`mil.train.mining`) and, with sparse tile annotations
 (`mil.train.instances`), an instance loss (``ece`` or ``bce``). When the ranking loss is on,
 every batch holds both classes (`mil.train.sampling`; batch size 1 = the seed's bag pairs).
+
+Multi-class (``head_kwargs["n_classes"] = C > 2``): class-weighted softmax cross-entropy, model
+selection on the validation macro one-vs-rest AUC (`macro_ovr_auc`), no threshold (the predicted
+class is the argmax); ``val_loss`` is the multi-class log loss.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from torch.utils.data import DataLoader
 
 from mil.data import BagDataset, collate_bags, feature_stats
 from mil.errors import OptionError
-from mil.heads import Standardized, create_head
+from mil.heads import HEADS, MULTICLASS_HEADS, Standardized, create_head
+from mil.losses import BagCrossEntropyLoss
 from mil.predict import predict
 from mil.train.instances import InstanceLabels
 from mil.train.mining import MinedSet, mine_hard_negatives
@@ -65,7 +70,14 @@ class TrainConfig:
     ece_schedule_epochs: int | None = None  # ECE's 200-epoch annealing stretched to this many epochs (None: --epochs)
     standardize: bool = True  # standardise features with the training bags' per-feature mean and sd
 
+    @property
+    def n_classes(self) -> int:
+        """Number of classes: ``head_kwargs["n_classes"]`` (2, binary, when absent)."""
+        return int(self.head_kwargs.get("n_classes", 2))
+
     def __post_init__(self) -> None:
+        if self.n_classes != 2:
+            self._check_multiclass()
         for name, value in recipe_defaults(self.recipe, self.head).items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
@@ -99,14 +111,39 @@ class TrainConfig:
                 "expected --hard-negatives with --hnm-instance-weight > 0 (it trains the mined tiles), got no mining instead."
             )
 
+    def _check_multiclass(self) -> None:
+        """One line for what a multi-class run cannot do: a binary-only head, recipe or loss part."""
+        c = self.head_kwargs.get("n_classes")
+        if not isinstance(c, int) or isinstance(c, bool) or c < 2:
+            raise OptionError(f"expected --n-classes to be an integer >= 2, got {c!r} instead.")
+        if HEADS.has(self.head) and self.head not in MULTICLASS_HEADS:
+            raise OptionError(
+                f"expected a multi-class head ({', '.join(MULTICLASS_HEADS)}) for {c} classes, got head {self.head!r}, "
+                "which is binary-only; pick one of those heads."
+            )
+        binary_only = {
+            "recipe": self.recipe != "bce",
+            "max_instance_weight": bool(self.max_instance_weight),
+            "ranking_weight": bool(self.ranking_weight),
+            "hard_negatives": bool(self.hard_negatives),
+            "hnm_instance_weight": bool(self.hnm_instance_weight),
+        }
+        bad = [k for k, on in binary_only.items() if on]
+        if bad:
+            what = f"--recipe {self.recipe}" if bad[0] == "recipe" else f"--{bad[0].replace('_', '-')}"
+            raise OptionError(
+                f"expected the bce recipe's bag loss only for {c} classes, got {what}; hard-negative mining, ranking and "
+                "max-instance losses (the hnm-wsi recipe) are binary-only."
+            )
+
 
 @dataclass
 class FoldResult:
     state_dict: dict
     best_epoch: int
-    threshold: float  # Youden's J on validation predictions of the selected model
+    threshold: float  # Youden's J on validation predictions of the selected model (NaN for multi-class: argmax)
     history: list[dict]  # one row per epoch: epoch, losses (total and by part), val_loss, val_auc, n_hard_negatives
-    val_predictions: pd.DataFrame  # slide_id, label, probability
+    val_predictions: pd.DataFrame  # slide_id, label, probability (multi-class: prob_0 … prob_<C-1>, predicted)
     mined: MinedSet | None = None  # hard negatives of the training bags under the selected model (mining on)
 
 
@@ -116,7 +153,22 @@ def _cpu_state(model: torch.nn.Module) -> dict:
 
 
 def _auc(pred: pd.DataFrame) -> float:
+    if "probability" not in pred.columns:
+        return macro_ovr_auc(pred)
     return float(roc_auc_score(pred["label"], pred["probability"])) if pred["label"].nunique() == 2 else math.nan
+
+
+def prob_columns(pred: pd.DataFrame) -> list[str]:
+    """The class-probability columns ``prob_0 … prob_<C-1>`` of a multi-class prediction table, in class order."""
+    return sorted((c for c in pred.columns if c.startswith("prob_")), key=lambda c: int(c[len("prob_") :]))
+
+
+def macro_ovr_auc(pred: pd.DataFrame) -> float:
+    """Mean one-vs-rest AUC over the classes of a multi-class prediction table that can be scored (present and
+    not alone); NaN when none can. With every class present it equals ``roc_auc_score(multi_class="ovr")``."""
+    y, P = pred["label"].to_numpy(int), pred[prob_columns(pred)].to_numpy(float)  # (n,), (n, C)
+    aucs = [float(roc_auc_score(y == k, P[:, k])) for k in range(P.shape[1]) if 0 < (y == k).sum() < len(y)]
+    return float(np.mean(aucs)) if aucs else math.nan
 
 
 def youden_threshold(pred: pd.DataFrame) -> float:
@@ -155,7 +207,9 @@ def fit_fold(
     model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     labels = np.asarray(train_ds.labels)
-    objective = Objective(config, float((labels == 0).sum() / max((labels == 1).sum(), 1)), annotations, config.seed)
+    C = config.n_classes
+    weights = BagCrossEntropyLoss.class_weights_from_labels(labels, C) if C > 2 else None  # n / (C · n_c)
+    objective = Objective(config, float((labels == 0).sum() / max((labels == 1).sum(), 1)), annotations, config.seed, weights)
     gen = torch.Generator().manual_seed(config.seed)
     if config.ranking_weight > 0:  # every batch needs a positive and a negative bag
         loader = DataLoader(train_ds, batch_sampler=BalancedBatchSampler(labels, config.batch_size, gen), collate_fn=collate_bags)
@@ -188,7 +242,10 @@ def fit_fold(
                 parts[k].append(step_parts.get(k, 0.0))
             ranked.append("ranking" in step_parts)  # the step held a (positive, negative) pair
         pred = predict(model, val_ds, autocast)
-        val_loss = float(log_loss(pred["label"], pred["probability"], labels=[0, 1]))
+        if C > 2:
+            val_loss = float(log_loss(pred["label"], pred[prob_columns(pred)].to_numpy(), labels=list(range(C))))
+        else:
+            val_loss = float(log_loss(pred["label"], pred["probability"], labels=[0, 1]))
         row = {
             "epoch": epoch,
             "train_loss": float(np.mean(losses)),
@@ -212,4 +269,5 @@ def fit_fold(
     val_pred = predict(model, val_ds, autocast)
     # The selected model's hard negatives, for export (no bank: nothing trains on them any more).
     final = mine_hard_negatives(model, train_ds, config.neg_ratio) if config.hard_negatives else None
-    return FoldResult(best_state, best_epoch, youden_threshold(val_pred), history, val_pred, final)
+    threshold = youden_threshold(val_pred) if C == 2 else math.nan  # multi-class: the argmax, no threshold
+    return FoldResult(best_state, best_epoch, threshold, history, val_pred, final)

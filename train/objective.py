@@ -12,6 +12,11 @@ on one positive and one negative bag per step, with ``pos_weight = #neg / #pos``
 DSMIL is always trained with its own two losses (bag branch and max instance, 0.5 each; its
 prediction stays their mean): under ``bce`` too, unless the weights are set.
 
+Multi-class runs (``head_kwargs["n_classes"] = C > 2``) train the bag loss only: softmax cross-entropy
+(`mil.losses.BagCrossEntropyLoss`) weighted by the inverse class frequency of the training bags,
+``n / (C · n_c)``; the ranking, max-instance, mining and instance parts are binary-only and refused
+by ``TrainConfig``.
+
 Instance scores ``s`` are the head's ``instance_scores``: DSMIL's instance classifier, Chowder's
 and the instance heads' tile scores, and for ABMIL the bag classifier applied to each tile.
 """
@@ -21,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from mil.errors import OptionError
-from mil.losses import create_loss
+from mil.losses import BagCrossEntropyLoss, create_loss
 from mil.train.instances import InstanceLabels, instance_targets
 from mil.train.mining import MinedSet
 
@@ -75,10 +80,14 @@ class Objective:
         pos_weight: ``#negative / #positive`` training bags, for the bag and max-instance BCEs.
         annotations: sparse tile labels for the ``instance_loss`` (or None).
         seed: seeds the ECE background sampling and the draw from the mined bank.
+        class_weights: ``(C,)`` weights of the multi-class cross-entropy (`config.n_classes > 2`), else unused.
     """
 
-    def __init__(self, config, pos_weight: float, annotations: InstanceLabels | None, seed: int) -> None:
+    def __init__(
+        self, config, pos_weight: float, annotations: InstanceLabels | None, seed: int, class_weights: list[float] | None = None
+    ) -> None:
         self.c, self.annotations = config, annotations
+        self.ce = BagCrossEntropyLoss(weight=class_weights) if getattr(config, "n_classes", 2) > 2 else None
         self.bce = create_loss("bce", pos_weight=pos_weight)
         self.ranking = create_loss("ranking", k=config.rank_k, margin=config.rank_margin)
         self.gen = torch.Generator().manual_seed(seed + 1)
@@ -99,6 +108,9 @@ class Objective:
         Returns: the scalar loss and its parts (weighted), ``{name: float}``.
         """
         c, s = self.c, out.instance_scores  # s (B, N)
+        if self.ce is not None:  # multi-class: the bag cross-entropy only (TrainConfig refused the binary-only parts)
+            bag = c.bag_weight * self.ce.compute(out.logits, y.long())  # logits (B, C)
+            return bag, {"bag": float(bag.detach())}
         bag, top = bag_and_max_logits(out, mask)  # (B,), (B,)
         parts: dict[str, torch.Tensor] = {}
         if c.bag_weight > 0:

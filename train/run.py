@@ -10,6 +10,13 @@
                                  negatives under the fold's selected model (for the encoder fine-tuning)
     RUN_DIR/summary.csv          fold, best_epoch, val_auc, threshold; written last (the run is finished)
 
+Multi-class runs (``config.head_kwargs["n_classes"] = C > 2``; labels 0..C-1): config.json gains
+``n_classes`` and ``classes`` (class names in label order; from the label table's map, else "0" …),
+checkpoints gain the same two keys and hold ``threshold: None`` (the argmax decides), predictions.csv
+holds ``prob_0 … prob_<C-1>, predicted`` instead of ``probability``, summary.csv's ``val_auc`` is
+the validation macro one-vs-rest AUC and its threshold NaN. Every class must have training slides
+in every fold. Binary runs write exactly what they did before.
+
 Only the train and validation slides of each fold are opened: for a run on the manifest's
 ``split`` column the test slides are never read (their feature files need not even exist).
 Rerunning into a finished run directory with the same settings does nothing; other settings
@@ -63,8 +70,9 @@ def run_train(
     """Train one head per fold and write the run directory; return the per-fold summary.
 
     Raises (before anything is written):
-        ManifestError: a label that is not 0/1 (every head is a binary classifier), or a bad
-            `instance_labels` CSV (see `mil.train.instances.read_instance_labels`).
+        ManifestError: a label outside 0..C-1 (C = ``config.n_classes``, 2 by default), a class without
+            training slides in a fold, or a bad `instance_labels` CSV (see `mil.train.instances.read_instance_labels`).
+        OptionError: `instance_labels` with more than two classes (instance losses are binary).
         FeatureFileError: missing feature files (all listed) or feature files made differently.
         SettingsMismatchError: `out_dir` holds a run with other settings and `overwrite` is False.
 
@@ -80,9 +88,18 @@ def run_train(
     autocast = autocast_dtype(precision, dev)
     if cache not in CACHE_MODES:  # before anything is written (BagDataset would only say so inside the first fold)
         raise OptionError(f"expected --cache to be one of {', '.join(CACHE_MODES)}, got {cache!r} instead.")
-    _check_binary(slides, config.head)
+    C = config.n_classes
+    if C == 2:
+        _check_binary(slides, config.head)
+    else:
+        _check_classes(slides, C)
+    if C > 2 and instance_labels is not None:
+        raise OptionError(f"expected no --instance-labels for {C} classes, got {instance_labels}; instance losses are binary-only.")
     fold_list = make_splits(slides, folds=folds, repeats=repeats, val_fraction=val_fraction, seed=config.seed)
-    _check_both_labels(slides, fold_list)
+    if C == 2:
+        _check_both_labels(slides, fold_list)
+    else:
+        _check_every_class(slides, fold_list, class_names(labels, C))
     used = sorted({s for f in fold_list for s in (*f.train, *f.val)})  # test slides are not opened
     files, spec = resolve_feature_files(slides[slides["slide_id"].isin(used)], feature_dir)
     label = dict(zip(slides["slide_id"], slides["label"]))
@@ -109,6 +126,7 @@ def run_train(
         },
         "slides_sha256": _table_hash(slides),
         **({"labels": labels} if labels is not None else {}),
+        **({"n_classes": C, "classes": class_names(labels, C)} if C > 2 else {}),
         "runtime": {"device": str(dev), "precision": "fp32" if autocast is None else "bf16"},  # not compared on reruns
     }
     doc = json.loads(json.dumps(doc))  # as it reads back from config.json
@@ -168,13 +186,15 @@ def _train_folds(out, slides, fold_list, files, label, spec, config, doc, cache,
             "head_kwargs": dict(config.head_kwargs),
             "in_dim": spec.feature_dim,
             "feature_spec": spec.as_dict(),
-            "threshold": res.threshold,
+            "threshold": res.threshold if config.n_classes == 2 else None,
             "best_epoch": res.best_epoch,
             "standardize": config.standardize,
             "fold": fold.name,
             "mil_version": mil.__version__,
             "state_dict": res.state_dict,
         }
+        if config.n_classes > 2:
+            ckpt |= {"n_classes": config.n_classes, "classes": doc["classes"]}
         with atomic_path(out / "checkpoints" / f"{fold.name}.pt") as tmp:
             torch.save(ckpt, tmp)
         if res.mined is not None:
@@ -185,7 +205,8 @@ def _train_folds(out, slides, fold_list, files, label, spec, config, doc, cache,
         best = res.history[res.best_epoch - 1]
         summary.append({"fold": fold.name, "best_epoch": res.best_epoch, "val_auc": best["val_auc"], "threshold": res.threshold})
         write_csv(out / "metrics.csv", pd.DataFrame(metrics))  # after every fold: progress survives a crash
-    write_csv(out / "predictions.csv", pd.concat(preds, ignore_index=True)[["fold", "slide_id", "label", "probability"]])
+    pred = pd.concat(preds, ignore_index=True)
+    write_csv(out / "predictions.csv", pred[["fold", *(c for c in pred.columns if c != "fold")]])
     write_csv(out / "summary.csv", pd.DataFrame(summary))  # written last: marks the run finished
     return pd.DataFrame(summary)
 
@@ -205,6 +226,39 @@ def _check_both_labels(slides: pd.DataFrame, fold_list) -> None:
             raise ManifestError(
                 f"expected training slides of both labels 0 and 1 in fold {fold.name}, got only label {present[0] if present else '-'} "
                 f"({len(fold.train)} slides); label both classes in the manifest."
+            )
+
+
+def class_names(labels: dict | None, n_classes: int) -> list[str]:
+    """Names of classes 0..C-1: the label table's map inverted (`mil.labels.LabelTable.describe`), else "0" …"""
+    mapping = (labels or {}).get("label_map") or {}
+    names = {int(v): str(k) for k, v in mapping.items()}
+    return [names.get(k, str(k)) for k in range(n_classes)]
+
+
+def _check_classes(slides: pd.DataFrame, n_classes: int) -> None:
+    """Every label is an integer class 0..C-1."""
+    labels = slides["label"].dropna()
+    bad = labels[~labels.isin(range(n_classes))]
+    if len(bad):
+        i = bad.index[0]
+        raise ManifestError(
+            f"expected labels 0..{n_classes - 1} for {n_classes} classes, got label {bad.iloc[0]} for slide {slides['slide_id'][i]!r}"
+            f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''} instead; fix the label or raise --n-classes."
+        )
+
+
+def _check_every_class(slides: pd.DataFrame, fold_list, names: list[str]) -> None:
+    """A multi-class classifier needs training slides of every class in every fold."""
+    label = dict(zip(slides["slide_id"], slides["label"]))
+    for fold in fold_list:
+        present = {int(label[s]) for s in fold.train}
+        missing = [k for k in range(len(names)) if k not in present]
+        if missing:
+            k = missing[0]
+            raise ManifestError(
+                f"expected training slides of every class in fold {fold.name}, got none of class {names[k]!r} (label {k}) "
+                f"among its {len(fold.train)} training slides; add slides of that class or use fewer --folds."
             )
 
 

@@ -8,7 +8,8 @@ Two ways, both returning a list of `Fold`:
   is held out exactly once per repeat, and each fold's validation set is carved from its
   training slides only.
 
-Slides of one patient always stay together (scikit-learn's `StratifiedGroupKFold`, grouped by
+Stratification is over the label's classes, two or more (multi-class labels 0..C-1 stratify
+the same way). Slides of one patient always stay together (scikit-learn's `StratifiedGroupKFold`, grouped by
 ``patient_id``, or by ``slide_id`` where no patient is given), so no patient can leak between
 sets; `Fold.__post_init__` checks this for every fold it builds. Model selection uses ``val``
 only; ``test`` is for `mil evaluate`.
@@ -101,7 +102,9 @@ def make_splits(
         raise OptionError(f"expected --folds >= 2 and --repeats >= 1, got folds={folds!r}, repeats={repeats!r} instead.")
     slides = slides[slides["label"].notna()].reset_index(drop=True)
     if slides.empty:
-        raise ManifestError("expected slide labels 0/1 in the manifest's 'label' column for training, found none; label the slides.")
+        raise ManifestError(
+            "expected slide labels (0/1, or 0..C-1) in the manifest's 'label' column for training, found none; label the slides."
+        )
     if folds is None:
         split = slides["split"].astype(str)
         if not (split == "train").any():

@@ -111,7 +111,7 @@ def test_cli_writes_the_figure_with_no_temporary_left(case, flag):
     assert f"wrote {out}" in r.stdout
     with Image.open(out) as im:
         assert im.format == "PNG" and im.size[0] > 256 + 2 * 96 and im.size[1] > 256  # thumbnail, colour bar, montage
-    assert [p.name for p in out.parent.iterdir()] == ["les.png"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["les.csv", "les.geojson", "les.png"]  # tile scores beside it
 
 
 def test_head_without_attention_paints_instance_scores(case, tmp_path):
@@ -157,7 +157,7 @@ def test_refusals_are_one_line_and_write_nothing(case, tmp_path):
     (tmp_path / "empty").mkdir()
     one_line_error(heatmap(tmp_path / "empty", "--slide", "les"), "config.json")
     run = shutil.copytree(case["run"], tmp_path / "run")
-    one_line_error(heatmap(run, "--slide", "nope"), "'nope'")
+    one_line_error(heatmap(run, "--slide", "nope"), "expected a feature file", "'nope'")
     one_line_error(heatmap(run, "--slide", "les", "--fold", "7"), "'7'", "split")
     one_line_error(heatmap(run, "--slide", "les", "--score", "gradcam"), "attention or instance", "'gradcam'")
     one_line_error(heatmap(run, "--slide", "les", "--top-k", "100"), "--top-k")
@@ -166,7 +166,7 @@ def test_refusals_are_one_line_and_write_nothing(case, tmp_path):
         f.attrs["encoder"] = "other"
     one_line_error(heatmap(run, "--slide", "les", "--features", feats), "encoder", "'other'")
     (feats / "les.h5").unlink()
-    one_line_error(heatmap(run, "--slide", "les", "--features", feats), "have no feature file", ": les ")
+    one_line_error(heatmap(run, "--slide", "les", "--features", feats), "expected a feature file", "'les'")
     (run / "checkpoints" / "split.pt").write_bytes(b"not a checkpoint")
     one_line_error(heatmap(run, "--slide", "les"), "split.pt")
     (run / "checkpoints" / "split.pt").unlink()
