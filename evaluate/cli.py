@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
@@ -18,28 +18,28 @@ def run(
     features: Annotated[Optional[Path], typer.Option(help="Folder of feature files (default: the run's feature_dir).")] = None,
     manifest: Annotated[Optional[Path], typer.Option(help="Manifest giving the labels (default: the run's slides.csv).")] = None,
     split: Annotated[
-        str, typer.Option(help="Which set of splits.csv to score: test (each fold's held-out slides), val or train.")
+        Literal["test", "val", "train"],
+        typer.Option(help="Which set of splits.csv to score: test (each fold's held-out slides), val or train."),
     ] = "test",
     n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for the confidence intervals.")] = 1000,
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N: where the heads run.")] = "auto",
 ) -> None:
     """Score a run's held-out slides: AUC with a bootstrap CI, thresholded metrics, ROC/PR plots (multi-class: per-class
     and macro one-vs-rest AUC, accuracy, balanced accuracy, confusion matrix)."""
     from mil.evaluate.run import evaluate_run, load_run
     from mil.labels import read_label_table
-    from mil.manifest import read_manifest
 
     labels = None
-    if manifest is not None:
+    if manifest is not None:  # read as training read its labels: the run's label column and class map
         run = load_run(run_dir)
-        if run.n_classes > 2:  # the run's own class map and label column
-            rec = run.config.get("labels") or {}
-            labels = read_label_table(
-                manifest, label_column=rec.get("label_column", "label"), label_map=rec.get("label_map") or None, n_classes=run.n_classes
-            ).slides
-        else:
-            labels = read_manifest(manifest, require_labels=False, check_files=False)
-    doc, out = evaluate_run(run_dir, features=features, labels=labels, split=split, n_boot=n_boot, seed=seed)
+        rec = run.config.get("labels") or {}
+        binary = {"0": 0, "1": 1, "0.0": 0, "1.0": 1} if run.n_classes == 2 else None  # a binary run without a map: 0/1 only
+        label_map = rec.get("label_map") or binary
+        labels = read_label_table(
+            manifest, label_column=rec.get("label_column", "label"), label_map=label_map, n_classes=run.n_classes
+        ).slides
+    doc, out = evaluate_run(run_dir, features=features, labels=labels, split=split, n_boot=n_boot, seed=seed, device=device)
     if "auc_macro" in doc:
         _echo_multiclass(doc, split)
         typer.echo(f"wrote {out}")
@@ -90,7 +90,7 @@ def predict(
     out: Annotated[Path, typer.Option("--out", help="Output folder: predictions.csv, config.json, tiles/, metrics.json when labelled.")],
     features: Annotated[Optional[Path], typer.Option(help="Folder of the manifest's feature files (needed with a manifest).")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N: where the heads run.")] = "auto",
-    tiles: Annotated[str, typer.Option(help="Per-tile scores in tiles/: h5 | csv | both | none.")] = "h5",
+    tiles: Annotated[Literal["h5", "csv", "both", "none"], typer.Option(help="Per-tile scores in tiles/.")] = "h5",
     n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for the AUC interval (labelled slides).")] = 1000,
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
@@ -176,12 +176,14 @@ def heatmap(
         Optional[str], typer.Option(help="Checkpoint to use (default: the fold that held the slide out, else the first).")
     ] = None,
     score: Annotated[
-        str, typer.Option(help="attention | instance: what to paint (attention falls back to instance scores for heads without it).")
+        Literal["attention", "instance"],
+        typer.Option(help="What to paint (attention falls back to instance scores for heads without it)."),
     ] = "attention",
     top_k: Annotated[int, typer.Option(help="Tiles in the montage of the highest-scoring tiles.")] = 8,
     thumbnail_size: Annotated[int, typer.Option(help="Longest side of the thumbnail in pixels.")] = 1024,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="With --slides: draw slides whose outputs exist again.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr (with --slides).")] = True,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N: where the head runs.")] = "auto",
 ) -> None:
     """Paint each tile's attention (or instance score) over the slide thumbnail, with the top-k tiles; tile scores as CSV and GeoJSON."""
     from mil.errors import OptionError
@@ -197,7 +199,9 @@ def heatmap(
         raise OptionError(
             "expected --slide ID (one slide) or --slides test|all|IDS (many), got " + ("both." if slide is not None else "neither.")
         )
-    opts = dict(features=features, fold=fold, score=score, top_k=top_k, thumbnail_size=thumbnail_size, slides_root=slides_root)
+    opts = dict(
+        features=features, fold=fold, score=score, top_k=top_k, thumbnail_size=thumbnail_size, slides_root=slides_root, device=device
+    )
     if slide is not None:
         from mil.evaluate.heatmap import render_heatmap
         from mil.evaluate.heatmap_cohort import output_paths
@@ -224,7 +228,7 @@ def o2i(
     run_dirs: Annotated[list[Path], typer.Argument(help="Run directories from `mil train bagnet` (seeds, poolings, RFs, image sets).")],
     out: Annotated[Path, typer.Option("--out", help="PNG to write; the plotted points go to a CSV beside it.")],
     data: Annotated[Optional[Path], typer.Option(help="Image-set folder to score (default: each run's own, from its config.json).")] = None,
-    split: Annotated[str, typer.Option(help="Split of the image set to score: test, val or train.")] = "test",
+    split: Annotated[Literal["test", "val", "train"], typer.Option(help="Split of the image set to score.")] = "test",
     group_by: Annotated[str, typer.Option(help="One line per pooling | rf | width, or auto (whichever of them varies).")] = "auto",
     device: Annotated[str, typer.Option(help="cpu | cuda | auto.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,

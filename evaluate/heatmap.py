@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mil.device import module_device
 from mil.errors import OptionError, SettingsMismatchError
 from mil.features import FeatureFileError, check_finite
 from mil.slides import rgba_to_rgb
@@ -92,6 +93,7 @@ def compute_heatmap(
     top_k: int = 8,
     thumbnail_size: int = 1024,
     slides_root: str | Path | None = None,
+    device: str = "cpu",
 ) -> Heatmap:
     """Score one slide's tiles with a run's checkpoint and paint them at thumbnail resolution.
 
@@ -114,6 +116,7 @@ def compute_heatmap(
         score=score,
         top_k=top_k,
         thumbnail_size=thumbnail_size,
+        device=device,
     )
     return src.heatmap(src.plan([slide_id])[0])
 
@@ -132,7 +135,9 @@ def heatmap_of(
             f"{'' if bag.n_instances == 0 else 'all at one position'} instead; nothing to paint."
         )
     with torch.no_grad():
-        out = model(torch.from_numpy(bag.features)[None])  # BagOutput: logits (1,), instance_scores (1, N), attention (1, N) | None
+        out = model(
+            torch.from_numpy(bag.features)[None].to(module_device(model))
+        )  # BagOutput: logits (1,), instance_scores (1, N), attention (1, N) | None
     note = "" if score == "instance" or out.attention is not None else f"head {ckpt['head']} has no attention: instance scores shown"
     attention = None if out.attention is None else out.attention[0].double().numpy()  # (N,)
     instance = out.instance_scores[0].double().numpy()  # (N,)
@@ -191,6 +196,7 @@ def render_heatmap(
     top_k: int = 8,
     thumbnail_size: int = 1024,
     slides_root: str | Path | None = None,
+    device: str = "cpu",
 ) -> Path:
     """Write the heatmap figure of `compute_heatmap` as a PNG (default RUN_DIR/heatmaps/<slide_id>.png); return its path.
 
@@ -208,6 +214,7 @@ def render_heatmap(
         top_k=top_k,
         thumbnail_size=thumbnail_size,
         slides_root=slides_root,
+        device=device,
     )
     out = Path(out) if out is not None else Path(run_dir) / "heatmaps" / f"{slide_id}.png"
     write_outputs(hm, out)

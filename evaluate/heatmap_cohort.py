@@ -68,12 +68,15 @@ class HeatmapSource:
         score: str = "attention",
         top_k: int = 8,
         thumbnail_size: int = 1024,
+        device: str = "cpu",
     ) -> None:
+        from mil.device import resolve_device
         from mil.evaluate.run import load_run
         from mil.manifest import read_manifest
 
         check_options(score, top_k, thumbnail_size)
         self.run = load_run(run_dir)
+        self.device = resolve_device(device)  # where the heads run
         if fold is not None and fold not in self.run.checkpoints:
             raise OptionError(f"expected --fold to be one of {', '.join(sorted(self.run.checkpoints))}, got {fold!r} instead.")
         self.root = None if slides_root is None else Path(slides_root).expanduser()
@@ -126,6 +129,7 @@ class HeatmapSource:
         for fold in dict.fromkeys(f for f, _ in picked.values()):
             if fold not in self.models:
                 self.models[fold] = load_head(self.run.checkpoints[fold])  # one line naming an unreadable checkpoint
+                self.models[fold][0].to(self.device)
                 if (self.models[fold][1].get("n_classes") or 2) > 2:
                     raise OptionError(
                         f"{self.run.path}: expected a binary run, got a {self.models[fold][1]['n_classes']}-class one; "
@@ -301,6 +305,7 @@ def render_cohort(
     thumbnail_size: int = 1024,
     overwrite: bool = False,
     progress: bool = True,
+    device: str = "cpu",
 ) -> tuple[pd.DataFrame, Path]:
     """Draw every slide of `slides` (`HeatmapSource.select`) into `out` (default RUN_DIR/heatmaps) and write index.html.
 
@@ -321,6 +326,7 @@ def render_cohort(
         score=score,
         top_k=top_k,
         thumbnail_size=thumbnail_size,
+        device=device,
     )
     jobs = src.plan(src.select(slides))
     out = Path(out) if out is not None else src.run.path / "heatmaps"

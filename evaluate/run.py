@@ -38,6 +38,7 @@ import mil
 from mil.atomic import atomic_folder, remove_stale_temporaries
 from mil.checkpoint import load_head
 from mil.data import BagDataset, FeatureSpec, resolve_feature_files
+from mil.device import resolve_device
 from mil.errors import OptionError, RunError, SettingsMismatchError
 from mil.evaluate.metrics import (
     auc_ci,
@@ -123,7 +124,9 @@ def _check_run_tables(path: Path, config, splits: pd.DataFrame, slides: pd.DataF
             raise RunError(f"{path / name}: expected columns {', '.join(cols)}, got {list(table.columns)}; check the path or retrain.")
 
 
-def score_split(run: Run, features: str | Path, split: str = "test", labels: pd.DataFrame | None = None) -> pd.DataFrame:
+def score_split(
+    run: Run, features: str | Path, split: str = "test", labels: pd.DataFrame | None = None, device: str = "cpu"
+) -> pd.DataFrame:
     """Probabilities of each fold's `split` slides under that fold's checkpoint.
 
     Args:
@@ -163,9 +166,11 @@ def score_split(run: Run, features: str | Path, split: str = "test", labels: pd.
             f"{features}: expected features with {name}={trained!r} as the run was trained on, got {name}={given!r} instead; "
             "extract them with the run's settings (see its config.json)."
         )
+    dev = resolve_device(device)
     out = []
     for fold, part in rows.groupby("fold", sort=False):
         model, ckpt = load_head(run.checkpoints[fold])
+        model.to(dev)  # `predict` moves each bag to the model's device
         ids = part["slide_id"].tolist()
         ds = BagDataset([files[s] for s in ids], [int(label[s]) for s in ids], cache="stream", slide_ids=ids)
         pred = predict(model, ds)  # slide_id, label, probability (multi-class: prob_<k>, predicted)
@@ -260,11 +265,15 @@ def evaluate_run(
     split: str = "test",
     n_boot: int = 1000,
     seed: int = 0,
+    device: str = "cpu",
 ) -> tuple[dict, Path]:
-    """Score `split` of a run and write ``RUN_DIR/eval/<split>/``; return (metrics, that folder)."""
+    """Score `split` of a run and write ``RUN_DIR/eval/<split>/``; return (metrics, that folder).
+
+    `device` (``auto``, ``cpu``, ``cuda``, ``cuda:N``) is where the heads run; the numbers do not depend on it.
+    """
     run = load_run(run_dir)
     features = Path(features) if features is not None else Path(run.config["feature_dir"])
-    pred = score_split(run, features, split, labels)
+    pred = score_split(run, features, split, labels, device)
     multi = run.n_classes > 2
     metrics = summarise_multiclass(pred, run.classes, n_boot, seed) if multi else summarise(pred, n_boot, seed)
     doc = {"split": split, "run": str(run.path), "features": str(features), "mil_version": mil.__version__, **metrics}

@@ -6,14 +6,12 @@ User mistakes (`MilError`) are printed as one line and exit with status 2, witho
 
 from __future__ import annotations
 
-import re
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from mil.errors import MilError
+from mil.cli_runner import run_app
 from mil.evaluate.cli import app as evaluate_app
 from mil.extract.cli import app as extract_app
 from mil.train.cli import app as train_app
@@ -66,46 +64,9 @@ def _root(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point. Exits 0 on success, 1 when some slides failed, 2 on a user mistake.
-
-    Every user mistake — a `MilError` from a stage, or a command-line error that click finds (an
-    unknown option, ``--epochs abc``) — is printed as one line and exits with status 2.
-    """
-    try:
-        rc = app(args=argv, standalone_mode=False)  # returns exit codes instead of calling sys.exit
-    except MilError as e:
-        typer.echo(f"error: {e}", err=True)
-        sys.exit(2)
-    except Exception as e:
-        if type(e).__name__ == "Abort":  # click's Abort (EOF at a prompt)
-            typer.echo("Aborted.", err=True)
-            sys.exit(1)
-        if not _is_click_error(e):
-            raise
-        if type(e).__name__ == "NoArgsIsHelpError":  # `mil train` alone: its help, as in standalone mode
-            e.show()
-            sys.exit(e.exit_code)
-        ctx = getattr(e, "ctx", None)
-        where = f"{ctx.command_path}: " if ctx is not None else ""
-        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
-        typer.echo(f"error: {where}{_house_style(e.format_message())}{hint}", err=True)
-        sys.exit(e.exit_code)
-    if isinstance(rc, int) and rc != 0:  # typer.Exit(code), e.g. 1 when some slides failed
-        sys.exit(rc)
-
-
-_CHOICE = re.compile(r"Invalid value for '([^']+)': (?:Value error, )?(.+?) is not one of (.+?)\.?$")
-
-
-def _house_style(message: str) -> str:
-    """Click's message for a value outside an option's choices, said as every other error is."""
-    m = _CHOICE.match(message.strip())
-    return f"expected {m[1]} to be one of {m[3]}, got {m[2]} instead." if m else message
-
-
-def _is_click_error(e: Exception) -> bool:
-    """A click `ClickException` (usage errors, bad parameters), from click or Typer's vendored copy."""
-    return any(c.__name__ == "ClickException" for c in type(e).__mro__) and hasattr(e, "format_message")
+    """Console-script entry point. Exits 0 on success, 1 when some slides failed, 2 on a user mistake
+    (one line; see `mil.cli_runner.run_app`)."""
+    run_app(app, argv)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
@@ -39,7 +39,7 @@ def features(
     weight_decay: Annotated[float, typer.Option(help="Adam weight decay.")] = 1e-4,
     batch_size: Annotated[int, typer.Option(help="Bags per step (padded with a mask).")] = 1,
     recipe: Annotated[
-        str,
+        Literal["bce", "hnm-wsi"],
         typer.Option(
             help="Loss recipe: bce (bag BCE), or hnm-wsi (the HNM-WSI authors' MIL loss: 0.5 bag + 0.5 max-instance BCE + 0.1 ranking, hard negatives). Options below override its parts."
         ),
@@ -82,7 +82,9 @@ def features(
     instance_labels: Annotated[
         Optional[Path], typer.Option(help="CSV of annotated tiles (slide_id, x, y, label) for an instance loss beside the bag loss.")
     ] = None,
-    instance_loss: Annotated[str, typer.Option(help="Instance loss for --instance-labels: ece (exclusive cross-entropy) or bce.")] = "ece",
+    instance_loss: Annotated[
+        Literal["ece", "bce"], typer.Option(help="Instance loss for --instance-labels: ece (exclusive cross-entropy) or bce.")
+    ] = "ece",
     instance_weight: Annotated[float, typer.Option(help="Weight of the instance loss.")] = 1.0,
     ece_schedule_epochs: Annotated[
         Optional[int],
@@ -95,7 +97,9 @@ def features(
             help="Standardise features with the training bags' per-feature mean and sd (kept in the checkpoint); default on, chosen by benchmarks/defaults.py.",
         ),
     ] = True,
-    cache: Annotated[str, typer.Option(help="auto | ram | stream: keep bags in RAM as float16, or read them per step.")] = "auto",
+    cache: Annotated[
+        Literal["auto", "ram", "stream"], typer.Option(help="Keep bags in RAM as float16 (ram), or read them per step (stream).")
+    ] = "auto",
     label_column: Annotated[str, typer.Option(help="Column of the label table holding the target.")] = "label",
     label_map: Annotated[
         Optional[str],
@@ -110,7 +114,9 @@ def features(
         Optional[Path], typer.Option(help="STAMP's slide table (PATIENT, FILENAME) beside its clinical --manifest.")
     ] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N (auto: a CUDA GPU when one is visible).")] = "auto",
-    precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 (auto: bf16 autocast on a GPU that has it, else fp32).")] = "auto",
+    precision: Annotated[
+        Literal["auto", "fp32", "bf16"], typer.Option(help="auto: bf16 autocast on a GPU that has it, else fp32.")
+    ] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of splits, initialisation and shuffling.")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar with the running loss and validation AUC.")] = True,
@@ -233,7 +239,8 @@ def bagnet(
     pooling: Annotated[str, typer.Option(help="Pooling over positions: max, mean, logsumexp, attention, gated_attention.")] = "max",
     width: Annotated[float, typer.Option(help="Channel multiplier (embedding 2048·width).")] = 1.0,
     norm: Annotated[
-        str, typer.Option(help="Normalisation layers: in_aff (the paper's affine InstanceNorm), in, or bn (BatchNorm).")
+        Literal["in_aff", "in", "bn"],
+        typer.Option(help="Normalisation layers: in_aff (the paper's affine InstanceNorm), in, or bn (BatchNorm)."),
     ] = "in_aff",
     epochs: Annotated[int, typer.Option(help="Epochs (LR ×0.1 at 80, 120, 160 of 200, scaled).")] = 200,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,

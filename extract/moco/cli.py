@@ -145,17 +145,11 @@ def moco(
 def main(argv: list[str] | None = None) -> None:
     """`python -m mil.extract.moco.cli …` (and `torchrun -m mil.extract.moco.cli …`): the command on
     its own, with `mil`'s error handling (a `MilError` is one line and exit status 2)."""
-    import sys
-
-    from mil.errors import MilError
+    from mil.cli_runner import run_app
 
     app = typer.Typer(pretty_exceptions_enable=False, add_completion=False, rich_markup_mode="rich")
     app.command()(moco)
-    try:
-        app(args=argv)
-    except MilError as e:
-        typer.echo(f"error: {e}", err=True)
-        sys.exit(2)
+    run_app(app, argv)
 
 
 if __name__ == "__main__":

@@ -159,7 +159,7 @@ def test_refusals_are_one_line_and_write_nothing(case, tmp_path):
     run = shutil.copytree(case["run"], tmp_path / "run")
     one_line_error(heatmap(run, "--slide", "nope"), "expected a feature file", "'nope'")
     one_line_error(heatmap(run, "--slide", "les", "--fold", "7"), "'7'", "split")
-    one_line_error(heatmap(run, "--slide", "les", "--score", "gradcam"), "attention or instance", "'gradcam'")
+    one_line_error(heatmap(run, "--slide", "les", "--score", "gradcam"), "'attention', 'instance'", "'gradcam'")
     one_line_error(heatmap(run, "--slide", "les", "--top-k", "100"), "--top-k")
     feats = shutil.copytree(case["root"] / "features", tmp_path / "features")
     with h5py.File(feats / "les.h5", "a") as f:

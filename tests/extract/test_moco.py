@@ -236,16 +236,15 @@ def _cli_app() -> typer.Typer:
 
 
 def invoke(*args) -> subprocess.CompletedProcess:
-    """Run the command in-process as `mil.cli.main` does: a `MilError` is one line and exit 2."""
+    """Run the command in-process as `mil.cli.main` does (`run_app`): a user mistake is one line and exit 2."""
+    from mil.cli_runner import run_app
+
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
         warnings.simplefilter("always")
         try:
-            _cli_app()(args=["moco", *map(str, args)])
+            run_app(_cli_app(), ["moco", *map(str, args)])
             rc = 0
-        except MilError as e:
-            print(f"error: {e}", file=sys.stderr)
-            rc = 2
         except SystemExit as e:
             rc = e.code if isinstance(e.code, int) else 0
     return subprocess.CompletedProcess(args, rc, out.getvalue(), err.getvalue())
@@ -386,7 +385,7 @@ def test_settings_mismatch_is_refused_before_any_work(tmp_path, slides):
         (["--tiles-per-slide", "0"], "expected --tiles-per-slide >= 1"),
         (["--epochs", "0"], "expected --epochs >= 1"),
         (["--bn-splits", "9"], "expected --bn-splits <= 8"),
-        (["--precision", "fp16"], "expected --precision auto, fp32 or bf16"),
+        (["--precision", "fp16"], "expected --precision to be one of 'auto', 'fp32', 'bf16', got 'fp16' instead"),
         (["--arch", "resnet18x"], "did you mean"),
         (["--tile-size", "4"], "expected --tile-size of at least 8 px"),
     ],

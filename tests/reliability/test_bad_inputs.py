@@ -260,7 +260,7 @@ for _kind in MANIFEST_KINDS:
     # train opens no slide file and needs no path column (mil.labels): see train/manifest:no_feature_file
     if _kind not in ("missing_file", "missing_column"):
         case(f"train/manifest:{_kind}")(lambda ctx, tmp, k=_kind: (*_train(ctx, tmp, (m := bad_manifest(ctx.bags, k, tmp))[0]), m[1]))
-for _kind in ("duplicate_id", "bad_label", "id_dotdot", "missing_column", "not_csv"):
+for _kind in ("duplicate_id", "bad_label", "id_dotdot", "not_csv"):  # labels need no path column (mil.labels)
     case(f"evaluate run/manifest:{_kind}")(
         lambda ctx, tmp, k=_kind: (
             ["evaluate", "run", (d := copy_run(ctx, tmp)), "--manifest", (m := bad_manifest(ctx.bags, k, tmp))[0], "--n-boot", "10"],
