@@ -138,13 +138,7 @@ def predict_cohort(
         )
     cohort = read_cohort(source, features, run.config.get("labels"))
     files, spec = resolve_feature_files(cohort.slides, cohort.features)
-    diff = run.feature_spec.first_difference(spec)
-    if diff is not None:
-        name, trained, given = diff
-        raise SettingsMismatchError(
-            f"{cohort.features}: expected features with {name}={trained!r} as the run was trained on, got {name}={given!r} instead; "
-            "extract them with the run's settings (see its config.json)."
-        )
+    run.check_features(spec, cohort.features)
     out = Path(out)
     check_out(out, overwrite, [run.path, cohort.features, cohort.source])
     dev = resolve_device(device)

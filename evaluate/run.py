@@ -68,6 +68,16 @@ class Run:
     def feature_spec(self) -> FeatureSpec:
         return FeatureSpec(**self.config["feature_spec"])
 
+    def check_features(self, spec: FeatureSpec, where: str | Path) -> None:
+        """`SettingsMismatchError` (one line naming both values) unless features of `spec` (in `where`) are the run's kind."""
+        diff = self.feature_spec.first_difference(spec)
+        if diff is not None:
+            name, trained, given = diff
+            raise SettingsMismatchError(
+                f"{where}: expected features with {name}={trained!r} as the run was trained on, got {name}={given!r} instead; "
+                "extract them with the run's settings (see its config.json)."
+            )
+
     @property
     def n_classes(self) -> int:
         """2 for a binary run; C for a multi-class one (config.json ``n_classes``)."""
@@ -159,13 +169,7 @@ def score_split(
             f"expected a label for every {split} slide, got none for {len(unlabelled)}: {', '.join(unlabelled[:10])}; label them in the manifest."
         )
     files, spec = resolve_feature_files(pd.DataFrame({"slide_id": list(dict.fromkeys(rows["slide_id"]))}), features)
-    diff = run.feature_spec.first_difference(spec)
-    if diff is not None:
-        name, trained, given = diff
-        raise SettingsMismatchError(
-            f"{features}: expected features with {name}={trained!r} as the run was trained on, got {name}={given!r} instead; "
-            "extract them with the run's settings (see its config.json)."
-        )
+    run.check_features(spec, features)
     dev = resolve_device(device)
     out = []
     for fold, part in rows.groupby("fold", sort=False):

@@ -179,6 +179,11 @@ def _map_labels(values: pd.Series, path: Path, label_map: dict[str, int] | None)
                 f"--n-classes {len(present)}."
             )
         label_map = {present[0]: 0, present[1]: 1}
+    return _apply_map(values, present, path, label_map)
+
+
+def _apply_map(values: pd.Series, present: list[str], path: Path, label_map: dict[str, int]) -> tuple[pd.Series, dict[str, int]]:
+    """`values` through `label_map` ("" stays ""); a value the map does not name is an error naming its row."""
     unmapped = [v for v in present if v not in label_map]
     if unmapped:
         row = int(values[values == unmapped[0]].index[0]) + 2
@@ -205,14 +210,7 @@ def _map_classes(values: pd.Series, path: Path, label_map: dict[str, int] | None
         if bad:
             name = next(iter(bad))
             raise ManifestError(f"expected --label-map values 0..{n_classes - 1} for {n_classes} classes, got {name}={bad[name]} instead.")
-        unmapped = [v for v in present if v not in label_map]
-        if unmapped:
-            row = int(values[values == unmapped[0]].index[0]) + 2
-            raise ManifestError(
-                f"{path} line {row}: expected a label named in the class map ({', '.join(label_map)}), got {unmapped[0]!r} "
-                "instead; add it to --label-map or remove the row."
-            )
-        return values.map(lambda v: str(label_map[v]) if v else ""), dict(label_map)
+        return _apply_map(values, present, path, label_map)
     out = []
     for i, v in values.items():
         k = _class_index(v)
