@@ -125,7 +125,7 @@ def read_label_table(
         if label_column in table.columns:
             df["label"] = table[label_column]
             used.add(label_column)
-        elif require_labels:
+        elif require_labels or label_column != "label":  # a column asked for by name must be there
             _require(table, path, [label_column], "--label-column")
     multi = None
     if "label" in df.columns and n_classes > 2:

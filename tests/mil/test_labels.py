@@ -39,7 +39,7 @@ def test_label_map_and_its_errors(tmp_path):
     with pytest.raises(OptionError, match="--label-map like"):
         parse_label_map("tumor:1")
     with pytest.raises(ManifestError, match="'diagnosis'.*--label-column"):
-        read_label_table(p, label_column="diagnosis", require_labels=True)
+        read_label_table(p, label_column="diagnosis")  # named, so required even where labels are optional
 
 
 def test_stamp_clinical_and_slide_tables(tmp_path):
