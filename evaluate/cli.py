@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
@@ -111,12 +112,25 @@ def predict(
         seed=seed,
         progress=progress,
     )
-    folds = [c[len("threshold_") :] for c in pred.columns if c.startswith("threshold_")]
+    folds = [c[len("predicted_") :] for c in pred.columns if c.startswith("predicted_")]
     scored = pred[pred["n_tiles"] > 0]
+    without = f"; {len(pred) - len(scored)} without tiles" if len(scored) < len(pred) else ""
+    head = f"{len(pred)} slides scored by {len(folds)} fold(s) ({', '.join(folds)})"
+    if "threshold" not in pred.columns:  # multi-class: the argmax of the folds' mean softmax
+        classes = json.loads((path / "config.json").read_text())["classes"]
+        counts = scored["predicted"].value_counts()
+        typer.echo(f"{head}; ensemble argmax: " + ", ".join(f"{name} {int(counts.get(k, 0))}" for k, name in enumerate(classes)) + without)
+        if doc is not None:
+            a, e = doc["auc_macro"], doc["ensemble"]
+            typer.echo(
+                f"  {doc['n_labelled']} labelled slides: macro one-vs-rest AUC {a['auc']:.3f}  95% CI [{a['ci_low']:.3f}, {a['ci_high']:.3f}]"
+            )
+            typer.echo(f"  ensemble argmax: accuracy {e['accuracy']:.3f}  balanced accuracy {e['balanced_accuracy']:.3f}")
+        typer.echo(f"wrote {path}")
+        return
     typer.echo(
-        f"{len(pred)} slides scored by {len(folds)} fold(s) ({', '.join(folds)}); ensemble threshold {pred['threshold'].iloc[0]:.3f}: "
-        f"{int(scored['predicted'].sum())} of {len(scored)} predicted positive"
-        + (f"; {len(pred) - len(scored)} without tiles" if len(scored) < len(pred) else "")
+        f"{head}; ensemble threshold {pred['threshold'].iloc[0]:.3f}: {int(scored['predicted'].sum())} of {len(scored)} predicted positive"
+        + without
     )
     if doc is not None:
         a, e = doc["auc"], doc["ensemble"]

@@ -18,6 +18,18 @@ the folds' validation thresholds (each stored in its checkpoint, chosen during t
 ``predicted = probability >= threshold``. Each fold's own threshold and prediction sit beside it.
 A slide with no tile has empty probabilities (a warning names it) and is left out of the metrics.
 
+Multi-class runs (config.json ``n_classes`` = C > 2): each fold gives the softmax of its C class logits;
+the ensemble's ``prob_<k>`` is the mean over folds of those probability vectors and ``predicted`` its
+argmax (each fold's ``predicted_<f>`` the argmax of its own); no thresholds (config.json says
+``"argmax"``). predictions.csv: ``slide_id, [label], n_tiles, prob_0 … prob_<C-1>, predicted``, then per
+fold f: ``prob_0_<f> … prob_<C-1>_<f>, predicted_<f>``. Tile files: ``instance_score`` (N, C) fold mean and
+``instance_score_folds`` (F, N, C) (csv: ``instance_score_<k>``, ``instance_score_<k>_<f>``); attention as
+above. metrics.json (labelled slides holding every class): `evaluate run`'s multi-class metrics
+(`summarise_multiclass`: per-class and macro one-vs-rest AUC with bootstrap CIs on the ensemble
+probabilities, accuracy, balanced accuracy, recall and confusion matrix over every (fold, slide) prediction,
+``per_fold``), plus ``ensemble`` (those hard-prediction metrics of the ensemble's argmax); plots ``roc.png``
+and ``confusion.png``.
+
 Everything is checked before any work (run, input, feature files and their spec against the
 run's, --out); the outputs are written into a temporary folder renamed when whole.
 """
@@ -38,8 +50,8 @@ from mil.checkpoint import load_head
 from mil.data import resolve_feature_files
 from mil.device import resolve_device
 from mil.errors import OptionError, SettingsMismatchError
-from mil.evaluate.metrics import threshold_metrics
-from mil.evaluate.run import Run, load_run, plot_curves, summarise
+from mil.evaluate.metrics import multiclass_metrics, threshold_metrics
+from mil.evaluate.run import Run, load_run, plot_curves, plot_multiclass, summarise, summarise_multiclass
 from mil.features import check_finite, read_bag
 from mil.labels import read_label_table
 from mil.manifest import check_slide_id
@@ -64,7 +76,7 @@ def read_cohort(source: str | Path, features: str | Path | None = None, labels: 
 
     A label table is read as `mil train features` reads one (ours or CLAM's, `mil.labels`), with the
     training run's label column and class map (`labels`, config.json's ``labels``); without one,
-    labels must be 0, 1 or empty.
+    labels must be 0, 1 or empty (a multi-class run's: its class names or 0..C-1, or empty).
 
     Raises (one line): OptionError (a source that is neither, no ``.h5`` in the folder, --features
     missing or superfluous), ManifestError (no slide_id column, duplicate id, label not 0/1/empty).
@@ -84,8 +96,10 @@ def read_cohort(source: str | Path, features: str | Path | None = None, labels: 
     if features is None:
         raise OptionError(f"{source}: is a manifest; expected --features DIR, the folder of its slides' feature files.")
     labels = labels or {}
+    n_classes = int(labels.get("n_classes", 2))
+    binary_map = {"0": 0, "1": 1, "0.0": 0, "1.0": 1} if n_classes == 2 else None
     table = read_label_table(
-        source, label_column=labels.get("label_column", "label"), label_map=labels.get("label_map") or {"0": 0, "1": 1, "0.0": 0, "1.0": 1}
+        source, label_column=labels.get("label_column", "label"), label_map=labels.get("label_map") or binary_map, n_classes=n_classes
     )
     if table.ignored:
         warnings.warn(f"{source}: ignoring column(s) {', '.join(map(repr, table.ignored))}", stacklevel=2)
@@ -131,11 +145,7 @@ def predict_cohort(
     if n_boot < 1:
         raise OptionError(f"expected --n-boot >= 1, got {n_boot!r} instead.")
     run = load_run(run_dir)
-    if run.n_classes > 2:
-        raise OptionError(
-            f"{run.path}: expected a binary run for `mil evaluate predict`, got a {run.n_classes}-class run; scoring new cohorts "
-            "is binary-only for now (score a multi-class run's held-out slides with `mil evaluate run`)."
-        )
+    multi = run.n_classes > 2
     cohort = read_cohort(source, features, run.config.get("labels"))
     files, spec = resolve_feature_files(cohort.slides, cohort.features)
     run.check_features(spec, cohort.features)
@@ -144,7 +154,7 @@ def predict_cohort(
     dev = resolve_device(device)
     heads = {fold: load_head(path) for fold, path in run.checkpoints.items()}
     models = {fold: model.to(dev) for fold, (model, _) in heads.items()}
-    thresholds = {fold: float(ckpt["threshold"]) for fold, (_, ckpt) in heads.items()}
+    thresholds = None if multi else {fold: float(ckpt["threshold"]) for fold, (_, ckpt) in heads.items()}
     ckpt0 = next(iter(heads.values()))[1]
     config = {
         "command": "mil evaluate predict",
@@ -155,9 +165,14 @@ def predict_cohort(
         "feature_spec": spec.as_dict(),
         "folds": list(models),
         "head": ckpt0.get("head"),
-        "thresholds": thresholds,
-        "ensemble": "probability = mean of the folds' probabilities; predicted = probability >= mean of the folds' thresholds",
-        "ensemble_threshold": float(np.mean(list(thresholds.values()))),
+        "thresholds": "argmax" if multi else thresholds,
+        "ensemble": (
+            "prob_k = mean of the folds' softmax probabilities; predicted = argmax"
+            if multi
+            else "probability = mean of the folds' probabilities; predicted = probability >= mean of the folds' thresholds"
+        ),
+        "ensemble_threshold": "argmax" if multi else float(np.mean(list(thresholds.values()))),
+        **({"n_classes": run.n_classes, "classes": run.classes} if multi else {}),
         "tiles": tiles,
         "device": str(dev),
         "n_boot": n_boot,
@@ -167,7 +182,10 @@ def predict_cohort(
         "mil_version": mil.__version__,
     }
     with replacing(out) as tmp:
-        pred = score_cohort(models, thresholds, cohort.slides, files, tmp / "tiles", tiles, progress, dev)
+        if multi:
+            pred = score_cohort_multiclass(models, run.n_classes, cohort.slides, files, tmp / "tiles", tiles, progress, dev)
+        else:
+            pred = score_cohort(models, thresholds, cohort.slides, files, tmp / "tiles", tiles, progress, dev)
         doc = summarise_labelled(run, pred, n_boot, seed)
         config["empty_slides"] = empty = pred.loc[pred["n_tiles"] == 0, "slide_id"].tolist()
         if empty:
@@ -176,7 +194,10 @@ def predict_cohort(
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         table = pred if cohort.slides["label"].notna().any() else pred.drop(columns=["label"])
         table.to_csv(tmp / "predictions.csv", index=False)
-        if doc is not None:
+        if doc is not None and multi:
+            (tmp / "metrics.json").write_text(json.dumps(doc, indent=2) + "\n")
+            plot_multiclass(_long_multiclass(pred), doc, tmp, title=f"{run.path.name} · {cohort.source.name}")
+        elif doc is not None:
             (tmp / "metrics.json").write_text(json.dumps(doc, indent=2) + "\n")
             scored = pred[pred["label"].notna() & (pred["n_tiles"] > 0)]
             title = f"{run.path.name} · {cohort.source.name}"
@@ -235,6 +256,59 @@ def score_cohort(
     return pred
 
 
+@torch.inference_mode()
+def score_cohort_multiclass(
+    models: dict[str, torch.nn.Module],
+    n_classes: int,
+    slides: pd.DataFrame,
+    files: dict[str, Path],
+    tile_dir: Path,
+    tiles: str,
+    progress: bool,
+    device: torch.device,
+) -> pd.DataFrame:
+    """`score_cohort` for a C-class run: softmax per fold, the ensemble the mean of those vectors, predictions the argmax."""
+    tile_dir.mkdir()
+    folds, C = list(models), n_classes
+    rows = []
+    with _progress_bar(progress) as bar:
+        task = bar.add_task("scoring slides", total=len(slides))
+        for sid, label in zip(slides["slide_id"], slides["label"]):
+            bag = read_bag(files[sid], dtype=np.float32)
+            check_finite(bag)
+            n = bag.n_instances
+            probs = np.full((len(folds), C), np.nan)  # (F, C)
+            inst, att = np.zeros((len(folds), n, C), np.float32), np.zeros((len(folds), n), np.float32)
+            has_attention = n > 0
+            if n > 0:
+                X = torch.from_numpy(np.ascontiguousarray(bag.features))[None].to(device)  # (1, N, D)
+                for i, f in enumerate(folds):
+                    o = models[f](X)  # logits (1, C), instance_scores (1, N, C), attention (1, N) | None
+                    probs[i] = torch.softmax(o.logits.double(), dim=1)[0].cpu().numpy()  # (C,), as `mil.predict.predict`
+                    inst[i] = o.instance_scores[0].float().cpu().numpy()  # (N, C)
+                    if o.attention is None:
+                        has_attention = False
+                    else:
+                        att[i] = o.attention[0].float().cpu().numpy()  # (N,)
+            p = probs.mean(axis=0)  # (C,) NaN without tiles
+            row = {"slide_id": sid, "label": label, "n_tiles": n, **{f"prob_{k}": p[k] for k in range(C)}, "predicted": _argmax(p)}
+            for i, f in enumerate(folds):
+                row |= {f"prob_{k}_{f}": probs[i, k] for k in range(C)} | {f"predicted_{f}": _argmax(probs[i])}
+            rows.append(row)
+            if tiles != "none":
+                write_tiles(tile_dir, sid, bag.coords, bag.attrs, folds, inst, att if has_attention else None, p, tiles)
+            bar.advance(task)
+    pred = pd.DataFrame(rows)
+    pred["label"] = pred["label"].astype("Int64")
+    for c in ["predicted", *(f"predicted_{f}" for f in folds)]:
+        pred[c] = pred[c].astype("Int64")
+    return pred
+
+
+def _argmax(p: np.ndarray):
+    return None if np.isnan(p).any() else int(np.argmax(p))
+
+
 def _hard(p: float, t: float):
     return None if np.isnan(p) else int(p >= t)
 
@@ -242,7 +316,8 @@ def _hard(p: float, t: float):
 def write_tiles(
     folder: Path, sid: str, coords: np.ndarray, attrs: dict, folds: list[str], inst: np.ndarray, att: np.ndarray | None, p: float, fmt: str
 ) -> None:
-    """``<sid>.h5`` and/or ``<sid>.csv`` of one slide: coords (N, 2), fold-mean and per-fold ``(F, N)`` tile scores."""
+    """``<sid>.h5`` and/or ``<sid>.csv`` of one slide: coords (N, 2), fold-mean and per-fold ``(F, N)`` tile scores
+    (multi-class instance scores: ``(N, C)`` and ``(F, N, C)``; `p` the ensemble's class probabilities ``(C,)``)."""
     scores = {"instance_score": inst} | ({"attention": att} if att is not None else {})
     if fmt in ("h5", "both"):
         import h5py
@@ -251,12 +326,17 @@ def write_tiles(
             c = f.create_dataset("coords", data=np.asarray(coords, np.int64))  # (N, 2)
             c.attrs.update({k: attrs[k] for k in COORD_ATTRS if isinstance(attrs.get(k), (int, float, str))})
             for name, per_fold in scores.items():
-                f.create_dataset(name, data=per_fold.mean(0))  # (N,)
-                f.create_dataset(f"{name}_folds", data=per_fold)  # (F, N)
+                f.create_dataset(name, data=per_fold.mean(0))  # (N,) or (N, C)
+                f.create_dataset(f"{name}_folds", data=per_fold)  # (F, N) or (F, N, C)
             f.attrs.update(slide_id=sid, folds=json.dumps(folds), probability=p, mil_version=mil.__version__)
     if fmt in ("csv", "both"):
         table = {"x": coords[:, 0], "y": coords[:, 1]}
         for name, per_fold in scores.items():
+            if per_fold.ndim == 3:  # (F, N, C): one column per class, then per class and fold
+                mean = per_fold.mean(0)
+                table |= {f"{name}_{k}": mean[:, k] for k in range(mean.shape[1])}
+                table |= {f"{name}_{k}_{f}": per_fold[i, :, k] for k in range(mean.shape[1]) for i, f in enumerate(folds)}
+                continue
             table[name] = per_fold.mean(0)
             table |= {f"{name}_{f}": per_fold[i] for i, f in enumerate(folds)}
         pd.DataFrame(table).to_csv(folder / f"{sid}.csv", index=False)
@@ -267,6 +347,8 @@ def summarise_labelled(run: Run, pred: pd.DataFrame, n_boot: int, seed: int) -> 
 
     None (with a warning) when no labelled slide, or only one class among them: there is no AUC to give.
     """
+    if run.n_classes > 2:
+        return summarise_labelled_multiclass(run, pred, n_boot, seed)
     scored = pred[pred["label"].notna() & (pred["n_tiles"] > 0)]
     if scored.empty:
         return None
@@ -302,6 +384,48 @@ def summarise_labelled(run: Run, pred: pd.DataFrame, n_boot: int, seed: int) -> 
         **summarise(long, n_boot, seed),
     }
     doc["ensemble"] = {"threshold": float(scored["threshold"].iloc[0]), **threshold_metrics(labels, scored["predicted"].astype(int))}
+    return doc
+
+
+def _long_multiclass(pred: pd.DataFrame) -> pd.DataFrame:
+    """`score_split`'s multi-class table (``fold, slide_id, label, prob_0 … prob_<C-1>, predicted``) of the labelled, scored slides."""
+    scored = pred[pred["label"].notna() & (pred["n_tiles"] > 0)]
+    folds = [c[len("predicted_") :] for c in pred.columns if c.startswith("predicted_")]
+    C = sum(1 for c in pred.columns if c.startswith("prob_") and c[len("prob_") :].isdigit())
+    parts = []
+    for f in folds:
+        part = pd.DataFrame({"fold": f, "slide_id": scored["slide_id"], "label": scored["label"].astype(int)})
+        part = part.assign(**{f"prob_{k}": scored[f"prob_{k}_{f}"].astype(float) for k in range(C)})
+        parts.append(part.assign(predicted=scored[f"predicted_{f}"].astype(int)))
+    return pd.concat(parts, ignore_index=True)
+
+
+def summarise_labelled_multiclass(run: Run, pred: pd.DataFrame, n_boot: int, seed: int) -> dict | None:
+    """metrics.json of a multi-class run: `summarise_multiclass` on the labelled slides (every fold scores each, so the
+    per-slide mean probabilities are the ensemble's), plus the ensemble argmax's ``multiclass_metrics``.
+
+    None (with a warning) when no labelled slide, or not every class among them: there is no macro one-vs-rest AUC to give.
+    """
+    scored = pred[pred["label"].notna() & (pred["n_tiles"] > 0)]
+    if scored.empty:
+        return None
+    labels = scored["label"].astype(int)
+    missing = [run.classes[k] for k in range(run.n_classes) if not (labels == k).any()]
+    if missing:
+        warnings.warn(
+            f"the {len(scored)} labelled slides hold no slide of class {', '.join(map(repr, missing))}: no one-vs-rest AUC, so no "
+            "metrics.json; predictions are written.",
+            stacklevel=3,
+        )
+        return None
+    doc = {
+        "run": str(run.path.resolve()),
+        "n_labelled": len(scored),
+        "n_unlabelled": int(len(pred) - len(scored)),
+        "mil_version": mil.__version__,
+        **summarise_multiclass(_long_multiclass(pred), run.classes, n_boot, seed),
+    }
+    doc["ensemble"] = {"rule": "argmax", **multiclass_metrics(labels, scored["predicted"].astype(int), run.n_classes)}
     return doc
 
 

@@ -11,7 +11,6 @@ from sklearn.metrics import balanced_accuracy_score, confusion_matrix, roc_auc_s
 
 from mil.errors import OptionError
 from mil.evaluate.metrics import multiclass_auc_ci, multiclass_metrics
-from mil.evaluate.predict import predict_cohort
 from tests.conftest import invoke_mil
 from tests.train.test_multiclass import NAMES, class_cohort
 
@@ -85,8 +84,14 @@ def test_evaluate_run_reports_per_class_and_macro_auc_and_the_confusion_matrix(t
     assert (out / "roc.png").stat().st_size > 0 and (out / "confusion.png").stat().st_size > 0
 
 
-def test_scoring_a_new_cohort_with_a_multiclass_run_is_refused_in_one_line(trained):
+def test_mil_evaluate_predict_on_a_multiclass_run_prints_the_argmax_summary(trained):
+    """The CLI's summary of `evaluate predict` for a C-class run (the scoring itself: test_predict_multiclass.py)."""
+    from tests.conftest import invoke_mil
+
     folder, m = trained
-    with pytest.raises(OptionError, match="3-class run.*binary-only") as e:
-        predict_cohort(folder / "run", m, folder / "pred", features=folder)
-    assert "\n" not in str(e.value) and not (folder / "pred").exists()
+    r = invoke_mil(
+        "evaluate", "predict", folder / "run", m, "--features", folder, "--out", folder / "pred", "--n-boot", "20", "--no-progress"
+    )
+    assert r.returncode == 0, r.stderr
+    assert "ensemble argmax" in r.stdout and "macro one-vs-rest AUC" in r.stdout
+    assert (folder / "pred" / "predictions.csv").is_file()
