@@ -62,10 +62,8 @@ def independent_probs(run, folder, ids):
 def test_ensemble_is_the_mean_of_the_folds_softmax_and_predicted_its_argmax(setup, predicted):
     pred, _, out = predicted
     probs = [f"prob_{k}" for k in range(C)]
-    assert list(pred.columns) == [
-        "slide_id", "label", "n_tiles", *probs, "predicted",
-        *(c for f in FOLDS for c in (*(f"prob_{k}_{f}" for k in range(C)), f"predicted_{f}")),
-    ]  # fmt: skip
+    per_fold = [c for f in FOLDS for c in (*(f"prob_{k}_{f}" for k in range(C)), f"predicted_{f}")]
+    assert list(pred.columns) == ["slide_id", "label", "n_tiles", *probs, "predicted", *per_fold]
     assert pd.read_csv(out / "predictions.csv").columns.tolist() == pred.columns.tolist()
     ref = independent_probs(setup / "run", setup / "new", pred["slide_id"].tolist())
     for f, P in ref.items():
