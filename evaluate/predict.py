@@ -182,10 +182,8 @@ def predict_cohort(
         "mil_version": mil.__version__,
     }
     with replacing(out) as tmp:
-        if multi:
-            pred = score_cohort_multiclass(models, run.n_classes, cohort.slides, files, tmp / "tiles", tiles, progress, dev)
-        else:
-            pred = score_cohort(models, thresholds, cohort.slides, files, tmp / "tiles", tiles, progress, dev)
+        ts = None if multi else thresholds  # multi-class: the argmax, no threshold
+        pred = score_cohort(models, ts, cohort.slides, files, tmp / "tiles", tiles, progress, dev, n_classes=run.n_classes)
         doc = summarise_labelled(run, pred, n_boot, seed)
         config["empty_slides"] = empty = pred.loc[pred["n_tiles"] == 0, "slide_id"].tolist()
         if empty:
@@ -210,99 +208,85 @@ def predict_cohort(
 @torch.inference_mode()
 def score_cohort(
     models: dict[str, torch.nn.Module],
-    thresholds: dict[str, float],
+    thresholds: dict[str, float] | None,
     slides: pd.DataFrame,
     files: dict[str, Path],
     tile_dir: Path,
     tiles: str,
     progress: bool,
     device: torch.device,
+    n_classes: int = 2,
 ) -> pd.DataFrame:
-    """predictions.csv's table; each bag is read once and scored by every fold, its tile scores written to `tile_dir`."""
+    """predictions.csv's table; each bag is read once and scored by every fold, its tile scores written to `tile_dir`.
+
+    Binary (`thresholds` from the checkpoints): sigmoid per fold, the ensemble the mean probability, predictions
+    at the thresholds. ``n_classes`` C > 2 (`thresholds` None): softmax per fold, the ensemble the mean of those
+    vectors, predictions the argmax.
+    """
     tile_dir.mkdir()
     folds = list(models)
+    rows = []
+    with _progress_bar(progress) as bar:
+        task = bar.add_task("scoring slides", total=len(slides))
+        for sid, label in zip(slides["slide_id"], slides["label"]):
+            bag = read_bag(files[sid], dtype=np.float32)
+            check_finite(bag)
+            probs, inst, att = _fold_scores(models, bag, device, n_classes)  # (F, C'), (F, N[, C]), (F, N) | None
+            row, p = (_binary_row if n_classes == 2 else _multiclass_row)(folds, probs, thresholds)
+            rows.append({"slide_id": sid, "label": label, "n_tiles": bag.n_instances, **row})
+            if tiles != "none":
+                write_tiles(tile_dir, sid, bag.coords, bag.attrs, folds, inst, att, p, tiles)
+            bar.advance(task)
+    pred = pd.DataFrame(rows)
+    pred["label"] = pred["label"].astype("Int64")
+    for c in ["predicted", *(f"predicted_{f}" for f in folds)]:
+        pred[c] = pred[c].astype("Int64")
+    return pred
+
+
+def _fold_scores(models: dict[str, torch.nn.Module], bag, device: torch.device, n_classes: int):
+    """Each fold's class probabilities ``(F, 1)`` (binary: P(positive)) or ``(F, C)``, tile scores ``(F, N)`` or
+    ``(F, N, C)`` and attention ``(F, N)`` (None for heads without it); NaN probabilities for a bag without tiles."""
+    n, F = bag.n_instances, len(models)
+    width = 1 if n_classes == 2 else n_classes
+    probs = np.full((F, width), np.nan)  # (F, C')
+    inst = np.zeros((F, n) if n_classes == 2 else (F, n, n_classes), np.float32)
+    att = np.zeros((F, n), np.float32) if n > 0 else None
+    if n == 0:
+        return probs, inst, None
+    X = torch.from_numpy(np.ascontiguousarray(bag.features))[None].to(device)  # (1, N, D)
+    for i, model in enumerate(models.values()):
+        o = model(X)  # logits (1,) or (1, C), instance_scores (1, N) or (1, N, C), attention (1, N) | None
+        if n_classes == 2:
+            probs[i, 0] = torch.sigmoid(o.logits.float())[0].item()
+        else:
+            probs[i] = torch.softmax(o.logits.double(), dim=1)[0].cpu().numpy()  # (C,), as `mil.predict.predict`
+        inst[i] = o.instance_scores[0].float().cpu().numpy()  # (N,) or (N, C)
+        if o.attention is None:
+            att = None
+        elif att is not None:
+            att[i] = o.attention[0].float().cpu().numpy()  # (N,)
+    return probs, inst, att
+
+
+def _binary_row(folds: list[str], probs: np.ndarray, thresholds: dict[str, float]) -> tuple[dict, float]:
+    """predictions.csv's columns of one slide, binary: the mean probability at the mean threshold, and each fold's."""
     t_ens = float(np.mean([thresholds[f] for f in folds]))
-    rows = []
-    with _progress_bar(progress) as bar:
-        task = bar.add_task("scoring slides", total=len(slides))
-        for sid, label in zip(slides["slide_id"], slides["label"]):
-            bag = read_bag(files[sid], dtype=np.float32)
-            check_finite(bag)
-            n = bag.n_instances
-            probs, inst, att = np.full(len(folds), np.nan), np.zeros((len(folds), n), np.float32), np.zeros((len(folds), n), np.float32)
-            has_attention = n > 0
-            if n > 0:
-                X = torch.from_numpy(np.ascontiguousarray(bag.features))[None].to(device)  # (1, N, D)
-                for i, f in enumerate(folds):
-                    o = models[f](X)  # logits (1,), instance_scores (1, N), attention (1, N) | None
-                    probs[i] = torch.sigmoid(o.logits.float())[0].item()
-                    inst[i] = o.instance_scores[0].float().cpu().numpy()  # (N,)
-                    if o.attention is None:
-                        has_attention = False
-                    else:
-                        att[i] = o.attention[0].float().cpu().numpy()  # (N,)
-            p = float(probs.mean()) if n > 0 else np.nan
-            row = {"slide_id": sid, "label": label, "n_tiles": n, "probability": p, "threshold": t_ens, "predicted": _hard(p, t_ens)}
-            for i, f in enumerate(folds):
-                row |= {f"probability_{f}": probs[i], f"threshold_{f}": thresholds[f], f"predicted_{f}": _hard(probs[i], thresholds[f])}
-            rows.append(row)
-            if tiles != "none":
-                write_tiles(tile_dir, sid, bag.coords, bag.attrs, folds, inst, att if has_attention else None, p, tiles)
-            bar.advance(task)
-    pred = pd.DataFrame(rows)
-    pred["label"] = pred["label"].astype("Int64")
-    for c in ["predicted", *(f"predicted_{f}" for f in folds)]:
-        pred[c] = pred[c].astype("Int64")
-    return pred
+    p = float(probs[:, 0].mean())  # NaN without tiles
+    row = {"probability": p, "threshold": t_ens, "predicted": _hard(p, t_ens)}
+    for i, f in enumerate(folds):
+        row |= {f"probability_{f}": probs[i, 0], f"threshold_{f}": thresholds[f], f"predicted_{f}": _hard(probs[i, 0], thresholds[f])}
+    return row, p
 
 
-@torch.inference_mode()
-def score_cohort_multiclass(
-    models: dict[str, torch.nn.Module],
-    n_classes: int,
-    slides: pd.DataFrame,
-    files: dict[str, Path],
-    tile_dir: Path,
-    tiles: str,
-    progress: bool,
-    device: torch.device,
-) -> pd.DataFrame:
-    """`score_cohort` for a C-class run: softmax per fold, the ensemble the mean of those vectors, predictions the argmax."""
-    tile_dir.mkdir()
-    folds, C = list(models), n_classes
-    rows = []
-    with _progress_bar(progress) as bar:
-        task = bar.add_task("scoring slides", total=len(slides))
-        for sid, label in zip(slides["slide_id"], slides["label"]):
-            bag = read_bag(files[sid], dtype=np.float32)
-            check_finite(bag)
-            n = bag.n_instances
-            probs = np.full((len(folds), C), np.nan)  # (F, C)
-            inst, att = np.zeros((len(folds), n, C), np.float32), np.zeros((len(folds), n), np.float32)
-            has_attention = n > 0
-            if n > 0:
-                X = torch.from_numpy(np.ascontiguousarray(bag.features))[None].to(device)  # (1, N, D)
-                for i, f in enumerate(folds):
-                    o = models[f](X)  # logits (1, C), instance_scores (1, N, C), attention (1, N) | None
-                    probs[i] = torch.softmax(o.logits.double(), dim=1)[0].cpu().numpy()  # (C,), as `mil.predict.predict`
-                    inst[i] = o.instance_scores[0].float().cpu().numpy()  # (N, C)
-                    if o.attention is None:
-                        has_attention = False
-                    else:
-                        att[i] = o.attention[0].float().cpu().numpy()  # (N,)
-            p = probs.mean(axis=0)  # (C,) NaN without tiles
-            row = {"slide_id": sid, "label": label, "n_tiles": n, **{f"prob_{k}": p[k] for k in range(C)}, "predicted": _argmax(p)}
-            for i, f in enumerate(folds):
-                row |= {f"prob_{k}_{f}": probs[i, k] for k in range(C)} | {f"predicted_{f}": _argmax(probs[i])}
-            rows.append(row)
-            if tiles != "none":
-                write_tiles(tile_dir, sid, bag.coords, bag.attrs, folds, inst, att if has_attention else None, p, tiles)
-            bar.advance(task)
-    pred = pd.DataFrame(rows)
-    pred["label"] = pred["label"].astype("Int64")
-    for c in ["predicted", *(f"predicted_{f}" for f in folds)]:
-        pred[c] = pred[c].astype("Int64")
-    return pred
+def _multiclass_row(folds: list[str], probs: np.ndarray, thresholds=None) -> tuple[dict, np.ndarray]:
+    """predictions.csv's columns of one slide, C classes: the mean probability vector and its argmax, and each fold's."""
+    C = probs.shape[1]
+    p = probs.mean(axis=0)  # (C,) NaN without tiles
+    row = {**{f"prob_{k}": p[k] for k in range(C)}, "predicted": _argmax(p)}
+    for i, f in enumerate(folds):
+        row |= {f"prob_{k}_{f}": probs[i, k] for k in range(C)} | {f"predicted_{f}": _argmax(probs[i])}
+    return row, p
 
 
 def _argmax(p: np.ndarray):
