@@ -127,17 +127,13 @@ def read_label_table(
             used.add(label_column)
         elif require_labels or label_column != "label":  # a column asked for by name must be there
             _require(table, path, [label_column], "--label-column")
-    multi = None
     if "label" in df.columns and n_classes > 2:
-        multi, mapping = _map_classes(df["label"], path, label_map, n_classes)  # "0".."C-1" or ""
-        df["label"] = multi.where(multi == "", "0")  # the manifest checks know 0/1 only: the classes are put back below
+        df["label"], mapping = _map_classes(df["label"], path, label_map, n_classes)  # "0".."C-1" or ""
     elif "label" in df.columns:
         df["label"], mapping = _map_labels(df["label"], path, label_map)
     else:
         mapping = {}
-    slides = validate_slides(df, path, require_labels=require_labels, check_files=check_files, require_path=False)
-    if multi is not None:  # validate_slides keeps every row in order
-        slides["label"] = pd.array([int(v) if v else None for v in multi], dtype="Int64")
+    slides = validate_slides(df, path, require_labels=require_labels, check_files=check_files, require_path=False, n_classes=n_classes)
     ignored = [c for c in table.columns if c not in used]
     return LabelTable(slides, layout, label_column, mapping, ignored, n_classes)
 

@@ -107,9 +107,11 @@ def validate_slides(
     check_files: bool = True,
     slides_root: str | Path | None = None,
     require_path: bool = True,
+    n_classes: int = 2,
 ) -> pd.DataFrame:
     """`read_manifest`'s checks and cleaning of a table in the manifest's columns (`path` may be
-    missing or empty when not `require_path`: training on features needs no slide file)."""
+    missing or empty when not `require_path`: training on features needs no slide file; labels
+    are ``0..n_classes-1``)."""
     if len(df) == 0:
         raise ManifestError(f"{path}: expected at least one slide row, found none.")
     df = df.copy()
@@ -132,7 +134,7 @@ def validate_slides(
             raise ManifestError(f"{where}duplicate slide_id {sid!r} (first on line {_line(seen[sid])}); ids must be unique.")
         seen[sid] = i
         paths.append(_resolve_path(row.path, base, where, sid, require_path, check_files))
-        labels.append(_parse_label(row.label, where, sid, require_labels))
+        labels.append(_parse_label(row.label, where, sid, require_labels, n_classes))
         if row.split and row.split not in SPLITS:
             raise ManifestError(f"{where}expected split to be one of {', '.join(SPLITS)} or empty, got {row.split!r} instead.")
         mpps.append(_parse_mpp(row.mpp, where))
@@ -157,14 +159,15 @@ def _resolve_path(value: str, base: Path, where: str, sid: str, required: bool, 
     return str(p.resolve()) if p.exists() else str(p)
 
 
-def _parse_label(value: str, where: str, sid: str, required: bool) -> float:
+def _parse_label(value: str, where: str, sid: str, required: bool, n_classes: int = 2) -> float:
+    names = "0 or 1" if n_classes == 2 else f"0..{n_classes - 1}"
     if value == "":
         if required:
-            raise ManifestError(f"{where}expected a label 0 or 1 for {sid!r}, got an empty label; training needs labels.")
+            raise ManifestError(f"{where}expected a label {names} for {sid!r}, got an empty label; training needs labels.")
         return float("nan")
-    if value in {"0", "1", "0.0", "1.0"}:
+    if value in {str(k) for k in range(n_classes)} | {f"{k}.0" for k in range(n_classes)}:
         return float(value)
-    raise ManifestError(f"{where}expected label 0, 1 or empty, got {value!r} instead.")
+    raise ManifestError(f"{where}expected label {names.replace(' or', ',')} or empty, got {value!r} instead.")
 
 
 def _parse_mpp(value: str, where: str) -> float:
