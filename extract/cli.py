@@ -8,6 +8,7 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
+from mil.extract.finetune.cli import finetune
 from mil.extract.moco.cli import moco
 from mil.extract.options import (
     TILING_DEFAULTS,
@@ -296,4 +297,5 @@ def crops(
     typer.echo(summary(run_crops(manifest, masks, out, config, overwrite=overwrite, progress=progress)))
 
 
+app.command()(finetune)  # `mil extract finetune`: the HNM-WSI loop (extract/finetune/cli.py)
 app.command()(moco)  # `mil extract moco`: defined in moco_cli.py, which torchrun can also run as a module

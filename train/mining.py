@@ -18,17 +18,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 
 from mil.atomic import write_csv
 from mil.data import BagDataset
 from mil.device import module_device
-from mil.errors import OptionError
 from mil.features import read_bag
-
-PSEUDO_LABEL_THRESHOLD = 0.3  # θ of the authors' pseudo-label binarisation (docs/stage-two.md, "Hard negatives")
+from mil.selection import check_ratio, confident_positives, top_fraction
 
 
 @dataclass
@@ -66,8 +63,7 @@ def mine_hard_negatives(
         pos_ratio: fraction of the confident (σ > 0.3) positive-bag instances kept as pseudo-positives; None = none.
         bank_max: keep the features of at most this many mined negatives (highest scores first) in ``bank``.
     """
-    if not (0 < neg_ratio <= 1):
-        raise OptionError(f"expected --neg-ratio in (0, 1], got {neg_ratio!r} instead.")
+    check_ratio(neg_ratio, "--neg-ratio")
     model.eval()
     dev = module_device(model)
     neg: dict[str, torch.Tensor] = {}  # slide_id -> scores (N,)
@@ -85,13 +81,11 @@ def mine_hard_negatives(
             pos[sid] = s
     out = MinedSet()
     if neg:
-        everything = torch.cat(list(neg.values()))  # (M,) all negative instances
         # Global threshold: the (1 - neg_ratio) quantile over every negative instance of every bag.
-        out.threshold = float(np.quantile(everything.numpy(), 1.0 - neg_ratio))
-        for sid, s in neg.items():
-            idx = torch.nonzero(s >= out.threshold).flatten()  # (k,)
-            if idx.numel():
-                out.negatives[sid], out.scores[sid] = idx, s[idx]
+        kept, out.threshold = top_fraction({sid: s.numpy() for sid, s in neg.items()}, neg_ratio)
+        for sid, idx in kept.items():
+            out.negatives[sid] = torch.from_numpy(idx)  # (k,)
+            out.scores[sid] = neg[sid][out.negatives[sid]]  # (k,)
         if cand:
             keep = [(neg[sid][idx], X) for sid, (idx, X) in cand.items()]  # candidates' scores (k,), features (k, D)
             scores, feats = torch.cat([k for k, _ in keep]), torch.cat([X for _, X in keep])  # (K,), (K, D)
@@ -99,14 +93,8 @@ def mine_hard_negatives(
             order = scores[mined].argsort(descending=True)[:bank_max]  # (≤ bank_max,)
             out.bank = feats[mined][order] if order.numel() else None  # (≤ bank_max, D)
     if pos:
-        confident = {sid: torch.nonzero(torch.sigmoid(s) > PSEUDO_LABEL_THRESHOLD).flatten() for sid, s in pos.items()}
-        pooled = torch.cat([pos[sid][idx] for sid, idx in confident.items()])  # (M+,)
-        if pooled.numel():
-            t = float(np.quantile(pooled.numpy(), 1.0 - pos_ratio))
-            for sid, idx in confident.items():
-                keep = idx[pos[sid][idx] >= t]  # (r,)
-                if keep.numel():
-                    out.positives[sid] = keep
+        picked = confident_positives({sid: torch.sigmoid(s).numpy() for sid, s in pos.items()}, pos_ratio)
+        out.positives = {sid: torch.from_numpy(idx) for sid, idx in picked.items()}  # {slide: (r,)}
     return out
 
 
