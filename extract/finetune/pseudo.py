@@ -30,7 +30,7 @@ import torch
 from mil.checkpoint import load_head
 from mil.data import resolve_feature_files
 from mil.errors import OptionError
-from mil.features import read_bag
+from mil.features import read_bag, read_bag_attrs
 from mil.selection import PSEUDO_LABEL_THRESHOLD, confident_positives, random_fraction, top_fraction
 
 COLUMNS = ("slide_id", "tile_index", "x", "y", "bag_label", "prob")
@@ -78,14 +78,16 @@ def read_run(run_dir: str | Path) -> RunInfo:
     )
 
 
-def read_features_config(features_dir: Path) -> dict:
-    """The ``features_config.json`` that `mil extract features` wrote beside a run's feature files."""
-    path = Path(features_dir) / "features_config.json"
-    if not path.is_file():
+def read_encoder_config(run: RunInfo) -> dict:
+    """The encoder settings (name, input_size, mean, std, precision, seed …) stored in the run's feature files."""
+    files, _ = resolve_feature_files(pd.DataFrame({"slide_id": list(run.train_ids[:1])}), run.feature_dir)
+    path = next(iter(files.values()))
+    text = read_bag_attrs(path).get("encoder_config")
+    if not text:
         raise OptionError(
-            f"expected the features of --run to come from `mil extract features`, got no features_config.json in {features_dir}."
+            f"{path}: expected a feature file of `mil extract features` (attr encoder_config), got none; fine-tuning re-reads its tiles."
         )
-    return json.loads(path.read_text())
+    return json.loads(text)
 
 
 def pick_source(runs: list[RunInfo]) -> RunInfo:

@@ -20,6 +20,7 @@ through files.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import warnings
@@ -30,7 +31,7 @@ import pandas as pd
 
 from mil.atomic import write_csv
 from mil.errors import MilError, OptionError
-from mil.extract.finetune.pseudo import pick_source, read_features_config, read_run, score_training_tiles
+from mil.extract.finetune.pseudo import pick_source, read_run, score_training_tiles
 from mil.extract.finetune.train import FinetuneConfig, run_finetune
 
 
@@ -44,7 +45,13 @@ def reextract(
     from mil.extract.wsi.tiles import TilingConfig
     from mil.extract.wsi.tissue import TissueParams
 
-    doc = read_features_config(features_dir)
+    path = features_dir / "features_config.json"
+    if not path.is_file():
+        raise OptionError(
+            f"expected the round-0 features to hold features_config.json (written by `mil extract features`), got none in {features_dir}; "
+            "features made by the workflow's per-slide jobs are re-extracted by its finetune rules instead."
+        )
+    doc = json.loads(path.read_text())
     t = doc["tiling"]
     tiling = TilingConfig(GridSpec(**t["grid"]), TissueParams(**t["tissue"]), t["tissue_threshold"], t["mpp"])
     e = doc["encoder"]

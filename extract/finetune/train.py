@@ -52,7 +52,7 @@ from mil.errors import MilError, OptionError
 from mil.extract.finetune.pseudo import (
     RunInfo,
     make_pools,
-    read_features_config,
+    read_encoder_config,
     self_paced_positives,
     self_paced_ratio,
     uncertain_negatives,
@@ -191,7 +191,7 @@ def run_finetune(
     from mil.extract.wsi.reader import TileDataset
 
     out = Path(out_dir)
-    prep = read_features_config(source.feature_dir)["encoder"]  # the views are preprocessed as the features' tiles
+    prep = read_encoder_config(source)  # the views are preprocessed as the features' tiles
     with warnings.catch_warnings():  # random weights are a test's choice
         warnings.simplefilter("ignore")
         enc = create_encoder(
