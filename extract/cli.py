@@ -45,6 +45,12 @@ def synthetic(
     mpp: Annotated[float, typer.Option(help="Level-0 microns per pixel written into the slides.")] = 0.25,
     positive_fraction: Annotated[float, typer.Option(help="Fraction of slides with a planted lesion (label 1).")] = 0.5,
     lesion_fraction: Annotated[float, typer.Option(help="Lesion area as a fraction of the tissue area.")] = 0.02,
+    mimic_fraction: Annotated[
+        float,
+        typer.Option(
+            help="Area of lesion-mimicking regions (lesion colours, another texture; hard negatives) as a fraction of the tissue area, on every slide; 0 for none."
+        ),
+    ] = 0.0,
 ) -> None:
     """Write a synthetic cohort: pyramidal JPEG-tiled slides with tissue, lesions, masks and a manifest."""
     from rich.progress import Progress
@@ -63,6 +69,7 @@ def synthetic(
             mpp=mpp,
             positive_fraction=positive_fraction,
             lesion_fraction=lesion_fraction,
+            mimic_fraction=mimic_fraction,
             progress=lambda sid: (written.append(sid), bar.advance(task)),
         )
     if written:

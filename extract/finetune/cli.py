@@ -77,6 +77,9 @@ def finetune(
     if train_config is not None:
         from mil.extract.finetune.rounds import run_rounds
 
+        labels = Path(manifest or input_path)
+        if labels.is_dir():
+            raise typer.BadParameter(f"expected a manifest CSV with labels to retrain on, got the folder {labels}.", param_hint="MANIFEST")
         if len(run) != 1:
             raise typer.BadParameter("expected one --run (round 0's) with --train-config, got several.", param_hint="--run")
         table = run_rounds(

@@ -59,7 +59,7 @@ from mil.extract.finetune.pseudo import (
 )
 from mil.extract.finetune.supcon import SupConLoss
 from mil.rundir import read_settings, refuse_other_settings
-from mil.selection import check_ratio
+from mil.selection import PSEUDO_LABEL_THRESHOLD, check_ratio
 
 
 @dataclass(frozen=True)
@@ -185,10 +185,9 @@ def run_finetune(
     from torch.utils.data import DataLoader
 
     from mil.extract.moco.augment import Augment
-    from mil.extract.moco.data import MocoTiles, collate_tiles
+    from mil.extract.moco.data import collate_tiles
     from mil.extract.moco.train import _progress
     from mil.extract.wsi.encoders import create_encoder
-    from mil.extract.wsi.reader import TileDataset
 
     out = Path(out_dir)
     prep = read_encoder_config(source)  # the views are preprocessed as the features' tiles
@@ -261,16 +260,10 @@ def run_finetune(
             history = [r for r in pd.read_csv(out / "metrics.csv").to_dict("records") if r["epoch"] <= done]
     model.to(device)
 
-    geometry = _tile_geometry(source)
-    paths = dict(zip(slides["slide_id"].astype(str), slides["path"]))
-    sources, offsets = [], np.zeros(len(table), dtype=np.int64)  # table row -> dataset index
-    start = 0
-    for sid, rows in table.groupby("slide_id", sort=False).indices.items():
-        sources.append(TileDataset(paths[sid], table[["x", "y"]].to_numpy()[rows], *geometry[sid]))
-        offsets[rows] = start + np.arange(len(rows))
-        start += len(rows)
-    dataset = MocoTiles(sources)
-    labels = torch.from_numpy(((table["bag_label"].to_numpy() == 1) & (table["prob"].to_numpy() > 0.3)).astype(np.int64))  # (M,)
+    dataset, offsets = _tiles(slides, source, table)
+    labels = torch.from_numpy(
+        ((table["bag_label"].to_numpy() == 1) & (table["prob"].to_numpy() > PSEUDO_LABEL_THRESHOLD)).astype(np.int64)
+    )  # (M,) pseudo-labels
     bags = torch.from_numpy(table["bag_label"].to_numpy().astype(np.int64))  # (M,)
     augment = Augment()
     mean = torch.tensor(enc.mean, device=device).view(1, 3, 1, 1)  # (1, 3, 1, 1)
@@ -342,6 +335,23 @@ def run_finetune(
     with atomic_path(out / "encoder.pt") as tmp:  # last: marks the round finished
         torch.save({k: v.detach().cpu() for k, v in model.backbone.state_dict().items()}, tmp)
     return out / "encoder.pt"
+
+
+def _tiles(slides: pd.DataFrame, source: RunInfo, table: pd.DataFrame):
+    """The score table's tiles as one `MocoTiles` read from the slides, and each table row's index in it."""
+    from mil.extract.moco.data import MocoTiles
+    from mil.extract.wsi.reader import TileDataset
+
+    geometry = _tile_geometry(source)
+    paths = dict(zip(slides["slide_id"].astype(str), slides["path"]))
+    sources, offsets, start = [], np.zeros(len(table), dtype=np.int64), 0  # offsets: table row -> dataset index
+    for sid, rows in table.groupby("slide_id", sort=False).indices.items():
+        if sid not in paths:
+            raise OptionError(f"expected the manifest to list the training slide {sid} of {source.path}, got no row for it.")
+        sources.append(TileDataset(paths[sid], table[["x", "y"]].to_numpy()[rows], *geometry[sid]))
+        offsets[rows] = start + np.arange(len(rows))
+        start += len(rows)
+    return MocoTiles(sources), offsets
 
 
 def _tile_geometry(source: RunInfo) -> dict[str, tuple[int, int, float]]:

@@ -1,8 +1,9 @@
 """Synthetic whole-slide images, one slide at a time: masks, textures and the pyramidal file.
 
 Slides are pyramidal, JPEG-tiled TIFFs (generic or Aperio-like SVS) that OpenSlide opens, with
-H&E-like tissue blobs on a white background and, for positive slides, a planted "lesion" texture.
-The ground truth is a pair of boolean masks at `mask_downsample` resolution; every pyramid level is
+H&E-like tissue blobs on a white background and, for positive slides, a planted "lesion" texture;
+optionally "mimic" regions (`mil.extract.generate.mimic`) in the lesion's colours with another
+texture. The ground truth is boolean masks at `mask_downsample` resolution; every pyramid level is
 rendered tile by tile straight from those masks, so a gigapixel slide never exists in memory.
 
 Layout note (OpenSlide 4.0.1): the generic-tiff and aperio drivers take pyramid levels from the
@@ -135,9 +136,19 @@ def level_shapes(width: int, height: int) -> list[tuple[int, int]]:
 
 
 def _texture(
-    rng: np.random.Generator, stroma: tuple, nucleus: tuple, *, n_nuclei: int, radius: tuple[float, float], size: int = TEXTURE
+    rng: np.random.Generator,
+    stroma: tuple,
+    nucleus: tuple,
+    *,
+    n_nuclei: int,
+    radius: tuple[float, float],
+    aspect: tuple[float, float] | None = None,
+    size: int = TEXTURE,
 ) -> np.ndarray:
-    """One periodic (wraps seamlessly) H&E-like RGB texture, float32 (size, size, 3)."""
+    """One periodic (wraps seamlessly) H&E-like RGB texture, float32 (size, size, 3).
+
+    Each nucleus has semi-axes a, b: both drawn from `radius`, or b = a * (a draw from `aspect`).
+    """
 
     def smooth(sigma: float | tuple) -> np.ndarray:
         f = ndimage.gaussian_filter(rng.standard_normal((size, size)), sigma, mode="wrap")
@@ -151,7 +162,8 @@ def _texture(
     oy, ox = np.mgrid[-r_max : r_max + 1, -r_max : r_max + 1]
     for _ in range(n_nuclei):
         y, x = rng.integers(0, size, 2)
-        a, b = rng.uniform(*radius), rng.uniform(*radius)
+        a = rng.uniform(*radius)
+        b = rng.uniform(*radius) if aspect is None else a * rng.uniform(*aspect)
         th = rng.uniform(0, np.pi)
         u = (ox * np.cos(th) + oy * np.sin(th)) / a
         v = (-ox * np.sin(th) + oy * np.cos(th)) / b
@@ -164,8 +176,14 @@ def _texture(
     return img
 
 
-def _textures(seed: int) -> dict[str, np.ndarray]:
-    """Background, tissue and lesion level-0 textures for one slide (slight stain jitter)."""
+def _textures(seed: int, mimic: bool = False) -> dict[str, np.ndarray]:
+    """Background, tissue, lesion (and mimic) level-0 textures for one slide (slight stain jitter).
+
+    The mimic is the lesion's stain with another nuclear pattern: small, round, densely packed
+    nuclei (an inflammatory infiltrate) instead of large pleomorphic ones, rescaled per channel to
+    the lesion texture's mean RGB. It has its own random stream, so asking for it changes nothing
+    else.
+    """
     rng = np.random.default_rng(seed)
     jitter = rng.uniform(0.95, 1.05, 3)
     n = TEXTURE * TEXTURE / 512**2
@@ -182,7 +200,18 @@ def _textures(seed: int) -> dict[str, np.ndarray]:
         n_nuclei=int(900 * n),
         radius=(5.0, 10.0),
     )
-    return {"bg": bg, "tissue": tissue, "lesion": lesion}
+    out = {"bg": bg, "tissue": tissue, "lesion": lesion}
+    if mimic:
+        m = _texture(
+            np.random.default_rng([seed, 1]),
+            tuple(np.multiply(_LESION_STROMA, jitter)),
+            tuple(np.multiply(_LESION_NUCLEUS, jitter)),
+            n_nuclei=int(4000 * n),
+            radius=(2.5, 4.5),
+            aspect=(0.8, 1.0),
+        )
+        out["mimic"] = m * (lesion.mean(axis=(0, 1)) / m.mean(axis=(0, 1)))
+    return out
 
 
 def _level_texture(tex0: np.ndarray, d: int, tile: int) -> tuple[np.ndarray, int]:
@@ -218,8 +247,9 @@ def _tiles(
     tex: dict[str, tuple[np.ndarray, int]],
     ds: int,
     tile: int,
+    mimic: np.ndarray | None = None,
 ) -> Iterator[np.ndarray]:
-    """Yield the level's full (tile, tile, 3) uint8 tiles in row-major order."""
+    """Yield the level's full (tile, tile, 3) uint8 tiles in row-major order (lesion over mimic)."""
     h, w = level_shape
     rows = [_interp(y, tile, d, ds, tissue.shape[0]) for y in range(0, h, tile)]
     cols = [_interp(x, tile, d, ds, tissue.shape[1]) for x in range(0, w, tile)]
@@ -246,11 +276,12 @@ def _tiles(
             out = window("tissue", y, x)
             if t is not True:
                 out = np.where(t[..., None], out, window("bg", y, x))
-            les = False if lesion is None else coverage(lesion, r, c)
-            if les is True:
-                out = window("lesion", y, x)
-            elif les is not False:
-                out = np.where(les[..., None], window("lesion", y, x), out)
+            for name, mask in (("mimic", mimic), ("lesion", lesion)):
+                cov = False if mask is None else coverage(mask, r, c)
+                if cov is True:
+                    out = window(name, y, x)
+                elif cov is not False:
+                    out = np.where(cov[..., None], window(name, y, x), out)
             yield out
 
 
@@ -267,6 +298,7 @@ def write_slide(
     seed: int = 0,
     tile: int = 256,
     jpeg_quality: int = 80,
+    mimic: np.ndarray | None = None,
 ) -> Path:
     """Stream a pyramidal JPEG-tiled slide rendered from the masks to `path`.
 
@@ -283,6 +315,7 @@ def write_slide(
         seed: Seed for the textures.
         tile: Tile side in px (multiple of 16).
         jpeg_quality: JPEG quality 1-100.
+        mimic: Mask of lesion-mimicking regions (same shape), or None; the lesion is drawn over it.
 
     Returns:
         The path written.
@@ -294,14 +327,14 @@ def write_slide(
     if tile <= 0 or tile % 16:
         raise OptionError(f"expected tile to be a positive multiple of 16, got {tile!r} instead")
     expected = _mask_shape(width, height, mask_downsample)
-    for name, m in (("tissue", tissue), ("lesion", lesion)):
+    for name, m in (("tissue", tissue), ("lesion", lesion), ("mimic", mimic)):
         if m is not None and m.shape != expected:
             raise OptionError(
                 f"expected the {name} mask to have shape {expected} for a "
                 f"{width}x{height} slide at downsample {mask_downsample}, got {m.shape}"
             )
     path = Path(path)
-    tex0 = _textures(seed)
+    tex0 = _textures(seed, mimic=mimic is not None)
     shapes = level_shapes(width, height)
     # Classic TIFF offsets are 32-bit: use BigTIFF once the raw pixels alone could pass 4 GiB.
     bigtiff = width * height * 4 > 2**32
@@ -321,7 +354,7 @@ def write_slide(
                 d = LEVEL_FACTOR**level
                 tex = {k: _level_texture(v, d, tile) for k, v in tex0.items()}
                 tif.write(
-                    _tiles(shape, d, tissue, lesion, tex, mask_downsample, tile),
+                    _tiles(shape, d, tissue, lesion, tex, mask_downsample, tile, mimic),
                     shape=(*shape, 3),
                     subfiletype=0 if level == 0 else 1,
                     description=desc if level == 0 else None,

@@ -1,5 +1,6 @@
 """Synthetic cohorts for demos, tests and benchmarks: `make_cohort` writes slides (with
-`mil.extract.generate.slide_writer`), their lesion and tissue masks, labels, splits and a manifest.
+`mil.extract.generate.slide_writer`), their lesion and tissue masks (and, with a mimic fraction,
+lesion-mimic masks: `mil.extract.generate.mimic`), labels, splits and a manifest.
 """
 
 from __future__ import annotations
@@ -15,11 +16,19 @@ from PIL import Image
 
 from mil.atomic import atomic_path
 from mil.errors import OptionError
+from mil.extract.generate.mimic import random_mimic
 from mil.extract.generate.slide_writer import LEVEL_FACTOR, MASK_DOWNSAMPLE, TEXTURE, level_shapes, random_masks, write_slide
 
 
 def _check_cohort_args(
-    n_slides: int, size: int, fmt: str, mpp: float, positive_fraction: float, lesion_fraction: float, tissue_fraction: float
+    n_slides: int,
+    size: int,
+    fmt: str,
+    mpp: float,
+    positive_fraction: float,
+    lesion_fraction: float,
+    tissue_fraction: float,
+    mimic_fraction: float = 0.0,
 ) -> None:
     checks = [
         (n_slides >= 1, "--n-slides", "an integer >= 1", n_slides),
@@ -29,10 +38,15 @@ def _check_cohort_args(
         (0 <= positive_fraction <= 1, "--positive-fraction", "in [0, 1]", positive_fraction),
         (0 < lesion_fraction < 1, "--lesion-fraction", "in (0, 1)", lesion_fraction),
         (0 < tissue_fraction < 0.8, "--tissue-fraction", "in (0, 0.8)", tissue_fraction),
+        (0 <= mimic_fraction < 1, "--mimic-fraction", "in [0, 1)", mimic_fraction),
     ]
     for ok, opt, what, got in checks:
         if not ok:
             raise OptionError(f"expected {opt} to be {what}, got {got!r} instead")
+    if mimic_fraction > 0 and not lesion_fraction + mimic_fraction < 0.9:
+        raise OptionError(
+            f"expected --lesion-fraction + --mimic-fraction to be < 0.9, got {lesion_fraction!r} + {mimic_fraction!r} instead"
+        )
 
 
 def _labels_and_splits(n: int, positive_fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -62,6 +76,7 @@ def make_cohort(
     positive_fraction: float = 0.5,
     lesion_fraction: float = 0.02,
     tissue_fraction: float = 0.4,
+    mimic_fraction: float = 0.0,
     progress: Callable[[str], None] | None = None,
     mask_downsample: int = MASK_DOWNSAMPLE,
     tile: int = 256,
@@ -80,6 +95,9 @@ def make_cohort(
             when n_slides >= 2 unless the fraction is exactly 0 or 1.
         lesion_fraction: Lesion area as a fraction of tissue area on positive slides.
         tissue_fraction: Tissue area as a fraction of the slide.
+        mimic_fraction: Area of lesion-mimicking regions (lesion colours, another texture) as a
+            fraction of tissue area, on every slide whatever its label; never on the lesion.
+            0 (default) writes no mimic: the cohort is byte-identical to one made without it.
         progress: Called as progress(slide_id) after each slide.
         mask_downsample: Level-0 px per mask pixel.
         tile: Tile side in px.
@@ -88,7 +106,7 @@ def make_cohort(
     Returns:
         Path of manifest.csv.
     """
-    _check_cohort_args(n_slides, size, fmt, mpp, positive_fraction, lesion_fraction, tissue_fraction)
+    _check_cohort_args(n_slides, size, fmt, mpp, positive_fraction, lesion_fraction, tissue_fraction, mimic_fraction)
     out = Path(out_dir)
     shapes = level_shapes(size, size)
     params = {
@@ -109,6 +127,8 @@ def make_cohort(
         "level_dimensions": [[w, h] for h, w in shapes],
         "texture_period": TEXTURE,
     }
+    if mimic_fraction > 0:  # only then, so cohorts made without it keep their synthetic.json
+        params["mimic_fraction"] = mimic_fraction
     if _already_written(out, params):  # rerun with the same parameters: nothing to do
         return out / "manifest.csv"
     (out / "masks").mkdir(parents=True, exist_ok=True)
@@ -126,7 +146,15 @@ def make_cohort(
             tissue_fraction=tissue_fraction,
             lesion_fraction=lesion_fraction if labels[i] else None,
         )
-        for kind, m in (("tissue", tissue), ("lesion", lesion)):
+        # The mimic has its own stream (a child of the slide's seed): tissue, lesion and the
+        # slide's other pixels are the same whatever mimic_fraction is.
+        masks = {"tissue": tissue, "lesion": lesion}
+        if mimic_fraction > 0:
+            masks["mimic"] = random_mimic(tissue, lesion, rng=np.random.default_rng(ss.spawn(1)[0]), fraction=mimic_fraction)
+        else:  # a rerun without the mimic leaves no stale mimic mask behind
+            (out / "masks" / f"{sid}_mimic.png").unlink(missing_ok=True)
+        mimic = masks.get("mimic")
+        for kind, m in masks.items():
             Image.fromarray(m.astype(np.uint8) * 255).save(out / "masks" / f"{sid}_{kind}.png")
         name = f"{sid}.{fmt}"
         write_slide(
@@ -141,6 +169,7 @@ def make_cohort(
             seed=tex_seed,
             tile=tile,
             jpeg_quality=jpeg_quality,
+            mimic=mimic,
         )
         rows.append({"slide_id": sid, "path": name, "label": int(labels[i]), "split": splits[i], "patient_id": sid})
         per_slide[sid] = {
@@ -149,6 +178,8 @@ def make_cohort(
             "tissue_fraction": float(tissue.mean()),
             "lesion_fraction": float(lesion.sum() / max(tissue.sum(), 1)),
         }
+        if mimic is not None:
+            per_slide[sid]["mimic_fraction"] = float(mimic.sum() / max(tissue.sum(), 1))
         if progress is not None:
             progress(sid)
     manifest = out / "manifest.csv"
@@ -178,3 +209,16 @@ def load_masks(masks_dir: str | os.PathLike, slide_id: str) -> tuple[np.ndarray,
         np.asarray(Image.open(d / f"{slide_id}_{k}.png")) > 127  # type: ignore[return-value]
         for k in ("tissue", "lesion")
     )
+
+
+MASK_KINDS = ("tissue", "lesion", "mimic")
+
+
+def load_mask(masks_dir: str | os.PathLike, slide_id: str, kind: str) -> np.ndarray:
+    """Read back one bool mask that make_cohort wrote for `slide_id`: kind 'tissue', 'lesion' or 'mimic'."""
+    if kind not in MASK_KINDS:
+        raise OptionError(f"expected the mask kind to be one of 'tissue', 'lesion', 'mimic', got {kind!r} instead")
+    path = Path(masks_dir) / f"{slide_id}_{kind}.png"
+    if kind == "mimic" and not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: the cohort was made without a mimic (make it with --mimic-fraction > 0)")
+    return np.asarray(Image.open(path)) > 127
