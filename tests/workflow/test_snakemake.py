@@ -162,9 +162,28 @@ def test_slurm_profile_dry_run_gives_features_a_gpu(plan_only):
     assert not (plan_only / "results").exists()
 
 
+def test_finetune_rounds_plan_encoder_then_every_slide_then_the_run_per_round(plan_only):
+    write_config(plan_only / "finetune.yaml", finetune={"from": "abmil", "rounds": 2, "options": "--epochs 1"})
+    res = snakemake(plan_only, "-n", "-c2", "-p", config="finetune.yaml")
+    out = res.stdout + res.stderr
+    counts = job_counts(out)
+    assert {k: counts[k] for k in ("finetune_encoder", "finetune_features", "finetune_train")} == {
+        "finetune_encoder": 2,
+        "finetune_features": 2 * N_SLIDES,
+        "finetune_train": 2,
+    }
+    enc = sorted(job_blocks(out, "finetune_encoder"), key=lambda b: "round_2" in b)
+    # round 1 learns from round 0's run and features.weights; round 2 from both runs and round 1's encoder
+    assert "runs/split/abmil/summary.csv" in enc[0] and "--weights none" in out and "--round 1 --rounds 2" in out
+    assert "finetune/round_1/run/summary.csv" in enc[1] and "finetune/round_1/encoder/encoder.pt" in enc[1]
+    assert "--run results/runs/split/abmil --run results/finetune/round_1/run" in out
+    assert not (plan_only / "results").exists()
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [
+        ({"finetune": {"from": "nope"}}, "config finetune: expected a mapping with 'from: <a training configuration>'"),
         ({"manifest": "missing.csv"}, "config manifest: expected a manifest CSV file, got 'missing.csv' which does not exist"),
         ({"compare": [["abmil", "nope"]]}, "['nope'] not among the training configurations"),
         ({"training": {"../x": "--head abmil"}}, "expected a filename-safe name"),
