@@ -2,7 +2,7 @@
 same command: the result is identical to an uninterrupted run's, what exists after the kill is whole,
 and no temporary file is left. Each kill is aimed at a seeded moment after a marker of started work
 appears in the output folder, and must land there: the process still running, some of its output
-written, not all of it (`cases.kill_inside`); a kill that misses is retried, never counted. Three
+written, not all of it (`cases.kill_inside`); a kill that misses is retried, never counted. Two
 kills each here; ten each, one table row per kill, in benchmarks/reliability.py."""
 
 from __future__ import annotations
@@ -115,11 +115,11 @@ def check_killed_training(train_ref, tmp_path, n: int, seed: int) -> None:
 
 
 def test_killed_feature_extraction_reruns_to_identical_features(features_ref, tmp_path):
-    check_killed_features(features_ref, tmp_path, n=3, seed=0)
+    check_killed_features(features_ref, tmp_path, n=2, seed=0)
 
 
 def test_killed_training_reruns_to_an_identical_run(train_ref, tmp_path):
-    check_killed_training(train_ref, tmp_path, n=3, seed=0)
+    check_killed_training(train_ref, tmp_path, n=2, seed=0)
 
 
 def test_training_removes_temporaries_of_a_run_killed_before_its_config(train_ref, tmp_path):
