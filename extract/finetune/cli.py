@@ -41,6 +41,12 @@ def finetune(
         Optional[int], typer.Option(help="At most this many negative steps per epoch; default: a pass over the negatives.")
     ] = None,
     warmup: Annotated[Optional[int], typer.Option(help="Epochs (over all rounds) before the positive step; default 5 % of them.")] = None,
+    batchnorm: Annotated[
+        Literal["frozen", "train"],
+        typer.Option(
+            help="frozen: BatchNorm layers keep the statistics the features were extracted with; train: updated by the fine-tuning batches."
+        ),
+    ] = "frozen",
     seed: Annotated[int, typer.Option(help="Seed of the projection head, the batches and the augmentations.")] = 0,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes reading tiles.")] = 2,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
@@ -70,6 +76,7 @@ def finetune(
         warmup=warmup,
         steps_per_epoch=steps_per_epoch,
         seed=seed,
+        batchnorm=batchnorm,
         round=round_,
         rounds=rounds,
     )

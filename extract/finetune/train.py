@@ -17,6 +17,12 @@ starts at 10 % of the epochs). Tiles are read from the slides as in `mil extract
 `MocoTiles` reader) and get the same batched H&E augmentations (`Augment`); the backbone is the
 feature stage's encoder, with the seed's projection head ``Linear(F, F)-ReLU-Linear(F, 256)``.
 
+BatchNorm is frozen by default (``--batchnorm frozen``: its layers normalise with the running
+statistics the features were extracted with, and keep them): the seed's ResNet-18 uses
+InstanceNorm, whose training and extraction behaviour are the same; BatchNorm statistics updated by
+a few fine-tuning batches of augmented tiles would change every feature whether or not the
+weights learned anything (docs/finetune.md, "Study").
+
 The epochs of all rounds form one schedule, as the seed's encoder trains continuously across
 MIL rounds: round r (1-based) of R runs global epochs ``(r-1)·E … r·E - 1``.
 
@@ -82,6 +88,7 @@ class FinetuneConfig:
     warmup: int | None = None  # global epochs before the positive step; None: 5 % of all (the seed's 5 of 100)
     steps_per_epoch: int | None = None  # None: one pass over the mined negatives
     proj_dim: int = 256
+    batchnorm: str = "frozen"  # or "train": BatchNorm statistics updated by the fine-tuning batches
     seed: int = 0
     round: int = 1
     rounds: int = 1
@@ -94,6 +101,8 @@ class FinetuneConfig:
             raise OptionError(f"expected --round <= --rounds ({self.rounds}), got {self.round} instead.")
         for name in ("neg_ratio", "posi_batch_ratio", "posi_query_ratio", "ro", "rT", "ro_neg"):
             check_ratio(getattr(self, name), f"--{name.replace('_', '-')}")
+        if self.batchnorm not in ("frozen", "train"):
+            raise OptionError(f"expected --batchnorm frozen or train, got {self.batchnorm!r} instead.")
         if self.negatives not in ("hard", "random"):
             raise OptionError(f"expected --negatives hard or random, got {self.negatives!r} instead.")
         if not (self.lr > 0 and self.temperature > 0 and self.weight_decay >= 0):
@@ -110,9 +119,10 @@ class FinetuneConfig:
         return self.warmup if self.warmup is not None else max(1, round(0.05 * self.total_epochs))
 
     def lr_at(self, t: int) -> float:
-        """The seed's cosine annealing over all epochs, stepped only from 10 % of them on."""
+        """The seed's schedule: cosine annealing with T_max = all epochs, stepped after each epoch from 10 % of them on
+        (epoch t trains at count ``max(0, t - start)``; the last epoch's rate stays above 0)."""
         start = round(0.1 * self.total_epochs)
-        return self.lr * 0.5 * (1 + math.cos(math.pi * max(0, t - start + 1) / self.total_epochs)) if t >= start else self.lr
+        return self.lr * 0.5 * (1 + math.cos(math.pi * max(0, t - start) / self.total_epochs))
 
 
 class Projected(nn.Module):
@@ -244,6 +254,10 @@ def run_finetune(
         tmp.write_text(json.dumps(doc, indent=2) + "\n")
 
     model = Projected(enc.model.train().to(memory_format=torch.contiguous_format), enc.feature_dim, config.proj_dim)
+    if config.batchnorm == "frozen":  # normalise as at extraction: the running statistics stay (the seed has no BN)
+        for m in model.backbone.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
     torch.manual_seed(_seed(config.seed, 1))  # the projection head
     for m in model.head:
         if isinstance(m, nn.Linear):

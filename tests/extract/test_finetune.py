@@ -241,3 +241,29 @@ def test_a_cross_validated_run_is_refused_in_one_line(base, tmp_path):
     r = invoke_mil("extract", "finetune", manifest, "--run", run, "--out", tmp_path / "out", *CLI_FAST)
     assert r.returncode == 2 and "(one fold), got" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("batchnorm, kept", [("frozen", True), ("train", False)])
+def test_frozen_batchnorm_keeps_the_statistics_the_features_were_extracted_with(base, tmp_path, batchnorm, kept):
+    from mil.extract.wsi.encoders import create_encoder
+
+    root, manifest = base
+    info = read_run(root / "run0")
+    config = replace(FAST, epochs=1, rounds=1, batchnorm=batchnorm)
+    path = run_finetune(
+        read_manifest(manifest), info, score_training_tiles(info), tmp_path, "test_resnet", "none", config, workers=0, progress=False
+    )
+    before = create_encoder("test_resnet", weights="none", precision="fp32").model.state_dict()
+    after = torch.load(path, weights_only=True)
+    stats = [k for k in before if k.endswith(("running_mean", "running_var"))]
+    weights = [k for k in before if k.endswith(".weight")]
+    assert stats and all(torch.equal(before[k], after[k]) for k in stats) == kept
+    assert not all(torch.equal(before[k], after[k]) for k in weights)  # the weights learn either way
+
+
+def test_learning_rate_follows_the_seeds_cosine_schedule():
+    c = FinetuneConfig(epochs=50, rounds=2)  # 100 epochs in all, as the seed
+    assert c.lr_at(0) == c.lr_at(10) == pytest.approx(0.01)  # stepped only from epoch 10 on
+    assert c.lr_at(11) == pytest.approx(0.005 * (1 + math.cos(math.pi / 100)))
+    assert c.lr_at(99) == pytest.approx(0.005 * (1 + math.cos(math.pi * 89 / 100))) and c.lr_at(99) > 0
+    assert c.warmup_epochs == 5  # the seed's 5 of 100
