@@ -25,6 +25,7 @@ Reruns skip finished commands (every `mil` command does).
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import time
@@ -120,8 +121,6 @@ def make_cohort(out: Path, c: dict) -> Path:
 
 def tile_truth(slides_dir: Path, slide_id: str, coords: np.ndarray, size0: int) -> tuple[np.ndarray, np.ndarray]:
     """(lesion, mimic) bool per tile: the generator's mask at the tile's centre."""
-    import json
-
     from mil.extract.generate.synthetic import load_mask
 
     ds = json.loads((slides_dir / "synthetic.json").read_text())["mask_downsample"]
@@ -134,10 +133,37 @@ def tile_truth(slides_dir: Path, slide_id: str, coords: np.ndarray, size0: int) 
     return out[0], out[1]
 
 
+def pool_makeup(encoder_dir: Path, slides_dir: Path) -> dict:
+    """What the fine-tuning trained on (training slides only, from its pseudo_labels.csv): the share of
+    mimic tiles among the mined negatives (their base rate among negative-slide tiles beside it) and
+    the share of lesion tiles among the positive slides' p > θ tiles."""
+    table = pd.read_csv(encoder_dir / "pseudo_labels.csv", dtype={"slide_id": str, "pool": str}, keep_default_na=False)
+    size0 = _size0(slides_dir)
+    lesion, mimic = np.zeros(len(table), bool), np.zeros(len(table), bool)
+    for sid, rows in table.groupby("slide_id").indices.items():
+        xy = table[["x", "y"]].to_numpy()[rows]
+        lesion[rows], mimic[rows] = tile_truth(slides_dir, sid, xy, size0)
+    neg = table["bag_label"].to_numpy() == 0
+    mined, tumour = table["pool"].str.endswith("negative").to_numpy(), (table["pool"] == "tumour").to_numpy()
+    return {
+        "neg_mimic_share": mimic[mined].mean(),
+        "neg_mimic_base_rate": mimic[neg].mean(),
+        "pos_lesion_share": lesion[tumour].mean() if tumour.any() else np.nan,
+        "pos_pool": int(tumour.sum()),
+    }
+
+
+def _size0(slides_dir: Path) -> int:
+    """Level-0 side of the tiles, from any round-0 feature file next to the cohort."""
+    import h5py
+
+    f = next((slides_dir.parent / "features0").glob("*.h5"))
+    with h5py.File(f) as h:
+        return int(h["coords"].attrs["patch_size_level0"])
+
+
 def score_test(run: Path, slides_dir: Path) -> dict:
     """Slide AUC, tile AUC and lesion-vs-mimic AUC of a run's fold model on the test slides."""
-    import json
-
     import torch
     from sklearn.metrics import roc_auc_score
 
@@ -235,13 +261,14 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                 runs[(arm, r)] = loop / f"round_{r}" / "run"
             print(f"seed {seed} {arm}: {time.perf_counter() - t0:.0f} s", flush=True)
         for (arm, r), run in runs.items():
-            rows.append({"seed": seed, "arm": arm, "round": r} | score_test(run, slides_dir))
+            made = pool_makeup(run.parent / "encoder", slides_dir) if r else {}
+            rows.append({"seed": seed, "arm": arm, "round": r} | score_test(run, slides_dir) | made)
     # The test slides are scored only here, after every run has finished.
     results = pd.DataFrame(rows)
     results.to_csv(out / "results.csv", index=False)
-    summary = results.groupby(["arm", "round"])[["val_auc", "slide_auc", "tile_auc", "lesion_vs_mimic_auc"]].agg(["mean", "std"])
-    with pd.option_context("display.width", 200, "display.precision", 3):
-        print(summary)
+    metrics = ["val_auc", "slide_auc", "tile_auc", "lesion_vs_mimic_auc", "neg_mimic_share", "neg_mimic_base_rate", "pos_lesion_share"]
+    summary = results.groupby(["arm", "round"])[[m for m in metrics if m in results]].agg(["mean", "std"])
+    print(summary.round(3).to_string())
     print(f"total {time.perf_counter() - t0:.0f} s ({a.config}, {a.seeds} seeds, {a.rounds} rounds)")
     return results
 
