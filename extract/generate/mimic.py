@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from mil.extract.generate.slide_writer import _top, _upsample
+from mil.extract.generate.slide_writer import _top, blob_closeness
 
 LESION_GAP = 2  # mask px of tissue kept between the lesion and any mimic
 
@@ -44,13 +44,5 @@ def random_mimic(tissue: np.ndarray, lesion: np.ndarray, *, rng: np.random.Gener
     coarse = allowed[::c, ::c]
     if not coarse.any():
         coarse = ndimage.maximum_filter(allowed, size=c)[::c, ::c]
-    ch, cw = coarse.shape
-    depth = ndimage.distance_transform_edt(coarse)
-    candidates = np.flatnonzero(depth >= 0.5 * depth.max())
-    k = min(int(rng.integers(1, 4)), candidates.size)
-    cy, cx = np.unravel_index(rng.choice(candidates, size=k, replace=False), (ch, cw))
-    gy, gx = np.mgrid[0:ch, 0:cw]
-    dist = np.min([np.hypot(gy - y, gx - x) for y, x in zip(cy, cx)], axis=0)
-    wobble = ndimage.gaussian_filter(rng.standard_normal((ch, cw)), sigma=3)
-    closeness = _upsample(-dist * np.exp(0.25 * wobble / (wobble.std() + 1e-12)), tissue.shape)
+    closeness = blob_closeness(coarse, tissue.shape, rng)
     return allowed & (closeness >= _top(closeness[allowed], n_target))

@@ -110,8 +110,22 @@ def random_masks(
     lesion = np.zeros(shape, bool)
     if lesion_fraction is None or not tissue.any() or not coarse_tissue.any():
         return tissue, lesion
-    # Centres deep inside tissue; lesion = tissue closest (in a wobbly metric) to any centre.
-    depth = ndimage.distance_transform_edt(coarse_tissue)
+    closeness = blob_closeness(coarse_tissue, shape, rng)
+    inside = closeness[tissue]
+    n_target = max(1, int(round(lesion_fraction * inside.size)))
+    lesion = tissue & (closeness >= _top(inside, n_target))
+    return tissue, lesion
+
+
+def blob_closeness(coarse: np.ndarray, shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """Closeness to one to three centres deep inside the `coarse` mask, upsampled to `shape`.
+
+    The tissue closest (in a wobbly metric) to any centre makes a compact blob with an irregular
+    outline: the lesion (`random_masks`) and the mimic (`mil.extract.generate.mimic`) take the top
+    of it.
+    """
+    ch, cw = coarse.shape
+    depth = ndimage.distance_transform_edt(coarse)
     candidates = np.flatnonzero(depth >= 0.5 * depth.max())
     k = min(int(rng.integers(1, 4)), candidates.size)
     cy, cx = np.unravel_index(rng.choice(candidates, size=k, replace=False), (ch, cw))
@@ -119,11 +133,7 @@ def random_masks(
     dist = np.min([np.hypot(gy - y, gx - x) for y, x in zip(cy, cx)], axis=0)
     wobble = ndimage.gaussian_filter(rng.standard_normal((ch, cw)), sigma=3)
     # exp() keeps the metric positive, so the outline is irregular but no far-away specks appear.
-    closeness = _upsample(-dist * np.exp(0.25 * wobble / (wobble.std() + 1e-12)), shape)
-    inside = closeness[tissue]
-    n_target = max(1, int(round(lesion_fraction * inside.size)))
-    lesion = tissue & (closeness >= _top(inside, n_target))
-    return tissue, lesion
+    return _upsample(-dist * np.exp(0.25 * wobble / (wobble.std() + 1e-12)), shape)
 
 
 def level_shapes(width: int, height: int) -> list[tuple[int, int]]:
