@@ -267,3 +267,29 @@ def test_learning_rate_follows_the_seeds_cosine_schedule():
     assert c.lr_at(11) == pytest.approx(0.005 * (1 + math.cos(math.pi / 100)))
     assert c.lr_at(99) == pytest.approx(0.005 * (1 + math.cos(math.pi * 89 / 100))) and c.lr_at(99) > 0
     assert c.warmup_epochs == 5  # the seed's 5 of 100
+
+
+def test_a_round_killed_with_sigkill_resumes_to_the_encoder_of_an_uninterrupted_one(base, tmp_path):
+    from tests.reliability.cases import WorkState, kill_inside
+
+    root, manifest = base
+    args = ["extract", "finetune", manifest, "--run", root / "run0", "--rounds", "1", *CLI_FAST, "--epochs", "8"]
+
+    def state(out: Path) -> WorkState:
+        ckpt = out / "checkpoint.pt"
+        done = int(torch.load(ckpt, weights_only=True)["epoch"]) if ckpt.exists() else 0
+        return WorkState(done, (out / "encoder.pt").exists(), f"{done} of 8 epochs checkpointed")
+
+    ref = run_mil(*args, "--out", tmp_path / "ref")
+    assert ref.returncode == 0, ref.stderr
+    out = tmp_path / "killed"
+    kill = kill_inside([*args, "--out", out], out, started=lambda o: (o / "checkpoint.pt").exists(), state=state, extra=0.1)
+    assert kill.interrupted, kill.describe()
+    before = pd.read_csv(out / "metrics.csv").query(f"epoch <= {kill.state.parts}")  # timings of the epochs done
+    again = run_mil(*args, "--out", out)  # the same command: it resumes after the last checkpointed epoch
+    assert again.returncode == 0, again.stderr
+    after = pd.read_csv(out / "metrics.csv")
+    pd.testing.assert_frame_equal(after.iloc[: len(before)], before)  # those epochs were not trained again
+    a, b = torch.load(tmp_path / "ref" / "encoder.pt", weights_only=True), torch.load(out / "encoder.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), kill.describe()
+    assert pd.read_csv(out / "metrics.csv")["epoch"].tolist() == list(range(1, 9))
