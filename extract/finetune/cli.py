@@ -15,7 +15,9 @@ def finetune(
     out: Annotated[Path, typer.Option("--out", help="Output folder (one round: encoder.pt …; with --train-config: round_<r>/ …).")],
     run: Annotated[
         list[Path],
-        typer.Option(help="A finished one-fold `mil train features` run on the round-0 features; repeat it for earlier rounds' runs."),
+        typer.Option(
+            metavar="RUN", help="A finished one-fold `mil train features` run on the round-0 features; repeat it for earlier rounds' runs."
+        ),
     ],
     input_path: Input = None,
     manifest: Manifest = None,
@@ -56,8 +58,8 @@ def finetune(
 ) -> None:
     """Fine-tune the tile encoder on a run's pseudo-labelled training tiles with mined hard negatives (HNM-WSI).
 
-    Validation and test slides are never read. With --train-config, run the whole loop: fine-tune,
-    re-extract every slide, retrain, --rounds times (resumable).
+    The fine-tuning never reads a validation or test slide. With --train-config, run the whole loop:
+    fine-tune, re-extract every slide (features for evaluation), retrain, --rounds times (resumable).
     """
     from mil.device import resolve_device
     from mil.extract.finetune.pseudo import pick_source, read_run, score_training_tiles
