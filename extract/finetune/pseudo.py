@@ -20,7 +20,7 @@ run's selection metric, validation AUC).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +46,7 @@ class RunInfo:
     labels: dict[str, int]
     feature_dir: Path
     val_auc: float
+    files: dict[str, Path] = field(default_factory=dict)  # the training slides' feature files
 
 
 def read_run(run_dir: str | Path) -> RunInfo:
@@ -68,6 +69,7 @@ def read_run(run_dir: str | Path) -> RunInfo:
     summary = pd.read_csv(run / "summary.csv", dtype={"fold": str})
     slides = pd.read_csv(run / "slides.csv", dtype={"slide_id": str})
     train = splits[(splits["fold"] == folds[0]) & (splits["set"] == "train")]["slide_id"].tolist()
+    files, _ = resolve_feature_files(pd.DataFrame({"slide_id": train}), config["feature_dir"])  # metadata only
     return RunInfo(
         run,
         folds[0],
@@ -75,13 +77,13 @@ def read_run(run_dir: str | Path) -> RunInfo:
         dict(zip(slides["slide_id"], slides["label"].astype(int))),
         Path(config["feature_dir"]),
         float(summary["val_auc"].iloc[0]),
+        files,
     )
 
 
 def read_encoder_config(run: RunInfo) -> dict:
     """The encoder settings (name, input_size, mean, std, precision, seed …) stored in the run's feature files."""
-    files, _ = resolve_feature_files(pd.DataFrame({"slide_id": list(run.train_ids[:1])}), run.feature_dir)
-    path = next(iter(files.values()))
+    path = run.files[run.train_ids[0]]
     text = read_bag_attrs(path).get("encoder_config")
     if not text:
         raise OptionError(
@@ -106,10 +108,9 @@ def score_training_tiles(run: RunInfo) -> pd.DataFrame:
     Opens the fold's checkpoint and the training slides' feature files, nothing else.
     """
     model, _ = load_head(run.path / "checkpoints" / f"{run.fold}.pt")
-    files, _ = resolve_feature_files(pd.DataFrame({"slide_id": list(run.train_ids)}), run.feature_dir)
     parts = []
     for sid in run.train_ids:
-        bag = read_bag(files[sid], dtype=np.float32)
+        bag = read_bag(run.files[sid], dtype=np.float32)
         X = torch.from_numpy(np.asarray(bag.features))  # (N, D)
         s = model(X[None]).instance_scores[0].float() if len(X) else torch.zeros(0)  # (N,) logits
         xy = np.asarray(bag.coords).reshape(-1, 2)  # (N, 2) level-0 px

@@ -371,12 +371,10 @@ def _tiles(slides: pd.DataFrame, source: RunInfo, table: pd.DataFrame):
 def _tile_geometry(source: RunInfo) -> dict[str, tuple[int, int, float]]:
     """``{slide_id: (level-0 tile side, tile side, level-0 mpp)}`` of the training slides, from their
     feature files' coords attrs (fine-tuning reads the same tiles again from the slides)."""
-    from mil.data import resolve_feature_files
     from mil.features import read_bag_attrs
 
-    files, _ = resolve_feature_files(pd.DataFrame({"slide_id": list(source.train_ids)}), source.feature_dir)
     out = {}
-    for sid, path in files.items():
+    for sid, path in source.files.items():
         attrs = read_bag_attrs(path)
         try:
             out[sid] = (int(attrs["patch_size_level0"]), int(attrs["patch_size"]), float(attrs["level0_mpp"]))
