@@ -243,23 +243,36 @@ def o2i(
     out: Annotated[Path, typer.Option("--out", help="PNG to write; the plotted points go to a CSV beside it.")],
     data: Annotated[Optional[Path], typer.Option(help="Image-set folder to score (default: each run's own, from its config.json).")] = None,
     split: Annotated[Literal["test", "val", "train"], typer.Option(help="Split of the image set to score.")] = "test",
-    group_by: Annotated[str, typer.Option(help="One line per pooling | rf | width, or auto (whichever of them varies).")] = "auto",
+    group_by: Annotated[
+        str, typer.Option(help="One line per pooling | norm | rf | width (or several, e.g. pooling,norm), or auto (whichever vary).")
+    ] = "auto",
     device: Annotated[str, typer.Option(help="cpu | cuda | auto.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for each run's AUC interval.")] = 1000,
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
+    fit_threshold: Annotated[float, typer.Option(help="Best training accuracy below which a run counts as a failed optimisation.")] = 0.99,
 ) -> None:
     """Accuracy, AUC and localisation AP of BagNet runs, plotted against the O2I ratio of their image sets."""
     from mil.evaluate.o2i import evaluate_o2i
 
     points, docs = evaluate_o2i(
-        run_dirs, out, data=data, split=split, group_by=group_by, device=device, batch_size=batch_size, n_boot=n_boot, seed=seed
+        run_dirs,
+        out,
+        data=data,
+        split=split,
+        group_by=group_by,
+        device=device,
+        batch_size=batch_size,
+        n_boot=n_boot,
+        seed=seed,
+        fit_threshold=fit_threshold,
     )
     for d in docs:
         auc = f"{d['auc']['auc']:.3f}" if d["auc"] else "-"
         ap = f"{d['loc_ap']:.3f}" if d["loc_ap"] is not None else "-"
         typer.echo(
-            f"{d['run']}: {split} n={d['n']}  O2I {100 * (d['o2i'] or 0):.3g}%  accuracy {d['accuracy']:.3f}  AUC {auc}  loc AP {ap}"
+            f"{d['run']}: {split} n={d['n']}  O2I {100 * (d['o2i'] or 0):.3g}%  accuracy {d['accuracy']:.3f}  AUC {auc}  loc AP {ap}  "
+            f"training accuracy {d['train_acc']:.3f}{'' if d['fitted'] else ' (never fitted)'}"
         )
     table = points.drop(columns=["data"]).assign(o2i=lambda t: (100 * t["o2i"]).map("{:.3g}%".format))
     typer.echo(table.to_string(index=False, float_format="{:.3f}".format))

@@ -7,10 +7,17 @@ For each run directory of `mil train bagnet`::
                                            stratified bootstrap CI, `mil.evaluate.metrics.auc_ci`), loc_ap (mean
                                            localisation AP over positives), o2i (median O2I of the positives), run settings
 
-and for all runs together a PNG with two panels, accuracy and AUC against the image set's O2I ratio
-(log axis, in %), one line per group (pooling, rf or width), mean ± sd error bars over the runs that
-share group and image set (seeds), a dashed chance line at 0.5, and beside it a CSV of the plotted
-points: group, o2i, n_runs, acc_mean, acc_sd, auc_mean, auc_sd, loc_ap_mean (sd with ddof = 1, 0 for one run).
+and for all runs together a PNG with three panels, accuracy, AUC and localisation AP against the image
+set's O2I ratio (log axis, in %), one line per group (pooling, norm, rf or width, or several of them),
+mean ± sd error bars over the runs that share group and image set (seeds), every run as a dot — a
+cross for a run that never fitted its training set — a dashed chance line at 0.5, and beside it a CSV
+of the plotted points: group, o2i, n_runs, n_failed, acc_mean, acc_sd, auc_mean, auc_sd, loc_ap_mean,
+loc_ap_sd (sd with ddof = 1, 0 for one run).
+
+Failed optimisations (the paper's Fig. 8–9): a run *fitted* its training set when its best training
+accuracy over the epochs (``metrics.csv``'s ``train_acc``, measured while training) reached
+``fit_threshold`` — 0.99, the paper's "successful optimisation". The means include failed runs as
+measured (the paper instead plots them at chance); ``n_failed`` counts them.
 
 Localisation AP (after the paper's appendix C.4, with the target's box as ground truth): for a
 positive image of ``H × W`` pixels with box ``x0, y0, x1, y1`` (end exclusive), the saliency map
@@ -45,8 +52,9 @@ from mil.evaluate.metrics import auc_ci
 from mil.imagesets import SPLITS, ImageSetDataset
 from mil.predict import predict_images
 
-GROUP_KEYS = ("pooling", "rf", "width")
-POINT_COLUMNS = ["group", "o2i", "n_runs", "acc_mean", "acc_sd", "auc_mean", "auc_sd", "loc_ap_mean", "data"]
+GROUP_KEYS = ("pooling", "norm", "rf", "width")
+POINT_COLUMNS = ["group", "o2i", "n_runs", "n_failed", "acc_mean", "acc_sd", "auc_mean", "auc_sd", "loc_ap_mean", "loc_ap_sd", "data"]
+FIT_THRESHOLD = 0.99  # training accuracy of a successful optimisation (the paper's footnote 8)
 
 
 def cell_extents(n: int, size: int, stride: int = 8, offset: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -110,9 +118,23 @@ def load_bagnet_run(run_dir: str | Path) -> tuple[dict, Path]:
     return config, path / "checkpoint.pt"
 
 
-def _check_options(split: str, batch_size: int, n_boot: int) -> None:
+def training_fit(run_dir: str | Path) -> dict:
+    """``train_acc`` (best training accuracy over the epochs), ``train_acc_last`` and ``epochs`` from RUN_DIR/metrics.csv."""
+    path = Path(run_dir) / "metrics.csv"
+    try:
+        acc = pd.read_csv(path)["train_acc"].astype(float)  # (epochs,)
+    except (OSError, ValueError, KeyError) as e:
+        raise RunError(
+            f"{path}: expected the training log of `mil train bagnet` with a train_acc column, could not read it ({e})."
+        ) from None
+    return {"train_acc": float(acc.max()), "train_acc_last": float(acc.iloc[-1]), "epochs": len(acc)}
+
+
+def _check_options(split: str, batch_size: int, n_boot: int, fit_threshold: float = FIT_THRESHOLD) -> None:
     if split not in SPLITS:
         raise OptionError(f"expected --split to be one of {', '.join(SPLITS)}, got {split!r} instead.")
+    if not 0 < fit_threshold <= 1:
+        raise OptionError(f"expected --fit-threshold in (0, 1], got {fit_threshold!r} instead.")
     for name, value in (("batch-size", batch_size), ("n-boot", n_boot)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise OptionError(f"expected --{name} >= 1, got {value!r} instead.")
@@ -136,11 +158,13 @@ def score_run(
     batch_size: int = 32,
     n_boot: int = 1000,
     seed: int = 0,
+    fit_threshold: float = FIT_THRESHOLD,
 ) -> dict:
     """Score `split` of a run's image set (or of `data`) and write ``RUN_DIR/eval/<split>/``; return metrics.json's content."""
-    _check_options(split, batch_size, n_boot)
+    _check_options(split, batch_size, n_boot, fit_threshold)
     dev = resolve_device(device)
     config, folder, net, ckpt, ds = _load_run(run_dir, data, split, dev)
+    fit = training_fit(run_dir)
     s = ds.split
     positives = np.flatnonzero((s.labels == 1) & (s.bbox[:, 0] >= 0))  # (P,)
     logits, maps = predict_images(net, ds, batch_size, dev, saliency_for=positives)  # (n,), {row: (h, w)}
@@ -166,8 +190,12 @@ def score_run(
         "rf": net.rf,
         "pooling": config["train"]["pooling"],
         "width": config["train"]["width"],
+        "norm": config["train"]["norm"],
         "seed": config["train"]["seed"],
         "best_epoch": ckpt["best_epoch"],
+        **fit,
+        "fitted": fit["train_acc"] >= fit_threshold,
+        "fit_threshold": fit_threshold,
         "mil_version": mil.__version__,
     }
     pred = pd.DataFrame({"index": np.arange(len(s)), "label": s.labels.astype(int), "probability": prob, "o2i": s.o2i})
@@ -185,13 +213,27 @@ def _write_eval(final: Path, doc: dict, pred: pd.DataFrame) -> None:
 
 
 def resolve_group_by(docs: list[dict], group_by: str) -> list[str]:
-    """The settings that name a line: `group_by`, or for ``auto`` those of pooling, rf, width that vary (pooling if none)."""
-    if group_by in GROUP_KEYS:
-        return [group_by]
+    """The settings that name a line: `group_by` (one of `GROUP_KEYS` or several, comma-separated), or for
+    ``auto`` those of them that vary (pooling if none)."""
+    keys = [k.strip() for k in str(group_by).split(",")]
+    if all(k in GROUP_KEYS for k in keys):
+        return keys
     if group_by != "auto":
-        raise OptionError(f"expected --group-by to be one of {', '.join(GROUP_KEYS)}, auto, got {group_by!r} instead.")
-    varying = [k for k in GROUP_KEYS if len({d[k] for d in docs}) > 1]
+        raise OptionError(f"expected --group-by to be auto or some of {', '.join(GROUP_KEYS)} (comma-separated), got {group_by!r} instead.")
+    varying = [k for k in GROUP_KEYS if len({d.get(k) for d in docs}) > 1]
     return varying or ["pooling"]
+
+
+def run_table(docs: list[dict], group_by: str = "auto") -> pd.DataFrame:
+    """One row per run: its metrics.json with ``group`` (the line it belongs to) and ``auc_value`` added."""
+    keys = resolve_group_by(docs, group_by)
+    table = pd.DataFrame(docs)
+    table["group"] = table.apply(lambda r: ", ".join(f"{k}={r[k]:g}" if isinstance(r[k], float) else f"{k}={r[k]}" for k in keys), axis=1)
+    table["auc_value"] = [d["auc"]["auc"] if d["auc"] else np.nan for d in docs]
+    table["loc_ap"] = pd.to_numeric(table["loc_ap"]).astype(float)
+    table["o2i"] = pd.to_numeric(table["o2i"]).astype(float)
+    table["fitted"] = table["fitted"].astype(bool) if "fitted" in table else True
+    return table
 
 
 def o2i_points(docs: list[dict], group_by: str = "auto") -> pd.DataFrame:
@@ -200,11 +242,7 @@ def o2i_points(docs: list[dict], group_by: str = "auto") -> pd.DataFrame:
     Runs in one point should differ only in their seed; a `UserWarning` names other differences.
     """
     keys = resolve_group_by(docs, group_by)
-    table = pd.DataFrame(docs)
-    table["group"] = table.apply(lambda r: ", ".join(f"{k}={r[k]:g}" if isinstance(r[k], float) else f"{k}={r[k]}" for k in keys), axis=1)
-    table["auc_value"] = [d["auc"]["auc"] if d["auc"] else np.nan for d in docs]
-    table["loc_ap"] = pd.to_numeric(table["loc_ap"]).astype(float)
-    table["o2i"] = pd.to_numeric(table["o2i"]).astype(float)
+    table = run_table(docs, group_by)
     rows = []
     for (group, data), part in table.groupby(["group", "data"], sort=False):
         other = [k for k in GROUP_KEYS if k not in keys and part[k].nunique() > 1]
@@ -219,35 +257,55 @@ def o2i_points(docs: list[dict], group_by: str = "auto") -> pd.DataFrame:
                 "group": group,
                 "o2i": float(part["o2i"].iloc[0]),
                 "n_runs": len(part),
+                "n_failed": int((~part["fitted"]).sum()),
                 "acc_mean": float(part["accuracy"].mean()),
                 "acc_sd": sd(part["accuracy"]),
                 "auc_mean": float(part["auc_value"].mean()),
                 "auc_sd": sd(part["auc_value"]),
                 "loc_ap_mean": float(part["loc_ap"].mean()),
+                "loc_ap_sd": sd(part["loc_ap"]),
                 "data": data,
             }
         )
     return pd.DataFrame(rows, columns=POINT_COLUMNS).sort_values(["group", "o2i"], ignore_index=True)
 
 
-def plot_o2i(points: pd.DataFrame, out: Path, title: str = "") -> None:
-    """Accuracy and AUC (two panels) against O2I in % (log axis), one line per group with ± sd bars; chance dashed."""
+PANELS = (  # point mean, point sd, per-run column, axis label
+    ("acc_mean", "acc_sd", "accuracy", "test accuracy"),
+    ("auc_mean", "auc_sd", "auc_value", "test AUC"),
+    ("loc_ap_mean", "loc_ap_sd", "loc_ap", "localisation AP"),
+)
+
+
+def plot_o2i(points: pd.DataFrame, out: Path, title: str = "", runs: pd.DataFrame | None = None) -> None:
+    """Accuracy, AUC and localisation AP (three panels) against O2I in % (log axis), one line per group with
+    ± sd bars, chance dashed; with `runs` (`run_table`) every run as a dot, failed optimisations as crosses."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter
 
-    fig, axes = plt.subplots(1, 2, figsize=(9.5, 4.0), dpi=120, sharex=True)
-    for ax, (mean, sd, label) in zip(axes, (("acc_mean", "acc_sd", "test accuracy"), ("auc_mean", "auc_sd", "test AUC"))):
-        for group, part in points.groupby("group", sort=True):
-            ax.errorbar(part["o2i"] * 100, part[mean], yerr=part[sd], marker="o", ms=4, capsize=3, lw=1.4, label=group)
-        ax.axhline(0.5, ls="--", color="grey", lw=0.8, label="chance")
+    fig, axes = plt.subplots(1, 3, figsize=(13.5, 4.2), dpi=120, sharex=True)
+    for ax, (mean, sd, per_run, label) in zip(axes, PANELS):
+        for k, (group, part) in enumerate(points.groupby("group", sort=True)):
+            colour = f"C{k % 10}"
+            ax.errorbar(part["o2i"] * 100, part[mean], yerr=part[sd], marker="o", ms=4, capsize=3, lw=1.4, label=group, color=colour)
+            if runs is not None:
+                mine = runs[runs["group"] == group]
+                for fitted, marker in ((True, "."), (False, "x")):
+                    sel = mine[mine["fitted"] == fitted]
+                    ax.scatter(sel["o2i"] * 100, sel[per_run], marker=marker, s=22 if fitted else 30, color=colour, alpha=0.6, lw=1)
+        if per_run != "loc_ap":
+            ax.axhline(0.5, ls="--", color="grey", lw=0.8, label="chance")
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.set(xlabel="object-to-image ratio (%)", ylabel=label, ylim=(0.4, 1.02))
+        ax.set(xlabel="object-to-image ratio (%)", ylabel=label, ylim=(0.0 if per_run == "loc_ap" else 0.4, 1.02))
         ax.grid(alpha=0.3, which="both", lw=0.5)
-    axes[0].legend(fontsize=8, loc="lower right")
+    axes[0].legend(fontsize=7, loc="lower right")
+    if runs is not None and (~runs["fitted"]).any():
+        axes[2].scatter([], [], marker="x", color="k", label="run that never fitted its training set")
+        axes[2].legend(fontsize=7, loc="upper left")
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -265,6 +323,7 @@ def evaluate_o2i(
     batch_size: int = 32,
     n_boot: int = 1000,
     seed: int = 0,
+    fit_threshold: float = FIT_THRESHOLD,
 ) -> tuple[pd.DataFrame, list[dict]]:
     """Score every run (`score_run`), then write the PNG `out` and the CSV beside it; return (points, per-run metrics)."""
     out = Path(out)
@@ -273,7 +332,7 @@ def evaluate_o2i(
     if not run_dirs:
         raise OptionError("expected at least one run directory, got none.")
     resolve_group_by([], group_by)  # a bad option fails before any scoring
-    _check_options(split, batch_size, n_boot)
+    _check_options(split, batch_size, n_boot, fit_threshold)
     resolve_device(device)
     read = set()  # every run loaded (config, checkpoint, image set, each set once) and dropped before any is scored and written
     for r in run_dirs:
@@ -281,9 +340,11 @@ def evaluate_o2i(
         if folder.resolve() not in read:
             ImageSetDataset(folder, split)
             read.add(folder.resolve())
-    docs = [score_run(r, data, split, device, batch_size, n_boot, seed) for r in run_dirs]
+    docs = [score_run(r, data, split, device, batch_size, n_boot, seed, fit_threshold) for r in run_dirs]
     points = o2i_points(docs, group_by)
     out.parent.mkdir(parents=True, exist_ok=True)
-    plot_o2i(points, out, title=f"{split} split, {len(docs)} runs")
+    failed = sum(not d["fitted"] for d in docs)
+    title = f"{split} split, {len(docs)} runs ({failed} never reached training accuracy {fit_threshold:g})"
+    plot_o2i(points, out, title=title, runs=run_table(docs, group_by))
     points.to_csv(out.with_suffix(".csv"), index=False)
     return points, docs

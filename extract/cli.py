@@ -254,11 +254,15 @@ def needles(
         Optional[str], typer.Option(help="Caps on canvases for train,val,test, e.g. 2000,500,500 (balance kept).")
     ] = None,
     clutter_density: Annotated[Optional[float], typer.Option(help="Distractors per 64×64 px instead of the paper's table (≈1.56).")] = None,
+    object_size: Annotated[
+        Optional[int], typer.Option(help="Resize the objects to this side in px (e.g. 7: 128² canvases have 512²'s O2I).")
+    ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace image sets made with other options.")] = False,
     progress: Progress_ = True,
 ) -> None:
     """nMNIST-style image sets: one target object among clutter in large canvases (O2I study)."""
-    from mil.extract.generate.needles import parse_ints, run_needles, summary
+    from mil.extract.generate.folders import parse_ints
+    from mil.extract.generate.needles import run_needles, summary
 
     results = run_needles(
         out,
@@ -271,6 +275,7 @@ def needles(
         val_size=val_size,
         max_per_split=parse_ints(max_per_split, "--max-per-split", 3),
         clutter_density=clutter_density,
+        object_size=object_size,
         overwrite=overwrite,
         progress=progress,
     )

@@ -29,7 +29,8 @@ import numpy as np
 
 from mil.errors import ManifestError, OptionError
 from mil.extract.generate.crop_positions import load_lesion_mask, mask_scale, negative_positions, positive_positions
-from mil.extract.generate.needles import MAX_BYTES, check_existing, mil_version, start_folder
+from mil.extract.generate.folders import check_existing, mil_version, start_folder
+from mil.extract.generate.needles import MAX_BYTES
 from mil.imagesets import SPLITS, check_split, write_meta, write_split
 
 POSITIONS_NAME = "crops.csv"  # sidecar beside the split files: where each crop came from

@@ -142,3 +142,21 @@ def test_bad_run_directories_exit_2(runs, tmp_path):
     assert r.returncode == 2 and ".png" in r.stderr
     r = invoke_mil("evaluate", "o2i", runs["a_max_0"], "--out", png, "--group-by", "colour", "--device", "cpu")
     assert r.returncode == 2 and "--group-by" in r.stderr
+
+
+def test_training_accuracy_is_reported_and_unfitted_runs_counted(runs, tmp_path):
+    """Each run's best training accuracy comes from its metrics.csv; below --fit-threshold it is a failure."""
+    docs = [score_run(r, device="cpu", n_boot=10) for r in runs.values()]
+    for d, run in zip(docs, runs.values()):
+        log = pd.read_csv(run / "metrics.csv")
+        assert d["train_acc"] == log["train_acc"].max() and d["train_acc_last"] == log["train_acc"].iloc[-1]
+        assert d["fitted"] == (d["train_acc"] >= 0.99) and d["norm"] == "in_aff"
+    best = max(d["train_acc"] for d in docs)
+    loose = [score_run(r, device="cpu", n_boot=10, fit_threshold=best) for r in runs.values()]
+    points = o2i_points(loose, "pooling,norm")
+    assert set(points["group"]) == {"pooling=max, norm=in_aff", "pooling=mean, norm=in_aff"}
+    expected = sum(d["train_acc"] < best for d in loose)
+    assert points["n_failed"].sum() == expected and expected < len(loose)  # the best run fitted at its own accuracy
+    png = tmp_path / "o2i.png"
+    r = invoke_mil("evaluate", "o2i", *runs.values(), "--out", png, "--device", "cpu", "--n-boot", 10, "--fit-threshold", 1.5)
+    assert r.returncode == 2 and "--fit-threshold" in r.stderr and not png.exists()

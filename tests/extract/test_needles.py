@@ -137,8 +137,26 @@ def test_canvases_are_built_as_recorded(idx_dir, canvas):
     for i in np.flatnonzero(pos):  # the target is there, under whatever clutter was added on top
         bx0, by0, bx1, by1 = sp.bbox[i]
         assert (sp.images[i, 0, by0:by1, bx0:bx1] >= s.objects[sp.source[i]]).all()
-    if canvas >= 64:  # the target lies wholly inside one 64 × 64 grid cell
-        assert (x0 // 64 == (x1 - 1) // 64).all() and (y0 // 64 == (y1 - 1) // 64).all()
+    for i in np.flatnonzero(pos):  # the recorded occlusion is the distractor boxes' cover of the target box
+        cover = np.zeros((canvas, canvas), bool)
+        for src, (x, y) in zip(made.clutter_source[i], made.clutter_xy[i]):
+            cover[y : y + OBJ, x : x + OBJ] |= src >= 0
+        bx0, by0, bx1, by1 = sp.bbox[i]
+        assert made.occlusion[i] == pytest.approx(cover[by0:by1, bx0:bx1].mean())
+    assert np.isnan(made.occlusion[~pos]).all() and made.mean_occlusion == pytest.approx(made.occlusion[pos].mean())
+
+
+@pytest.mark.parametrize("canvas", [96, 100])
+def test_target_lies_anywhere_it_fits(canvas):
+    """Not only in the top-left 64² cell (the authors' grid at a canvas that is not a multiple of 64)."""
+    rng = np.random.default_rng(0)
+    objects, labels = rng.integers(1, 21, (40, 28, 28)).astype(np.uint8), np.arange(40) % 2
+    made = make_needles(objects, labels, 1, canvas, n_clutter=1, duplicates=50, seed=0)
+    x0, y0, x1, y1 = made.split.bbox[made.split.labels == 1].T  # 1,000 positives
+    assert x0.min() == 0 and y0.min() == 0 and x1.max() == canvas and y1.max() == canvas
+    for lo in (x0, y0):  # uniform over the canvas - 28 + 1 positions: each third holds about a third
+        counts = np.histogram(lo, bins=3, range=(0, canvas - 28 + 1))[0]
+        assert counts.min() > 0.25 * len(lo)
 
 
 def test_each_target_used_duplicates_times_and_caps_keep_balance(idx_dir):
@@ -168,6 +186,26 @@ def test_clutter_table_and_o2i_of_the_paper():
     assert [default_n_clutter(c) for c in (64, 128, 256, 512, 1024, 2048)] == [2, 6, 25, 100, 400, 1600]
     assert default_n_clutter(384) == round(384**2 / 2600) - 1
     assert default_n_clutter(256, density=2.0) == 32
+    # other object sizes get the count of the paper's canvas at the same canvas-to-object ratio
+    assert [default_n_clutter(c, object_size=7) for c in (32, 64, 128)] == [6, 25, 100]
+    assert default_n_clutter(96, object_size=7) == round(384**2 / 2600) - 1
+
+
+def test_occlusion_falls_with_canvas_at_the_paper_density():
+    """At the paper's clutter density the mean occlusion of the target grows as the canvas shrinks."""
+    rng = np.random.default_rng(0)
+    objects, labels = rng.integers(1, 21, (200, 28, 28)).astype(np.uint8), np.arange(200) % 2
+    occ = {c: make_needles(objects, labels, 1, c, duplicates=4, seed=1).mean_occlusion for c in (64, 128, 256)}
+    assert occ[64] > occ[128] > 0.1 and occ[256] > 0.1  # about 0.50 / 0.32 / 0.28
+
+
+def test_resize_objects_keeps_shape_of_the_object():
+    objects = np.zeros((3, 28, 28), np.uint8)
+    objects[:, 8:20, 12:16] = 200  # a bar
+    small = nd.resize_objects(objects, 7)
+    assert small.shape == (3, 7, 7) and small.dtype == np.uint8
+    assert small[:, 2:5, 3].min() > 100 and small[:, :, 0].max() == 0  # the bar stays where it was
+    assert nd.resize_objects(objects, 28) is objects
     assert round(100 * 28 * 28 / 64**2, 1) == 19.1
 
 
@@ -279,3 +317,36 @@ def test_cli_sklearn_digits_offline(tmp_path):
     assert sp.images.max() == 255 and sp.labels.sum() == 5
     src = {k: set(read_split(out / "canvas_64", k).source.tolist()) - {-1} for k in SPLITS}
     assert max(src["train"]) < 1078 <= min(src["val"]) and max(src["val"]) < 1438 <= min(src["test"])
+    occ = meta["target_occlusion"]
+    assert set(occ) == set(SPLITS) and all(0 < v < 1 for v in occ.values())
+
+
+def test_cli_object_size_scales_the_paper_geometry(idx_dir, tmp_path):
+    """--object-size resizes the objects; the clutter count follows the canvas-to-object ratio."""
+    out = tmp_path / "small"
+    r = invoke_mil(
+        "extract",
+        "needles",
+        "--idx-dir",
+        idx_dir,
+        "--target",
+        TARGET,
+        "--canvas",
+        "16",
+        "--val-size",
+        VAL,
+        "--object-size",
+        4,
+        "--out",
+        out,
+        "--no-progress",
+    )
+    assert r.returncode == 0, r.stderr
+    meta = read_meta(out / "canvas_16")
+    assert meta["object_size"] == [4, 4] and meta["o2i"] == 16 / 256 and meta["options"]["object_size"] == 4
+    assert meta["n_clutter"] == default_n_clutter(16, object_size=4) == 4  # 16 / 4 = 112 / 28: round(112² / 2600) - 1
+    sp = read_split(out / "canvas_16", "train")
+    x0, y0, x1, y1 = sp.bbox[sp.labels == 1].T
+    assert (x1 - x0 == 4).all() and (y1 - y0 == 4).all()
+    r = invoke_mil("extract", "needles", "--idx-dir", idx_dir, "--target", TARGET, "--canvas", "16", "--object-size", 1, "--out", out)
+    assert r.returncode == 2 and "--object-size" in r.stderr
