@@ -76,11 +76,8 @@ bench: $(BIN)/mil
 	$(BIN)/python benchmarks/reliability.py
 	$(BIN)/python benchmarks/bagnet_norm.py
 	$(BIN)/python benchmarks/bagnet_step.py
-	$(BIN)/python benchmarks/o2i_study.py --seeds 0 > bench_out/o2i_seed0.log 2>&1 & pid=$$!; \
-	  until grep -q ready bench_out/o2i_seed0.log; do kill -0 $$pid 2>/dev/null || { wait $$pid; cat bench_out/o2i_seed0.log; exit 1; }; sleep 5; done; \
-	  $(BIN)/python benchmarks/o2i_study.py --seeds 1 > bench_out/o2i_seed1.log 2>&1; s1=$$?; wait $$pid; s0=$$?; \
-	  test $$s0 -eq 0 -a $$s1 -eq 0 || { tail -5 bench_out/o2i_seed0.log bench_out/o2i_seed1.log; exit 1; }
-	$(BIN)/python benchmarks/o2i_study.py
+	$(BIN)/python benchmarks/o2i_study.py --config cpu --jobs 2
+	$(BIN)/python benchmarks/ncamelyon.py --config cpu
 
 clean:
 	rm -rf $(DEMO) build dist *.egg-info
