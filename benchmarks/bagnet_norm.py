@@ -1,4 +1,4 @@
-"""Why the O2I study uses BatchNorm: BagNet validation accuracy per epoch, affine InstanceNorm vs BatchNorm.
+"""BatchNorm against the paper's affine InstanceNorm on a small budget: BagNet validation accuracy per epoch.
 
     python benchmarks/bagnet_norm.py [--work-dir bench_out/bagnet_norm] [--canvas 64] [--target 1]
         [--max-train 2048] [--epochs 6] [--lr 1e-3] [--width 0.125] [--pooling max] [--norms in_aff,bn]

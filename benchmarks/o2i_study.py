@@ -2,7 +2,8 @@
 and normalisation, failed optimisations counted (Pawlowski et al., *Needles in Haystacks*, Fig. 4, 8, 9).
 
     python benchmarks/o2i_study.py [--config cpu|gpu|quick] [--seeds 0,1,2] [--jobs 2] [--work-dir DIR]
-        [--idx-dir /usr/share/datasets/fashion-mnist | --source sklearn-digits] [--estimate]
+        [--max-train N] [--canvases 32,64] [--poolings max,mean] [--norms in_aff] [--idx-dir /usr/share/datasets/fashion-mnist | --source sklearn-digits]
+        [--estimate [--estimate-batch B]]
 
 Everything goes through the project's own code, as a user would run it:
 1. `mil extract needles` (`run_needles`): one image set per canvas from MNIST-format IDX files
@@ -64,10 +65,11 @@ CONFIGS = {
         max_train=256,
         n_val=256,
         n_test=500,
-        epochs=24,
+        epochs=20,
         batch_size=32,
         lr=5e-5,
         device="cpu",
+        jobs=2,
     ),
     # The paper's nMNIST setting (its Fig. 4 / 8): for a GPU machine.
     "gpu": dict(
@@ -83,6 +85,7 @@ CONFIGS = {
         batch_size=32,
         lr=5e-5,
         device="cuda",
+        jobs=1,
     ),
     # The smoke test's: seconds.
     "quick": dict(
@@ -98,6 +101,7 @@ CONFIGS = {
         batch_size=16,
         lr=5e-5,
         device="cpu",
+        jobs=1,
     ),
 }
 
@@ -106,16 +110,35 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", choices=sorted(CONFIGS), default="cpu")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--jobs", type=int, default=2, help="runs trained in parallel processes (one torch thread each on CPU)")
+    p.add_argument(
+        "--jobs", type=int, default=None, help="runs trained side by side (default: the configuration's; one torch thread each on CPU)"
+    )
     p.add_argument("--work-dir", type=Path, default=None, help="default: bench_out/o2i_<config>")
     p.add_argument("--target", type=int, default=1)
     p.add_argument("--idx-dir", type=Path, default=None, help=f"MNIST-format IDX folder (default: {FASHION})")
     p.add_argument("--source", default=None, help="'sklearn-digits' for a fully offline run")
     p.add_argument("--device", default=None, help="default: the configuration's")
+    p.add_argument("--max-train", type=int, default=None, help="training images per canvas (default: the configuration's)")
+    p.add_argument("--canvases", default=None, help="a subset of the configuration's canvases, e.g. 32")
+    p.add_argument("--poolings", default=None, help="a subset of the configuration's poolings, e.g. max,mean")
+    p.add_argument("--norms", default=None, help="a subset of the configuration's norms: in_aff, bn")
     p.add_argument("--estimate", action="store_true", help="time a few steps per canvas and print the expected time; train nothing")
+    p.add_argument("--estimate-batch", type=int, default=None, help="batch of the timed steps (default: the configuration's)")
     a = p.parse_args(argv)
     a.cfg = dict(CONFIGS[a.config])
+    if a.max_train is not None:
+        a.cfg["max_train"] = a.max_train
+    if a.canvases is not None:
+        a.cfg["canvases"] = tuple(int(c) for c in a.canvases.split(","))
+        unknown = set(a.cfg["canvases"]) - set(CONFIGS[a.config]["canvases"])
+        if unknown:
+            p.error(f"expected --canvases among {CONFIGS[a.config]['canvases']}, got {sorted(unknown)} instead")
+    for option, k in (("poolings", 1), ("norms", 0)):  # keep the settings with these poolings / norms
+        if getattr(a, option) is not None:
+            keep = set(getattr(a, option).split(","))
+            a.cfg["settings"] = [st for st in a.cfg["settings"] if st[k] in keep]
     a.device = a.device or a.cfg["device"]
+    a.jobs = a.jobs or a.cfg["jobs"]
     a.work_dir = a.work_dir or Path(f"bench_out/o2i_{a.config}")
     return a
 
@@ -222,7 +245,21 @@ def report(a: argparse.Namespace, docs: list[dict]) -> pd.DataFrame:
 
     runs = run_table(docs, "pooling,norm")
     runs["auc"] = runs.pop("auc_value")
-    cols = ["group", "o2i", "seed", "accuracy", "auc", "loc_ap", "train_acc", "train_acc_last", "fitted", "best_epoch", "epochs", "run"]
+    cols = [
+        "group",
+        "o2i",
+        "seed",
+        "accuracy",
+        "auc",
+        "loc_ap",
+        "train_acc",
+        "train_acc_last",
+        "fitted",
+        "epochs_to_fit",
+        "best_epoch",
+        "epochs",
+        "run",
+    ]
     runs[cols].to_csv(a.work_dir / "runs.csv", index=False)
     c = a.cfg
     print(
@@ -241,6 +278,7 @@ def report(a: argparse.Namespace, docs: list[dict]) -> pd.DataFrame:
                 "loc AP": fmt(part["loc_ap"]),
                 "train acc (best)": fmt(part["train_acc"]),
                 "failed": f"{int((~part['fitted']).sum())}/{len(part)}",
+                "epochs to fit": " ".join("-" if pd.isna(v) else f"{v:.0f}" for v in part["epochs_to_fit"]),
             }
         )
     print(pd.DataFrame(rows).to_string(index=False))
@@ -283,19 +321,27 @@ def plot_curves(runs: list[Path], out: Path) -> None:
 
 
 def estimate(a: argparse.Namespace) -> None:
-    """Time forward + backward + RMSprop steps per canvas on the device; print the configuration's expected training time."""
+    """Per canvas: the FLOPs of one training image (`torch.utils.flop_counter`, forward + backward) and the
+    measured speed of forward + backward + RMSprop steps on the device; print the configuration's
+    expected training time (validation passes not included: about a sixth more at the paper's sizes)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     from mil.bagnet import create_bagnet
     from mil.train.bagnet import build_optimizer
 
     device = torch.device(a.device)
     runs = plan(a)
-    total = 0.0
+    total = flops = 0.0
+    batch = a.estimate_batch or a.cfg["batch_size"]
     for canvas in a.cfg["canvases"]:
         config = next(cfg for c, _, cfg in runs if c == canvas)
         net = create_bagnet(rf=config.rf, pooling="max", width=config.width, norm=config.norm, in_chans=1).to(device)
+        with FlopCounterMode(display=False) as counter:
+            net(torch.rand(1, 1, canvas, canvas, device=device)).sum().backward()
+        per_image_flops = counter.get_total_flops()
         opt, _ = build_optimizer(net, config)
-        x = torch.rand(config.batch_size, 1, canvas, canvas, device=device)  # (B, 1, S, S)
-        y = torch.randint(0, 2, (config.batch_size,), device=device).float()  # (B,)
+        x = torch.rand(batch, 1, canvas, canvas, device=device)  # (B, 1, S, S)
+        y = torch.randint(0, 2, (batch,), device=device).float()  # (B,)
         for step in range(4):  # one warm-up step
             if step == 1:
                 if device.type == "cuda":
@@ -307,15 +353,18 @@ def estimate(a: argparse.Namespace) -> None:
             opt.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        per_image = (time.time() - t) / (3 * config.batch_size)
+        per_image = (time.time() - t) / (3 * batch)
         n = sum(c == canvas for c, _, _ in runs)
-        seconds = n * config.epochs * a.cfg["max_train"] * per_image
-        total += seconds
+        passes = n * config.epochs * a.cfg["max_train"]  # training images through the network, all runs
+        total += passes * per_image
+        flops += passes * per_image_flops
         print(
-            f"  canvas {canvas}: {1 / per_image:.1f} training images/s, {n} runs x {config.epochs} epochs x {a.cfg['max_train']} images: {seconds / 3600:.1f} h"
+            f"  canvas {canvas}: {per_image_flops / 1e9:.2f} GFLOP per training image, {1 / per_image:.1f} training images/s "
+            f"(batch {batch}); {n} runs x {config.epochs} epochs x {a.cfg['max_train']} images: {passes * per_image / 3600:.1f} h"
         )
     print(
-        f"expected training time of --config {a.config} on {a.device}: {total / 3600:.1f} h in one process, {total / 3600 / a.jobs:.1f} h with --jobs {a.jobs}"
+        f"expected training time of --config {a.config} on {a.device}: {total / 3600:.1f} h in one process, "
+        f"{total / 3600 / a.jobs:.1f} h with --jobs {a.jobs}; {flops / 1e15:,.0f} PFLOP in all"
     )
 
 

@@ -118,8 +118,10 @@ def load_bagnet_run(run_dir: str | Path) -> tuple[dict, Path]:
     return config, path / "checkpoint.pt"
 
 
-def training_fit(run_dir: str | Path) -> dict:
-    """``train_acc`` (best training accuracy over the epochs), ``train_acc_last`` and ``epochs`` from RUN_DIR/metrics.csv."""
+def training_fit(run_dir: str | Path, fit_threshold: float = FIT_THRESHOLD) -> dict:
+    """From RUN_DIR/metrics.csv: ``train_acc`` (best training accuracy over the epochs), ``train_acc_last``,
+    ``epochs``, ``fitted`` (train_acc >= `fit_threshold`) and ``epochs_to_fit`` (the first epoch that
+    reached it, 1-based; None if none did — the paper's Fig. 9a "time to fit")."""
     path = Path(run_dir) / "metrics.csv"
     try:
         acc = pd.read_csv(path)["train_acc"].astype(float)  # (epochs,)
@@ -127,7 +129,14 @@ def training_fit(run_dir: str | Path) -> dict:
         raise RunError(
             f"{path}: expected the training log of `mil train bagnet` with a train_acc column, could not read it ({e})."
         ) from None
-    return {"train_acc": float(acc.max()), "train_acc_last": float(acc.iloc[-1]), "epochs": len(acc)}
+    reached = np.flatnonzero(acc.to_numpy() >= fit_threshold)  # (k,)
+    return {
+        "train_acc": float(acc.max()),
+        "train_acc_last": float(acc.iloc[-1]),
+        "epochs": len(acc),
+        "fitted": bool(len(reached)),
+        "epochs_to_fit": int(reached[0]) + 1 if len(reached) else None,
+    }
 
 
 def _check_options(split: str, batch_size: int, n_boot: int, fit_threshold: float = FIT_THRESHOLD) -> None:
@@ -164,7 +173,7 @@ def score_run(
     _check_options(split, batch_size, n_boot, fit_threshold)
     dev = resolve_device(device)
     config, folder, net, ckpt, ds = _load_run(run_dir, data, split, dev)
-    fit = training_fit(run_dir)
+    fit = training_fit(run_dir, fit_threshold)
     s = ds.split
     positives = np.flatnonzero((s.labels == 1) & (s.bbox[:, 0] >= 0))  # (P,)
     logits, maps = predict_images(net, ds, batch_size, dev, saliency_for=positives)  # (n,), {row: (h, w)}
@@ -194,7 +203,6 @@ def score_run(
         "seed": config["train"]["seed"],
         "best_epoch": ckpt["best_epoch"],
         **fit,
-        "fitted": fit["train_acc"] >= fit_threshold,
         "fit_threshold": fit_threshold,
         "mil_version": mil.__version__,
     }
@@ -284,7 +292,7 @@ def plot_o2i(points: pd.DataFrame, out: Path, title: str = "", runs: pd.DataFram
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     fig, axes = plt.subplots(1, 3, figsize=(13.5, 4.2), dpi=120, sharex=True)
     for ax, (mean, sd, per_run, label) in zip(axes, PANELS):
@@ -299,13 +307,14 @@ def plot_o2i(points: pd.DataFrame, out: Path, title: str = "", runs: pd.DataFram
         if per_run != "loc_ap":
             ax.axhline(0.5, ls="--", color="grey", lw=0.8, label="chance")
         ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set_xticks(sorted(points["o2i"].unique() * 100))  # a tick at every image set's O2I, none in between
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.2g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set(xlabel="object-to-image ratio (%)", ylabel=label, ylim=(0.0 if per_run == "loc_ap" else 0.4, 1.02))
         ax.grid(alpha=0.3, which="both", lw=0.5)
-    axes[0].legend(fontsize=7, loc="lower right")
     if runs is not None and (~runs["fitted"]).any():
-        axes[2].scatter([], [], marker="x", color="k", label="run that never fitted its training set")
-        axes[2].legend(fontsize=7, loc="upper left")
+        axes[2].scatter([], [], marker="x", color="k", label="a run that never fitted its training set")
+    axes[2].legend(fontsize=7, loc="upper left")  # the loc AP panel has room above its points
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

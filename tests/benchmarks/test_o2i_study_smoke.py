@@ -38,7 +38,8 @@ def test_o2i_study_quick_covers_every_canvas_norm_and_pooling(tmp_path: Path, ca
 def test_o2i_study_estimate_prints_expected_time(tmp_path: Path, capsys) -> None:
     load_study().main(["--config", "quick", "--source", "sklearn-digits", "--estimate", "--work-dir", str(tmp_path)])
     out = capsys.readouterr().out
-    assert "expected training time of --config quick" in out and "canvas 16" in out and not (tmp_path / "runs").exists()
+    assert "expected training time of --config quick" in out and "GFLOP per training image" in out and "canvas 16" in out
+    assert not (tmp_path / "runs").exists()
 
 
 def test_o2i_study_without_fashion_mnist_fails_with_one_line(tmp_path: Path, monkeypatch, capsys) -> None:

@@ -155,6 +155,10 @@ def test_training_accuracy_is_reported_and_unfitted_runs_counted(runs, tmp_path)
     loose = [score_run(r, device="cpu", n_boot=10, fit_threshold=best) for r in runs.values()]
     points = o2i_points(loose, "pooling,norm")
     assert set(points["group"]) == {"pooling=max, norm=in_aff", "pooling=mean, norm=in_aff"}
+    for d, run in zip(loose, runs.values()):  # the first epoch that reached the threshold
+        acc = pd.read_csv(run / "metrics.csv")["train_acc"].tolist()
+        first = next((e + 1 for e, v in enumerate(acc) if v >= best), None)
+        assert d["epochs_to_fit"] == first and d["fitted"] == (first is not None)
     expected = sum(d["train_acc"] < best for d in loose)
     assert points["n_failed"].sum() == expected and expected < len(loose)  # the best run fitted at its own accuracy
     png = tmp_path / "o2i.png"
