@@ -21,10 +21,12 @@ Everything goes through the project's own code, as a user would run it:
 
 Configurations (`CONFIGS`): ``gpu`` is the paper's nMNIST setting — 28-px objects on 128², 256², 512²
 (O2I 4.8 %, 1.2 %, 0.3 %), rf 33, 11,276 training images, 200 epochs; ``cpu`` is the same geometry at
-a quarter of the scale — 7-px objects on 32², 64², 128² (the same O2I and clutter cover), rf 9 —
-with fewer images and epochs, so that it finishes within an hour on 2 cores; ``quick`` is the smoke
-test's. `--estimate` times a few training steps per canvas on the device and prints the expected
-time of the configuration instead of running it.
+a quarter of the scale — 7-px objects on 32², 64², 128² (the same O2I and clutter count), rf 33 —
+with 256 training images and 20 epochs, so that it finishes within an hour on 2 cores (37 min
+measured: docs/benchmarks.md); ``quick`` is the smoke test's. `--max-train`, `--canvases`,
+`--poolings` and `--norms` narrow a configuration. `--estimate` counts the FLOPs of one training
+image and times a few training steps per canvas on the device, and prints the expected time of the
+configuration instead of running it.
 
 Writes ``WORK/o2i.png`` + ``WORK/o2i.csv`` (the points), ``WORK/runs.csv`` (one row per run) and
 ``WORK/curves.png`` (training and validation accuracy per epoch of every run). Finished image sets
