@@ -165,3 +165,14 @@ def digits_splits(size: int = 28) -> dict[str, SourceSplit]:
         split: SourceSplit(objects[lo:hi], labels[lo:hi], np.arange(lo, hi), f"sklearn load_digits[{lo}:{hi}]")
         for split, (lo, hi) in zip(SPLITS, ((0, a), (a, b), (b, n)))
     }
+
+
+def resize_objects(objects: np.ndarray, size: int) -> np.ndarray:
+    """(n, h, w) uint8 objects resized to (n, size, size) uint8, anti-aliased (`skimage.transform.resize`)."""
+    from skimage.transform import resize
+
+    n = len(objects)
+    if objects.shape[1:] == (size, size):
+        return objects
+    out = resize(objects.astype(np.float32), (n, size, size), order=1, anti_aliasing=True, preserve_range=True)  # (n, s, s)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)

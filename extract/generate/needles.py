@@ -33,7 +33,7 @@ import numpy as np
 
 from mil.errors import OptionError
 from mil.extract.generate.folders import check_existing, mil_version, start_folder
-from mil.extract.generate.idx import digits_splits, find_idx, idx_splits
+from mil.extract.generate.idx import digits_splits, find_idx, idx_splits, resize_objects
 from mil.imagesets import SPLITS, ImageSplit, check_split, write_meta, write_split
 
 DENSITY_AREA = 64 * 64  # --clutter-density counts distractors per this many px²
@@ -67,17 +67,6 @@ def default_n_clutter(canvas: int, density: float | None = None, object_size: in
     if equivalent in CLUTTER_TABLE:
         return CLUTTER_TABLE[int(equivalent)]
     return max(0, int(round(equivalent * equivalent / PX_PER_OBJECT)) - 1)
-
-
-def resize_objects(objects: np.ndarray, size: int) -> np.ndarray:
-    """(n, h, w) uint8 objects resized to (n, size, size) uint8, anti-aliased (`skimage.transform.resize`)."""
-    from skimage.transform import resize
-
-    n = len(objects)
-    if objects.shape[1:] == (size, size):
-        return objects
-    out = resize(objects.astype(np.float32), (n, size, size), order=1, anti_aliasing=True, preserve_range=True)  # (n, s, s)
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
 def box_occlusion(box: Sequence[int], xs: np.ndarray, ys: np.ndarray, h: int, w: int) -> float:

@@ -10,7 +10,7 @@ import pytest
 
 from mil.errors import IdxError
 from mil.extract.generate import needles as nd
-from mil.extract.generate.idx import idx_splits, load_idx_dir, read_idx
+from mil.extract.generate.idx import idx_splits, load_idx_dir, read_idx, resize_objects
 from mil.extract.generate.needles import default_n_clutter, make_needles
 from mil.imagesets import SPLITS, read_meta, read_split
 from tests.conftest import invoke_mil
@@ -202,10 +202,10 @@ def test_occlusion_falls_with_canvas_at_the_paper_density():
 def test_resize_objects_keeps_shape_of_the_object():
     objects = np.zeros((3, 28, 28), np.uint8)
     objects[:, 8:20, 12:16] = 200  # a bar
-    small = nd.resize_objects(objects, 7)
+    small = resize_objects(objects, 7)
     assert small.shape == (3, 7, 7) and small.dtype == np.uint8
     assert small[:, 2:5, 3].min() > 100 and small[:, :, 0].max() == 0  # the bar stays where it was
-    assert nd.resize_objects(objects, 28) is objects
+    assert resize_objects(objects, 28) is objects
     assert round(100 * 28 * 28 / 64**2, 1) == 19.1
 
 
