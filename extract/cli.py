@@ -130,6 +130,13 @@ def features(
     workers: Annotated[int, typer.Option(help="DataLoader worker processes reading tiles.")] = 2,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
     dtype: Annotated[Literal["float32", "float16"], typer.Option(help="Stored feature dtype.")] = "float32",
+    compile: Annotated[
+        bool,
+        typer.Option(
+            "--compile",
+            help="torch.compile the encoder: its first batch takes seconds to minutes (once per run, or less from the on-disk cache), later batches of every slide run faster. Pays off on long runs: docs/benchmarks.md.",
+        ),
+    ] = False,
     input_size: Annotated[Optional[int], typer.Option(help="Override the encoder's input size (px); tiles are resized to it.")] = None,
     coords_dir: Annotated[Optional[Path], typer.Option(help="Folder of existing `mil extract tiles` output (default: --out).")] = None,
     target_mpp: TargetMpp = None,
@@ -169,7 +176,9 @@ def features(
     slides = load_slides(input_path, slides_root, manifest)
     with warnings.catch_warnings(record=True) as caught:  # e.g. random weights: shown as one plain line
         warnings.simplefilter("always")
-        enc = create_encoder(encoder, weights=weights, precision=precision, device=str(resolve_device(device)), input_size=input_size)
+        enc = create_encoder(
+            encoder, weights=weights, precision=precision, device=str(resolve_device(device)), input_size=input_size, compile=compile
+        )
     for w in caught:
         typer.echo(f"warning: {w.message}", err=True)
     report = run_features(slides, out, enc, config, coords_dir=coords_dir, overwrite=overwrite, progress=progress)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import re
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -100,10 +101,23 @@ class Encoder(nn.Module):
         precision: str,
         device: torch.device,
         details: dict | None = None,
+        compile: bool = False,
     ) -> None:
-        """`details`: more JSON-ready facts for `describe()` (hub models: source, architecture, output rule)."""
+        """`details`: more JSON-ready facts for `describe()` (hub models: source, architecture, output rule).
+
+        `compile`: run the model through `torch.compile` (see `compile_model`); the first batch
+        compiles it (`compile_seconds`), later batches of any slide reuse the compiled code.
+        """
         super().__init__()
         self.model = model.eval().to(device, memory_format=torch.channels_last)
+        # bf16 on a CPU: weights and activations in bf16, so oneDNN's bf16 kernels (AMX, AVX512-BF16)
+        # run every layer. Autocast instead keeps batch norm and the residual adds in fp32 and casts
+        # around each convolution: ~3x slower on resnet50_trunc, same features (docs/benchmarks.md).
+        self._cast = _DTYPES[precision] if precision == "bf16" and device.type == "cpu" else None
+        if self._cast is not None:
+            self.model.to(self._cast)
+        self._compiled = compile_model(self.model, device) if compile else None  # a function: not a submodule
+        self.compiled, self.compile_seconds, self._batch = compile, None, 0
         self.name, self.weights, self.weights_sha256, self.seed = name, weights, weights_sha256, seed
         self.feature_dim = int(getattr(model, "head_hidden_size", None) or model.num_features)
         self.input_size, self.mean, self.std = input_size, tuple(mean), tuple(std)
@@ -116,9 +130,26 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Features of normalised images `x` `(B, 3, S, S)` → `(B, D)` float32, at `self.precision`."""
         x = x.contiguous(memory_format=torch.channels_last)  # (B, 3, S, S)
+        if self.compiled and len(x) != self._batch:
+            return self._forward_static(x)
+        if self._cast is not None:
+            return (self._compiled or self.model)(x.to(self._cast)).float()  # (B, D)
         dtype = _DTYPES.get(self.precision)
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-            return self.model(x).float()  # (B, D)
+            return (self._compiled or self.model)(x).float()  # (B, D)
+
+    def _forward_static(self, x: torch.Tensor) -> torch.Tensor:
+        """Compiled model: the first batch compiles it (timed); a smaller batch (a slide's last) is
+        padded with zeros to that size, so every slide reuses one compiled graph instead of compiling
+        one per remainder."""
+        b = len(x)
+        if b > self._batch:  # the first batch, or a larger one: compile for this size
+            t0, self._batch = time.perf_counter(), b
+            z = self(x)  # (B, D)
+            self.compile_seconds = (self.compile_seconds or 0.0) + time.perf_counter() - t0
+            return z
+        pad = x.new_zeros((self._batch - b, *x.shape[1:])).contiguous(memory_format=torch.channels_last)  # (P, 3, S, S)
+        return self(torch.cat([x, pad]))[:b]  # (B, D)
 
     @torch.inference_mode()
     def encode(self, tiles: torch.Tensor) -> torch.Tensor:
@@ -155,6 +186,13 @@ class Encoder(nn.Module):
         } | self.details
 
 
+def compile_model(model: nn.Module, device: torch.device) -> Callable:
+    """`torch.compile` for inference at fixed shapes; on a CPU with freezing, which folds batch norm
+    into the convolutions and pre-packs the weights for oneDNN (weights must not change afterwards)."""
+    options = {"freezing": True} if device.type == "cpu" else None
+    return torch.compile(model.forward, dynamic=False, options=options)
+
+
 def create_encoder(
     name: str,
     weights: str = "none",
@@ -165,6 +203,7 @@ def create_encoder(
     mean: tuple[float, float, float] | None = None,
     std: tuple[float, float, float] | None = None,
     seed: int = 0,
+    compile: bool = False,
 ) -> Encoder:
     """Build an encoder by name.
 
@@ -178,13 +217,16 @@ def create_encoder(
         input_size: square side in px that tiles are resized to (default: the weights' own, usually 224).
         mean, std: per-channel normalisation (default: the weights' own).
         seed: seeds the random initialisation (recorded even when weights replace it).
+        compile: `torch.compile` the model (`compile_model`): slower first batch, faster after.
 
     Raises:
         OptionError: unknown name, precision or weights value.
         MilError: ImageNet weights unavailable, or a checkpoint that cannot be read or does not fit.
     """
     if name not in _ENCODERS and hub.is_hub_name(name):
-        return hub.create_hub_encoder(name, weights, precision, device=device, input_size=input_size, mean=mean, std=std, seed=seed)
+        return hub.create_hub_encoder(
+            name, weights, precision, device=device, input_size=input_size, mean=mean, std=std, seed=seed, compile=compile
+        )
     device = torch.device(device)
     precision = resolve_precision(precision, device)
     if name in _ENCODERS:
@@ -227,6 +269,7 @@ def create_encoder(
         seed=seed,
         precision=precision,
         device=device,
+        compile=compile,
     )
 
 

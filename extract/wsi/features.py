@@ -235,6 +235,8 @@ def run_features(
                 console.print(f"[red]error[/red] {sid}: {res.error}", highlight=False, soft_wrap=True)
             results.append(res)
             bar.update(slide_task, advance=1)
+    if getattr(encoder, "compile_seconds", None) is not None:
+        console.print(f"compiled the encoder in {encoder.compile_seconds:.1f} s (its first batch)", highlight=False)
 
     return write_report(results, out_dir)
 
@@ -246,6 +248,7 @@ def _write_config(path: Path, encoder, config: FeatureConfig, coords_dir: Path, 
         "mil_version": mil.__version__,
         "encoder": encoder.describe(),
         "device": str(encoder.device),
+        "compile": bool(getattr(encoder, "compiled", False)),
         "batch_size": config.batch_size,
         "workers": config.workers,
         "dtype": config.dtype,

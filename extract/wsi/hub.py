@@ -346,6 +346,7 @@ def create_hub_encoder(
     std: tuple[float, float, float] | None = None,
     seed: int = 0,
     overrides: dict | None = None,
+    compile: bool = False,
 ):
     """Build a registered pathology model or an `hf-hub:ORG/REPO` timm model (see `create_encoder`).
 
@@ -403,4 +404,5 @@ def create_hub_encoder(
         precision=precision,
         device=device,
         details=details | {"reference_precision": entry.precision},
+        compile=compile,
     )

@@ -218,6 +218,39 @@ def test_bf16_features_agree_with_fp32():
     assert F.cosine_similarity(a, b).min() >= 0.99
 
 
+def test_bf16_on_cpu_runs_the_model_in_bf16_and_the_same_state_dict():
+    """CPU bf16 casts the weights (oneDNN bf16 kernels), not autocast; nothing else changes."""
+    fp32, bf16 = make(precision="fp32"), make(precision="bf16")
+    assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in fp32.model.parameters()} == {torch.float32}
+    assert list(bf16.state_dict()) == list(fp32.state_dict())
+
+
+def test_compiled_encoder_pads_a_smaller_batch_and_compiles_once(monkeypatch):
+    """A slide's last, smaller batch is padded to the first batch's size: one compiled graph for
+    every slide, the same features as the eager encoder, and no compiled submodule in the state dict."""
+    calls = []
+
+    def fake_compile(model, device):  # what torch.compile(dynamic=False) would see: every input shape
+        return lambda x: calls.append(tuple(x.shape)) or model(x)
+
+    monkeypatch.setattr(encoders, "compile_model", fake_compile)
+    enc, eager = make(compile=True), make()
+    t = tiles(7)
+    z = torch.cat([enc.encode(t[:4]), enc.encode(t[4:])])  # (7, 512): batches of 4 and 3
+    assert calls == [(4, 3, 64, 64), (4, 3, 64, 64)] and enc.compile_seconds is not None
+    torch.testing.assert_close(z, eager.encode(t), rtol=1e-4, atol=1e-4)
+    assert list(enc.state_dict()) == list(eager.state_dict())
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager():
+    """The real torch.compile (inductor, freezing on a CPU): same features as eager, on timm's tiny test_resnet."""
+    enc, eager = create_encoder("test_resnet", precision="fp32", compile=True), create_encoder("test_resnet", precision="fp32")
+    t = tiles(3, size=enc.input_size)
+    torch.testing.assert_close(torch.cat([enc.encode(t[:2]), enc.encode(t[2:])]), eager.encode(t), rtol=1e-3, atol=1e-3)
+
+
 def test_resolve_precision(monkeypatch):
     assert [resolve_precision(p, "cpu") for p in ("fp32", "bf16", "fp16")] == ["fp32", "bf16", "fp16"]
     for native, expected in ((True, "bf16"), (False, "fp32")):

@@ -207,3 +207,24 @@ def test_bad_feature_options_exit_2(tmp_path, cohort, opt):
     assert r.returncode == 2, r.stderr
     assert "expected" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_compile_builds_one_graph_for_every_slide_and_reports_its_time(tmp_path, cohort, monkeypatch):
+    """`--compile`: the encoder is compiled once for the run (one input shape across slides whose
+    last batches differ), the time is printed and recorded, and the features are the eager ones."""
+    from mil.extract.wsi import encoders
+
+    shapes = set()
+
+    def fake_compile(model, device):  # torch.compile(dynamic=False) compiles once per input shape
+        return lambda x: shapes.add(tuple(x.shape)) or model(x)
+
+    monkeypatch.setattr(encoders, "compile_model", fake_compile)
+    r = invoke_mil("extract", "features", cohort, "--out", tmp_path / "c", *FAST, "--compile")
+    assert r.returncode == 0, r.stderr
+    assert (pd.read_csv(tmp_path / "c" / "extract_report.csv")["n_tiles"] % 16 != 0).all()  # smaller last batches
+    assert shapes == {(16, 3, 224, 224)} and "compiled the encoder in" in r.stderr  # 64-px tiles resized to 224
+    assert json.loads((tmp_path / "c" / "features_config.json").read_text())["compile"] is True
+    assert invoke_mil("extract", "features", cohort, "--out", tmp_path / "e", *FAST).returncode == 0
+    for s in ("s0", "s1"):
+        assert np.allclose(read_bag(tmp_path / "c" / f"{s}.h5").features, read_bag(tmp_path / "e" / f"{s}.h5").features, atol=1e-4)
