@@ -160,7 +160,7 @@ def features(
     """
     from mil.device import resolve_device
     from mil.extract.wsi.encoders import create_encoder
-    from mil.extract.wsi.features import FeatureConfig, run_features
+    from mil.extract.wsi.features import FeatureConfig, release_freed_memory, run_features
 
     given = dict(
         target_mpp=resolve_target_mpp(target_mpp, mag, default=None),
@@ -173,6 +173,7 @@ def features(
     if stored is not None:
         typer.echo(f"tiling from {stored}", err=True)
     config = FeatureConfig(tiling=tiling, batch_size=batch_size, workers=workers, dtype=dtype)
+    release_freed_memory()
     slides = load_slides(input_path, slides_root, manifest)
     with warnings.catch_warnings(record=True) as caught:  # e.g. random weights: shown as one plain line
         warnings.simplefilter("always")

@@ -82,6 +82,12 @@ def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> t
 
 
 def masked_fill_value(x: torch.Tensor, mask: torch.Tensor, value: float) -> torch.Tensor:
-    """Replace padded positions of ``x (B, N, …)`` by `value` (e.g. -inf before a max)."""
+    """Replace padded positions of ``x (B, N, …)`` by `value` (e.g. -inf before a max).
+
+    Without padding (a CPU mask that is all True: one bag per batch) `x` itself is returned: no
+    copy of the whole bag. (On a GPU the check would cost a device sync; the copy is cheap there.)
+    """
+    if mask.device.type == "cpu" and bool(mask.all()):
+        return x  # (B, N, …) unchanged
     m = mask.reshape(mask.shape + (1,) * (x.ndim - mask.ndim))  # (B, N, 1…)
     return x.masked_fill(~m, value)

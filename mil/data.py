@@ -382,12 +382,16 @@ def collate_bags(batch: Sequence[tuple[Tensor, int, str]]) -> tuple[Tensor, Tens
             raise BagError(f"expected bag {sid!r} of shape (N, {d}) like the first bag, got shape {tuple(x.shape)} instead.")
     n_max = max(int(x.shape[0]) for x, _, _ in batch)
     b = len(batch)
-    X = torch.zeros(b, n_max, d, dtype=torch.float32)  # (B, Nmax, D)
-    mask = torch.zeros(b, n_max, dtype=torch.bool)  # (B, Nmax)
-    for i, (x, _, _) in enumerate(batch):
-        n = int(x.shape[0])
-        X[i, :n] = x
-        mask[i, :n] = True
+    if b == 1:  # one bag (MIL's usual batch): nothing to pad, no zero-filled copy of the whole bag
+        X = batch[0][0].to(torch.float32).unsqueeze(0)  # (1, N, D)
+        mask = torch.ones(1, n_max, dtype=torch.bool)  # (1, N)
+    else:
+        X = torch.zeros(b, n_max, d, dtype=torch.float32)  # (B, Nmax, D)
+        mask = torch.zeros(b, n_max, dtype=torch.bool)  # (B, Nmax)
+        for i, (x, _, _) in enumerate(batch):
+            n = int(x.shape[0])
+            X[i, :n] = x
+            mask[i, :n] = True
     labels = torch.tensor([float(y) for _, y, _ in batch], dtype=torch.float32)  # (B,)
     ids = [sid for _, _, sid in batch]
     return X, mask, labels, ids

@@ -228,3 +228,22 @@ def test_compile_builds_one_graph_for_every_slide_and_reports_its_time(tmp_path,
     assert invoke_mil("extract", "features", cohort, "--out", tmp_path / "e", *FAST).returncode == 0
     for s in ("s0", "s1"):
         assert np.allclose(read_bag(tmp_path / "c" / f"{s}.h5").features, read_bag(tmp_path / "e" / f"{s}.h5").features, atol=1e-4)
+
+
+def test_the_cli_bounds_the_heap_before_embedding(tmp_path, cohort, monkeypatch):
+    """`mil extract features` sets glibc's mmap threshold (peak RSS: docs/benchmarks.md) before any work."""
+    import platform
+
+    from mil.extract.wsi import features
+
+    def stop():
+        raise SystemExit(7)  # called: stop before the slides are read
+
+    monkeypatch.setattr(features, "release_freed_memory", stop)
+    assert invoke_mil("extract", "features", cohort, "--out", tmp_path / "o", *FAST).returncode == 7
+    assert not list((tmp_path / "o").glob("*.h5"))
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert (
+            subprocess.run([sys.executable, "-c", "from mil.extract.wsi.features import release_freed_memory as r; assert r()"]).returncode
+            == 0
+        )

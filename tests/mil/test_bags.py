@@ -47,6 +47,13 @@ def test_masked_fill_value_broadcasts_over_features():
     assert out[0, 1].isinf().all() and out[0, 0].eq(1).all()
 
 
+def test_masked_fill_value_without_padding_is_the_input_itself():
+    x = torch.randn(2, 3, 4)
+    assert masked_fill_value(x, torch.ones(2, 3, dtype=torch.bool), 0.0) is x  # no copy of the bag
+    out = masked_fill_value(x, torch.tensor([[True, True, False], [True, True, True]]), 0.0)
+    assert out is not x and out[0, 2].eq(0).all() and torch.equal(out[1], x[1])
+
+
 def test_registry_create_drops_none_and_suggests_names():
     reg = Registry("thing")
 

@@ -232,6 +232,16 @@ def test_collate_shapes_mask_padding():
         assert (X[i, n:] == 0).all()
 
 
+def test_collate_of_one_bag_matches_the_padded_path():
+    """A batch of one bag (float16 from the RAM cache, or float32) is that bag as float32, fully masked."""
+    x = torch.randn(5, D, generator=torch.Generator().manual_seed(1))
+    for bag in (x, x.half()):
+        X, mask, labels, ids = collate_bags([(bag, 1, "a")])
+        ref, ref_mask, _, _ = collate_bags([(bag, 1, "a"), (bag[:2], 0, "b")])
+        assert X.dtype == torch.float32 and torch.equal(X[0], ref[0]) and X.shape == (1, 5, D)
+        assert mask.dtype == torch.bool and torch.equal(mask[0], ref_mask[0]) and labels.tolist() == [1.0] and ids == ["a"]
+
+
 def test_collate_rejects_bad_batches():
     with pytest.raises(ValueError, match="empty batch"):
         collate_bags([])
