@@ -108,9 +108,12 @@ def run_side(side: str, work: Path, n_bags: int, n_val: int, epochs: int, thread
         rows = [f"{s},{tt._label(s)},{split}" for names, split in ((train, "train"), (val, "val")) for s in names]
         manifest.write_text("slide_id,label,split\n" + "\n".join(rows) + "\n")
         t0 = time.perf_counter()
-        run_app(app, ["features", str(work), "--manifest", str(manifest), "--out", str(run), "--head", "abmil"]
-                + ["--epochs", str(epochs), "--patience", str(epochs + 1), "--cache", "ram", "--device", "cpu"]
-                + ["--precision", "fp32", "--seed", str(seed), "--no-progress", "--overwrite", *extra])  # fmt: skip
+        run_app(
+            app,
+            ["features", str(work), "--manifest", str(manifest), "--out", str(run), "--head", "abmil"]
+            + ["--epochs", str(epochs), "--patience", str(epochs + 1), "--cache", "ram", "--device", "cpu"]
+            + ["--precision", "fp32", "--seed", str(seed), "--no-progress", "--overwrite", *extra],
+        )
         params = sum(p.numel() for p in ref.parameters())
         shutil.rmtree(run, ignore_errors=True)
         manifest.unlink()
@@ -127,9 +130,15 @@ def run_side(side: str, work: Path, n_bags: int, n_val: int, epochs: int, thread
 
         def dataset(names: list[str]) -> ProcessedMILDataset:
             return ProcessedMILDataset(
-                features_path=str(work), labels_path=str(work), bag_names=names, bag_keys=["X", "Y"], file_ext=".h5",
-                load_at_init=True, read_file_fn=read, verbose=False,
-            )  # fmt: skip
+                features_path=str(work),
+                labels_path=str(work),
+                bag_names=names,
+                bag_keys=["X", "Y"],
+                file_ext=".h5",
+                load_at_init=True,
+                read_file_fn=read,
+                verbose=False,
+            )
 
         train_ds, val_ds = dataset(train), dataset(val)
         torch.manual_seed(seed)
@@ -242,8 +251,11 @@ def main(argv: list[str] | None = None):
     work = Path(tempfile.mkdtemp(prefix="train_vs_torchmil_", dir="/tmp")) if own_dir else args.work_dir
     try:
         gb = (args.bags + args.val_bags) * args.instances * args.dim * 4 / 1e9
-        print(f"cohort: {args.bags} training + {args.val_bags} validation bags of {args.instances:,} × {args.dim} float32 "
-              f"(≈ {gb:.1f} GB) in {work}", flush=True)  # fmt: skip
+        print(
+            f"cohort: {args.bags} training + {args.val_bags} validation bags of {args.instances:,} × {args.dim} float32 "
+            f"(≈ {gb:.1f} GB) in {work}",
+            flush=True,
+        )
         secs, reused = tt.write_cohort(work, args.bags, args.instances, args.dim, args.val_bags, args.seed)
         print("  reused the files of an earlier run" if reused else f"  written in {secs:.0f} s", flush=True)
         paths = [work / f"{s}.h5" for names in tt._bag_names(args.bags, args.val_bags) for s in names]
@@ -254,8 +266,11 @@ def main(argv: list[str] | None = None):
                 t0 = time.perf_counter()
                 results.append(_run_in_subprocess(side, work, args))
                 r = results[-1]
-                print(f"  repeat {k + 1} {side:<8}: {time.perf_counter() - t0:.0f} s process, setup {r['setup_s']:.1f} s, "
-                      "epochs " + ", ".join(f"{t:.2f}" for t in r["epoch_s"]) + f" s; other processes used {r['others_cpu']:.0%} of the CPUs", flush=True)  # fmt: skip
+                print(
+                    f"  repeat {k + 1} {side:<8}: {time.perf_counter() - t0:.0f} s process, setup {r['setup_s']:.1f} s, "
+                    "epochs " + ", ".join(f"{t:.2f}" for t in r["epoch_s"]) + f" s; other processes used {r['others_cpu']:.0%} of the CPUs",
+                    flush=True,
+                )
     finally:
         if own_dir and not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -286,8 +301,10 @@ def main(argv: list[str] | None = None):
     print(f"best epochs only (least disturbed by other load): torchmil / ours {table.attrs['best_ratio']:.2f}x")
     busiest, ncpu = max(r["others_cpu"] for r in results), os.cpu_count() or 1
     if busiest * ncpu + args.threads > 1.1 * ncpu:  # oversubscribed at some point (nan: no /proc/stat, silent)
-        print(f"note: other processes used up to {busiest:.0%} of the {ncpu} CPUs during a run, beside --threads {args.threads}: "
-              "the CPUs were oversubscribed and those times can grow many-fold; rerun on an idle machine or with fewer threads.")  # fmt: skip
+        print(
+            f"note: other processes used up to {busiest:.0%} of the {ncpu} CPUs during a run, beside --threads {args.threads}: "
+            "the CPUs were oversubscribed and those times can grow many-fold; rerun on an idle machine or with fewer threads."
+        )
     print(f"total wall time: {time.perf_counter() - t_start:.0f} s")
     return table
 

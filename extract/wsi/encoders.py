@@ -110,12 +110,6 @@ class Encoder(nn.Module):
         """
         super().__init__()
         self.model = model.eval().to(device, memory_format=torch.channels_last)
-        # bf16 on a CPU: weights and activations in bf16, so oneDNN's bf16 kernels (AMX, AVX512-BF16)
-        # run every layer. Autocast instead keeps batch norm and the residual adds in fp32 and casts
-        # around each convolution: ~3x slower on resnet50_trunc, same features (docs/benchmarks.md).
-        self._cast = _DTYPES[precision] if precision == "bf16" and device.type == "cpu" else None
-        if self._cast is not None:
-            self.model.to(self._cast)
         self._compiled = compile_model(self.model, device) if compile else None  # a function: not a submodule
         self.compiled, self.compile_seconds, self._batch = compile, None, 0
         self.name, self.weights, self.weights_sha256, self.seed = name, weights, weights_sha256, seed
@@ -132,8 +126,6 @@ class Encoder(nn.Module):
         x = x.contiguous(memory_format=torch.channels_last)  # (B, 3, S, S)
         if self.compiled and len(x) != self._batch:
             return self._forward_static(x)
-        if self._cast is not None:
-            return (self._compiled or self.model)(x.to(self._cast)).float()  # (B, D)
         dtype = _DTYPES.get(self.precision)
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             return (self._compiled or self.model)(x).float()  # (B, D)

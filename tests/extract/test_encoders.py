@@ -218,14 +218,6 @@ def test_bf16_features_agree_with_fp32():
     assert F.cosine_similarity(a, b).min() >= 0.99
 
 
-def test_bf16_on_cpu_runs_the_model_in_bf16_and_the_same_state_dict():
-    """CPU bf16 casts the weights (oneDNN bf16 kernels), not autocast; nothing else changes."""
-    fp32, bf16 = make(precision="fp32"), make(precision="bf16")
-    assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}
-    assert {p.dtype for p in fp32.model.parameters()} == {torch.float32}
-    assert list(bf16.state_dict()) == list(fp32.state_dict())
-
-
 def test_compiled_encoder_pads_a_smaller_batch_and_compiles_once(monkeypatch):
     """A slide's last, smaller batch is padded to the first batch's size: one compiled graph for
     every slide, the same features as the eager encoder, and no compiled submodule in the state dict."""
