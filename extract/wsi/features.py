@@ -80,9 +80,9 @@ def release_freed_memory() -> bool:
 
     glibc's default raises its mmap threshold to the size of each large block freed (up to 32 MiB),
     after which the encoder's activations come from per-thread heaps that keep what they free: the
-    main process of `mil extract features` (resnet50_trunc, bf16, batch 32) grew to 1.66 GB over
-    one slide. A fixed 4 MiB threshold serves those blocks with mmap and returns them at once: 1.05 GB
-    (docs/benchmarks.md). Process-wide, so it is called by the CLI, not by `run_features`.
+    main process embedding one slide (resnet50_trunc, bf16, batch 32) grew to 1,661 MiB. A fixed
+    4 MiB threshold serves those blocks with mmap and returns them at once: 1,051 MiB
+    (docs/benchmarks.md, "Stage one against CLAM"). Process-wide, so the CLI calls it, not `run_features`.
 
     Returns:
         False where there is no glibc (macOS, musl): nothing changed.
