@@ -328,6 +328,14 @@ def summarise(results: list[dict]) -> tuple[pd.DataFrame, dict]:
     return table, ratios
 
 
+def finish_work_dir(work: Path, own_dir: bool, keep: bool) -> None:
+    """Remove a work folder the script made itself, unless --keep (then say where it is)."""
+    if own_dir and not keep:
+        shutil.rmtree(work, ignore_errors=True)
+    elif own_dir:
+        print(f"work folder kept: {work}")
+
+
 def main(argv: list[str] | None = None) -> pd.DataFrame | None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bags", type=int, default=400, help="training bags")
@@ -393,10 +401,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame | None:
                 flush=True,
             )
     finally:
-        if own_dir and not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
-        elif own_dir:
-            print(f"work folder kept: {work}")
+        finish_work_dir(work, own_dir, args.keep)
 
     table, ratios = summarise(results)
     print(

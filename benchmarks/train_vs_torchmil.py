@@ -272,10 +272,7 @@ def main(argv: list[str] | None = None):
                     flush=True,
                 )
     finally:
-        if own_dir and not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
-        elif own_dir:
-            print(f"work folder kept: {work}")
+        tt.finish_work_dir(work, own_dir, args.keep)
 
     table = summarise(results)
     ratios = table.attrs["ratios"]

@@ -33,6 +33,7 @@ workers, Needle only, no compile.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import re
 import shutil
@@ -49,11 +50,10 @@ import pandas as pd
 from mil.extract.generate.slide_writer import random_masks, write_slide
 
 TARGET_MPP = 0.285714  # 224 px tiles from 256 level-0 px at 0.25 µm/px: CLAM's default geometry
-# Runs argv[1:] and prints the largest max-RSS (KiB) of it and its waited-for descendants.
-WRAPPER = (
-    "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
-    "print('maxrss_kib', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(r.returncode)"
-)
+_spec = importlib.util.spec_from_file_location("extract_memory_benchmark", Path(__file__).resolve().parent / "extract_memory.py")
+_memory = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_memory)
+WRAPPER = _memory.WRAPPER  # runs argv[1:], prints the largest max-RSS (KiB) of it and its waited-for descendants
 # Runs a CLAM script from its checkout with timm's pretrained downloads turned off.
 CLAM_RUNNER = (
     "import os, runpy, sys, timm; create = timm.create_model; "

@@ -111,7 +111,7 @@ class Encoder(nn.Module):
         super().__init__()
         self.model = model.eval().to(device, memory_format=torch.channels_last)
         self._compiled = compile_model(self.model, device) if compile else None  # a function: not a submodule
-        self.compiled, self.compile_seconds, self._batch = compile, None, 0
+        self.compile_seconds, self._batch = None, 0  # first compiled batch's time; the one compiled batch size
         self.name, self.weights, self.weights_sha256, self.seed = name, weights, weights_sha256, seed
         self.feature_dim = int(getattr(model, "head_hidden_size", None) or model.num_features)
         self.input_size, self.mean, self.std = input_size, tuple(mean), tuple(std)
@@ -120,6 +120,11 @@ class Encoder(nn.Module):
         std255 = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255  # (1, 3, 1, 1)
         self.register_buffer("_scale", 1.0 / std255, persistent=False)  # (1, 3, 1, 1)
         self.register_buffer("_shift", -torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255 / std255, persistent=False)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the model runs through `torch.compile`."""
+        return self._compiled is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Features of normalised images `x` `(B, 3, S, S)` → `(B, D)` float32, at `self.precision`."""
